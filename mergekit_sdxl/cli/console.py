@@ -1,0 +1,56 @@
+"""The one rich Console (stderr, markup off) and the progress helper every command uses."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+# markup=False: prompts like "[abstract]" and paths like "models/[v2]" must print verbatim.
+console = Console(stderr=True, markup=False, highlight=False)
+_state = {"quiet": False, "verbose": False, "debug": False}
+
+
+def configure(quiet: bool = False, verbose: bool = False, debug: bool = False) -> None:
+    """Set the global verbosity flags from the group options."""
+    _state.update(quiet=quiet, verbose=verbose, debug=debug)
+
+
+def is_debug() -> bool:
+    """True when --debug (or MERGEKIT_DEBUG=1) asks for tracebacks."""
+    return _state["debug"] or os.environ.get("MERGEKIT_DEBUG") == "1"
+
+
+def info(message: str) -> None:
+    """Print a status line on stderr unless --quiet."""
+    if not _state["quiet"]:
+        console.print(message)
+
+
+def verbose(message: str) -> None:
+    """Print only with --verbose."""
+    if _state["verbose"] and not _state["quiet"]:
+        console.print(message)
+
+
+@contextlib.contextmanager
+def byte_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """Yield `advance(n_bytes)`; shows a transient bar on stderr (nothing with --quiet)."""
+    if _state["quiet"] or total <= 0:
+        yield lambda n: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)

@@ -1,0 +1,99 @@
+"""The `mergekit-sdxl` Click group. Subcommands live one per file and are imported only when used,
+so `--help` never imports torch."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+import click
+
+from mergekit_sdxl import __version__
+from mergekit_sdxl.errors import MergekitError
+
+# command name -> module under mergekit_sdxl.cli exposing `command`
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("inspect_cmd", "Show architecture, components, metadata, hashes and oddities of a checkpoint."),
+    "hash": ("hash_cmd", "Print legacy A1111, AutoV2 and AutoV3 hashes of files (streamed)."),
+    "convert": ("convert_cmd", "Convert a checkpoint's dtype (fp16/bf16/fp32/fp8), prune EMA, drop keys."),
+    "make-test-checkpoint": ("make_test_cmd", "Write a synthetic SDXL/SD1.5 checkpoint with real key names."),
+    "merge": ("merge_cmd", "Run a merge recipe (YAML) and write the merged checkpoint."),
+    "extract-lora": ("extract_lora_cmd", "Extract a LoRA (tuned - base) as a kohya adapter."),
+    "bake": ("bake_cmd", "Bake LoRA/LyCORIS adapters into a checkpoint."),
+    "resize-lora": ("resize_lora_cmd", "Change the rank of a LoRA (fixed or dynamic)."),
+    "merge-lora": ("merge_lora_cmd", "Merge several LoRAs into one (sum of deltas, re-factored)."),
+    "grid": ("grid_cmd", "Render an A/B preview grid across checkpoints or a recipe sweep."),
+    "diff": ("diff_cmd", "Per-block relative change and cosine similarity between two checkpoints."),
+    "export": ("export_cmd", "Export a checkpoint as a diffusers folder or ONNX."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name, (module, _) in COMMANDS.items() if _exists(module)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS or not _exists(COMMANDS[cmd_name][0]):
+            return None
+        module = importlib.import_module(f"mergekit_sdxl.cli.{COMMANDS[cmd_name][0]}")
+        return module.command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        if not rows:
+            return
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def _exists(module: str) -> bool:
+    return importlib.util.find_spec(f"mergekit_sdxl.cli.{module}") is not None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mergekit-sdxl")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or status output.")
+@click.option("-v", "--verbose", is_flag=True, help="More detail on stderr.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def cli(quiet: bool, verbose: bool, debug: bool) -> None:
+    """Streaming, reproducible SDXL / SD1.5 checkpoint merges, LoRA extraction and preview grids."""
+    from mergekit_sdxl.cli import console
+
+    console.configure(quiet=quiet, verbose=verbose, debug=debug)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the group and maps errors to one stderr line and an exit code."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="mergekit-sdxl", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        _fail("interrupted", 130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except MergekitError as exc:
+        if debug:
+            raise
+        _fail(f"error: {exc}", exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted: no output was written", 130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if debug:
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {exc} (re-run with --debug for a traceback)", 1)
+    sys.exit(0)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(message.replace("\n", " "), err=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Enforces the one-way import direction of the architecture (see README, "Layout")."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "mergekit_sdxl"
+
+# module -> project modules it may import
+ALLOWED: dict[str, set[str]] = {
+    "errors": set(),
+    "arch": {"errors"},
+    "io": {"errors", "arch"},
+    "methods": {"errors"},
+    "recipe": {"errors", "arch", "methods"},
+    "synth": {"errors", "arch", "io"},
+    "engine": {"errors", "io", "arch", "methods", "recipe"},
+    "lora": {"errors", "io", "arch", "methods", "engine", "recipe"},
+    "sampler": {"errors", "io", "arch", "engine", "recipe", "methods"},
+    "cli": {"*"},
+    "demo": {"*"},
+}
+# third-party packages a layer must not import (anywhere in the file, function bodies included)
+FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {
+    "arch": {"torch", "numpy", "safetensors", "click", "rich", "diffusers", "transformers"},
+    "methods": {"safetensors", "click", "rich", "diffusers", "transformers"},
+    "recipe": {"torch", "click", "rich", "diffusers", "transformers"},
+}
+UI_ONLY = {"click", "rich"}
+
+
+def _layer(path: Path) -> str:
+    rel = path.relative_to(PKG)
+    return rel.parts[0].removesuffix(".py")
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: list[tuple[str, int]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.module, node.lineno))
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            pytest.fail(f"{path}: relative import at line {node.lineno}; use absolute imports")
+    return found
+
+
+FILES = [p for p in sorted(PKG.rglob("*.py")) if p.name != "__init__.py" or p.parent != PKG]
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PKG)))
+def test_imports_point_down(path: Path) -> None:
+    layer = _layer(path)
+    if layer == "__init__":
+        return
+    assert layer in ALLOWED, f"{path}: layer {layer!r} is not in the layer table"
+    for name, line in _imports(path):
+        top = name.split(".")[0]
+        if top == "mergekit_sdxl":
+            parts = name.split(".")
+            if len(parts) == 1:
+                continue
+            target = parts[1]
+            if target == layer or target == "__init__" or "*" in ALLOWED[layer]:
+                continue
+            assert target in ALLOWED[layer], f"{path}:{line} {layer} may not import {target}"
+        elif top in FORBIDDEN_THIRD_PARTY.get(layer, set()):
+            pytest.fail(f"{path}:{line} {layer} may not import {top}")
+        elif top in UI_ONLY and layer not in {"cli", "demo"}:
+            pytest.fail(f"{path}:{line} only cli imports {top}")
+
+
+def test_help_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom mergekit_sdxl.cli.main import cli\n"
+            "try:\n    cli.main(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False"), out
