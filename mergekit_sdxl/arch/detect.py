@@ -1,0 +1,147 @@
+"""Architecture detection from key names, and the key-level facts `inspect` and the planner need.
+
+Everything here works on key names (and, for parameter counts, shapes and dtypes from a header):
+no tensor data is ever read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from mergekit_sdxl.arch.tables import (
+    ARCH_NAMES,
+    COMPONENTS,
+    check_arch,
+    is_float_dtype,
+    key_table,
+    mandatory_keys,
+    numel,
+)
+from mergekit_sdxl.errors import ArchError
+
+# Any one of these keys identifies the architecture. SDXL's `ln_final` is optional in the wild (pruned files
+# drop the last text layer), so the bigG token embedding and the UNet's `label_emb` also count.
+FINGERPRINTS: dict[str, tuple[str, ...]] = {
+    "sdxl": (
+        "conditioner.embedders.1.model.ln_final.weight",
+        "conditioner.embedders.1.model.token_embedding.weight",
+        "model.diffusion_model.label_emb.0.0.weight",
+    ),
+    "sd15": (
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+        "cond_stage_model.transformer.embeddings.token_embedding.weight",  # transformers < 4.0 layout
+    ),
+}
+# Keys that flag how the model predicts (a merge must keep them).
+MARKERS: tuple[str, ...] = ("v_pred", "ztsnr", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
+
+_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
+    "sdxl": (
+        ("model.diffusion_model.", "unet"),
+        ("conditioner.embedders.0.", "clip_l"),
+        ("conditioner.embedders.1.", "clip_g"),
+        ("first_stage_model.", "vae"),
+        ("model_ema.", "ema"),
+    ),
+    "sd15": (
+        ("model.diffusion_model.", "unet"),
+        ("cond_stage_model.", "clip_l"),
+        ("first_stage_model.", "vae"),
+        ("model_ema.", "ema"),
+    ),
+}
+# SD1 checkpoints saved with transformers < 4.0 lack the `text_model.` level (A1111 renames them on load).
+_LEGACY_SD1_CLIP = ("embeddings.", "encoder.", "final_layer_norm.")
+_SD1_CLIP = "cond_stage_model.transformer."
+# Hints for files that are not a single-file SDXL / SD1 checkpoint: (key prefix, what it probably is).
+_HINTS: tuple[tuple[str, str], ...] = (
+    ("lora_unet_", "a LoRA/LyCORIS adapter (use bake or merge-lora)"),
+    ("lora_te", "a LoRA/LyCORIS adapter (use bake or merge-lora)"),
+    ("cond_stage_model.model.", "an SD 2.x checkpoint (OpenCLIP-H text encoder), which is not supported"),
+    ("down_blocks.", "a diffusers-format UNet, not a single-file checkpoint"),
+    ("text_model.", "a bare text encoder, not a full checkpoint"),
+    ("encoder.down.", "a bare VAE, not a full checkpoint"),
+    ("decoder.up.", "a bare VAE, not a full checkpoint"),
+)
+
+
+def detect_arch(keys: Iterable[str], source: str = "checkpoint") -> str:
+    """Return "sdxl" or "sd15" from fingerprint keys; ArchError naming `source` and what was looked for."""
+    present = set(keys)
+    found = [arch for arch, prints in FINGERPRINTS.items() if any(key in present for key in prints)]
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise ArchError(f"{source}: has fingerprint keys of both SDXL and SD1.x; is it a corrupted merge?")
+    looked = "; ".join(f"{ARCH_NAMES[arch]}: {' or '.join(prints)}" for arch, prints in FINGERPRINTS.items())
+    message = f"{source}: unknown architecture: none of the fingerprint keys was found ({looked})"
+    hint = _hint(present)
+    if hint:
+        message += f"; it looks like {hint}"
+    elif not present:
+        message += "; the file has no tensors"
+    raise ArchError(message)
+
+
+def _hint(keys: set[str]) -> str | None:
+    for prefix, what in _HINTS:
+        if any(key.startswith(prefix) for key in keys):
+            return what
+    return None
+
+
+def component_of(key: str, arch: str) -> str:
+    """The component of `key` ("unet", "clip_l", "clip_g", "vae", "ema" or "other"), from its prefix.
+
+    Agrees with the key table for every key in it, and works for keys that are not in it.
+    """
+    if key in MARKERS:
+        return "unet"
+    for prefix, component in _PREFIXES[check_arch(arch)]:
+        if key.startswith(prefix):
+            return component
+    return "other"
+
+
+def canonical_key(key: str, arch: str) -> str:
+    """`key` in the layout of the key table: renames the pre-`text_model.` SD1 CLIP layout, else unchanged."""
+    if arch == "sd15" and key.startswith(_SD1_CLIP):
+        rest = key[len(_SD1_CLIP):]
+        if rest.startswith(_LEGACY_SD1_CLIP):
+            return f"{_SD1_CLIP}text_model.{rest}"
+    return key
+
+
+def markers(keys: Iterable[str]) -> list[str]:
+    """The marker keys (`v_pred`, `ztsnr`, `edm_vpred.*`) present among `keys`, in MARKERS order."""
+    present = set(keys)
+    return [marker for marker in MARKERS if marker in present]
+
+
+def missing_mandatory(keys: Iterable[str], arch: str) -> list[str]:
+    """Sorted mandatory keys of `arch` that `keys` lacks (legacy SD1 CLIP names count as present)."""
+    present = {canonical_key(key, arch) for key in keys}
+    return sorted(mandatory_keys(arch) - present)
+
+
+def unknown_keys(keys: Iterable[str], arch: str) -> list[str]:
+    """Sorted keys that are not in the key table of `arch` (after renaming legacy SD1 CLIP names)."""
+    table = key_table(arch)
+    return sorted(key for key in keys if canonical_key(key, arch) not in table)
+
+
+def param_counts(infos: Mapping[str, Any], arch: str) -> dict[str, int]:
+    """Floating-point parameter count per component, in COMPONENTS order, only components present.
+
+    `infos` maps key -> anything with `.shape` and `.dtype` (a reader's tensor info, or a KeyInfo);
+    integer tensors (`position_ids`, `v_pred`, `num_updates`) are not parameters and are not counted.
+    """
+    counts = dict.fromkeys(COMPONENTS, 0)
+    seen = set()
+    for key, info in infos.items():
+        component = component_of(key, arch)
+        seen.add(component)
+        if is_float_dtype(str(info.dtype)):
+            counts[component] += numel(info.shape)
+    return {component: count for component, count in counts.items() if component in seen}
