@@ -1,0 +1,209 @@
+"""Every dtype fact in one table: safetensors code, torch name, item size, float-ness, finite range, CLI names,
+and the rank safetensors' own writer sorts tensors by.
+
+Casting rules (`cast`):
+- Only float tensors are cast; integer and bool tensors (e.g. int64 `position_ids`) keep their dtype.
+- A narrowing float cast (fp32 -> fp16, anything -> fp8) first clamps to the target's finite range
+  (e4m3fn ±448, e5m2 ±57344, fp16 ±65504) and reports how many values were clamped (±inf counts as clamped;
+  NaN stays NaN). A plain `.to()` would turn them into inf or NaN.
+
+Scaled fp8 (`to_storage(..., scaled=True)`, explicit opt-in only): a float tensor `W` stored under `<key>` is
+written as `q = fp8(W / s)` with one float32 scalar per tensor, `s = amax(|W|) / fmax` (s = 1 when W is all
+zero or has no finite value), stored beside it as a 0-dim F32 tensor under `<key>.scale_weight` (the name
+ComfyUI's scaled-fp8 files use; here it is appended to the full key, so biases can carry one too). The value
+is recovered as `q.float() * s` (`dequantize_scaled`). Non-finite inputs (±inf) clamp to ±fmax and are
+counted. A loader that does not know the convention reads `W / s` instead of `W`, which is why it is never
+implicit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mergekit_sdxl.errors import UsageError
+
+
+@dataclass(frozen=True)
+class DtypeInfo:
+    """Facts about one safetensors dtype."""
+
+    code: str  # safetensors header string, e.g. "F16"
+    torch_name: str  # attribute of the torch module, e.g. "float16"
+    itemsize: int
+    is_float: bool
+    rank: int  # position in safetensors' Dtype enum; save_file writes higher ranks first
+    fmax: float | None = None  # largest finite value (floats only)
+    names: tuple[str, ...] = ()  # extra names accepted on the command line
+
+
+DTYPES: dict[str, DtypeInfo] = {d.code: d for d in (
+    DtypeInfo("BOOL", "bool", 1, False, 0),
+    DtypeInfo("U8", "uint8", 1, False, 4),
+    DtypeInfo("I8", "int8", 1, False, 5),
+    DtypeInfo("F8_E5M2", "float8_e5m2", 1, True, 6, 57344.0, ("fp8_e5m2", "e5m2")),
+    DtypeInfo("F8_E4M3", "float8_e4m3fn", 1, True, 7, 448.0, ("fp8_e4m3fn", "fp8_e4m3", "e4m3fn", "fp8")),
+    DtypeInfo("I16", "int16", 2, False, 9),
+    DtypeInfo("U16", "uint16", 2, False, 10),
+    DtypeInfo("F16", "float16", 2, True, 11, 65504.0, ("fp16", "half")),
+    DtypeInfo("BF16", "bfloat16", 2, True, 12, 3.3895313892515355e38, ("bf16",)),
+    DtypeInfo("I32", "int32", 4, False, 13),
+    DtypeInfo("U32", "uint32", 4, False, 14),
+    DtypeInfo("F32", "float32", 4, True, 15, 3.4028234663852886e38, ("fp32", "float")),
+    DtypeInfo("F64", "float64", 8, True, 17, 1.7976931348623157e308, ("fp64", "double")),
+    DtypeInfo("I64", "int64", 8, False, 18),
+    DtypeInfo("U64", "uint64", 8, False, 19),
+)}
+# safetensors' enum also has F4, F6_E2M3, F6_E3M2 (ranks 1-3), F8_E8M0 (8) and C64 (16): no use in SD checkpoints,
+# so the reader refuses them with a clear message rather than guessing a layout.
+
+_BY_NAME: dict[str, str] = {}
+for _d in DTYPES.values():
+    for _n in (_d.code, _d.torch_name, *_d.names):
+        _BY_NAME[_n.lower()] = _d.code
+
+SCALE_SUFFIX = "scale_weight"
+CLI_TARGETS = ("fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
+
+
+def info(code: str) -> DtypeInfo:
+    """The table row for a safetensors dtype code; KeyError if unknown."""
+    return DTYPES[code]
+
+
+def parse_dtype(name: str) -> str:
+    """A safetensors code from any accepted spelling ("fp16", "float16", "F16", "bf16", "fp8_e4m3fn", ...)."""
+    code = _BY_NAME.get(name.strip().lower())
+    if code is None:
+        raise UsageError(f"unknown dtype {name!r}; use one of {', '.join(CLI_TARGETS)}")
+    return code
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype for a safetensors code."""
+    return getattr(torch, DTYPES[code].torch_name)
+
+
+def code_of(dtype: torch.dtype) -> str:
+    """The safetensors code of a torch dtype; KeyError for dtypes safetensors files cannot hold here."""
+    name = str(dtype).removeprefix("torch.")
+    code = _BY_NAME.get(name)
+    if code is None or DTYPES[code].torch_name != name:
+        raise KeyError(f"torch dtype {dtype} has no safetensors code in this tool")
+    return code
+
+
+def is_float(code: str) -> bool:
+    """True for floating-point codes (the only ones `cast` changes)."""
+    return DTYPES[code].is_float
+
+
+def is_fp8(code: str) -> bool:
+    """True for the two fp8 formats."""
+    return code in ("F8_E4M3", "F8_E5M2")
+
+
+def scale_key(key: str) -> str:
+    """Where the scale of a scaled-fp8 tensor `key` is stored: `<key>.scale_weight`."""
+    return f"{key}.{SCALE_SUFFIX}"
+
+
+def scaled_key_of(key: str) -> str | None:
+    """The inverse of `scale_key`: the tensor key a `<key>.scale_weight` key belongs to, else None."""
+    suffix = "." + SCALE_SUFFIX
+    return key[: -len(suffix)] if key.endswith(suffix) else None
+
+
+@dataclass
+class Stored:
+    """A tensor in its storage dtype, its scale (scaled fp8 only) and how many values were clamped."""
+
+    tensor: torch.Tensor
+    scale: torch.Tensor | None
+    n_clamped: int
+
+
+def to_storage(value: torch.Tensor, code: str, scaled: bool = False) -> Stored:
+    """Cast `value` to the storage dtype `code`: a clamped plain cast, or scaled fp8 when `scaled` is set.
+
+    Non-float values, and non-float targets, are converted with a plain `.to()` (no clamping).
+    """
+    if scaled and value.is_floating_point():
+        q, scale, clamped = to_scaled_fp8(value, code)
+        return Stored(q, scale, clamped)
+    if not value.is_floating_point() or not is_float(code):
+        return Stored(value.to(torch_dtype(code)), None, 0)
+    tensor, clamped = cast(value, code)
+    return Stored(tensor, None, clamped)
+
+
+CHUNK = 1 << 22  # elements per slice in the casts below: bounds temporaries to a few MB per tensor
+
+
+def cast(tensor: torch.Tensor, code: str) -> tuple[torch.Tensor, int]:
+    """Cast a float tensor to `code`, clamping to the target's finite range when it is narrower.
+
+    Works slice by slice, so the only full-size allocation is the result.
+
+    Returns:
+        (cast tensor, number of clamped values). Non-float tensors and same-dtype tensors come back unchanged.
+    """
+    target = torch_dtype(code)
+    if not tensor.is_floating_point() or tensor.dtype == target:
+        return tensor, 0
+    fmax = DTYPES[code].fmax
+    if fmax >= DTYPES[code_of(tensor.dtype)].fmax or amax(tensor) <= fmax:
+        return tensor.to(target), 0
+    src = tensor.reshape(-1)
+    out = torch.empty(src.shape, dtype=target, device=tensor.device)
+    clamped = 0
+    for i in range(0, src.numel(), CHUNK):
+        part = src[i : i + CHUNK]
+        clamped += int((part.abs() > fmax).sum().item())
+        # clamp in fp32 at least: bf16 cannot hold 65504, its nearest value 65536 would become inf in fp16
+        out[i : i + CHUNK] = part.to(torch.promote_types(part.dtype, torch.float32)).clamp(-fmax, fmax)
+    return out.view(tensor.shape), clamped
+
+
+def amax(tensor: torch.Tensor, finite_only: bool = False) -> float:
+    """max |x| without a full-size temporary (NaN ignored; with `finite_only`, ±inf ignored too); 0 if empty."""
+    if tensor.numel() == 0:
+        return 0.0
+    value = torch.linalg.vector_norm(tensor, ord=float("inf")).item()
+    if value == value and not (finite_only and value == float("inf")):
+        return value
+    src = tensor.reshape(-1)
+    best = 0.0
+    for i in range(0, src.numel(), CHUNK):
+        part = src[i : i + CHUNK].abs()
+        bad = ~part.isfinite() if finite_only else part.isnan()
+        best = max(best, part.masked_fill(bad, 0).amax().item())
+    return best
+
+
+def to_scaled_fp8(tensor: torch.Tensor, code: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Quantize to fp8 with one per-tensor scale (see module docstring).
+
+    Returns:
+        (fp8 tensor, 0-dim float32 scale, number of clamped values: only ±inf inputs can clamp).
+    """
+    if not is_fp8(code):
+        raise ValueError(f"scaled fp8 needs an fp8 target, not {code}")
+    fmax = DTYPES[code].fmax
+    top = amax(tensor, finite_only=True)
+    scale = torch.tensor(top / fmax if top > 0 else 1.0, dtype=torch.float32)
+    src = tensor.reshape(-1)
+    out = torch.empty(src.shape, dtype=torch_dtype(code), device=tensor.device)
+    clamped = 0
+    for i in range(0, src.numel(), CHUNK):
+        part = src[i : i + CHUNK].float() / scale
+        clamped += int(part.isinf().sum().item())
+        # |x / scale| <= fmax up to rounding: clamp silently, so rounding never counts as a clamped value
+        out[i : i + CHUNK] = part.clamp_(-fmax, fmax)
+    return out.view(tensor.shape), scale, clamped
+
+
+def dequantize_scaled(q: torch.Tensor, scale: torch.Tensor, code: str) -> torch.Tensor:
+    """`q.float() * scale`, cast (without clamping: the product is in range) to `code`."""
+    return (q.float() * scale.float()).to(torch_dtype(code))

@@ -1,0 +1,300 @@
+"""Streaming safetensors writer: header first, tensors in any order, atomic commit.
+
+The header is computed from the tensor specs (key, dtype, shape) before any tensor exists, so tensors can be
+written one at a time, in any order, from several threads (positional writes), and dropped right after.
+Layout and header bytes match `safetensors.torch.save_file` (0.8) exactly: tensors sorted by descending dtype
+rank then key (`safetensors_order`), compact JSON with `__metadata__` first, the JSON padded with spaces to a
+multiple of 8 bytes. The one deliberate difference: metadata keys are sorted (save_file's order is random), so
+equal inputs give byte-identical files (and equal AutoV2 hashes).
+
+Data safety: bytes go to `.<name>.<pid>.mergekit-tmp` in the target folder; commit = fsync, os.replace, fsync of
+the folder. Any exception inside the `with` block (Ctrl-C included) removes the temporary file, so no partial
+output is ever left under the real name. Inputs are never overwritten; an existing output only with overwrite.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import struct
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergekit_sdxl.errors import OutputError
+from mergekit_sdxl.io.dtypes import DTYPES, code_of
+
+TEMP_SUFFIX = ".mergekit-tmp"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An output tensor announced before writing: key, safetensors dtype code, shape."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+    @classmethod
+    def of(cls, key: str, tensor: torch.Tensor) -> TensorSpec:
+        """The spec of an existing tensor."""
+        return cls(key, code_of(tensor.dtype), tuple(tensor.shape))
+
+
+def safetensors_order(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
+    """The order save_file lays tensors out in: descending dtype rank (safetensors' Dtype enum), then key."""
+    return sorted(specs, key=lambda s: (-DTYPES[s.dtype].rank, s.key))
+
+
+def build_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, int]]:
+    """The 8-byte length plus padded JSON header for `specs` laid out in the given order.
+
+    Returns:
+        (header bytes, {key: absolute file offset of its data}).
+    """
+    entries: dict[str, object] = {}
+    if metadata is not None:
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise ValueError(f"metadata must map str to str; {k!r} -> {type(v).__name__}")
+        entries["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+    offsets: dict[str, int] = {}
+    cursor = 0
+    for spec in specs:
+        if spec.key in entries or spec.key in offsets:
+            raise ValueError(f"duplicate or reserved tensor key {spec.key!r}")
+        entries[spec.key] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [cursor,
+                                                                                              cursor + spec.nbytes]}
+        offsets[spec.key] = cursor
+        cursor += spec.nbytes
+    raw = json.dumps(entries, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    start = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {k: start + o for k, o in offsets.items()}
+
+
+def temp_path(path: Path) -> Path:
+    """The temporary name this process writes `path` under."""
+    return path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+
+
+def cleanup_stale_temps(folder: str | os.PathLike[str], outname: str) -> list[Path]:
+    """Remove `.<outname>.<pid>.mergekit-tmp` files in `folder` whose process no longer runs.
+
+    Returns:
+        The removed paths.
+    """
+    pattern = re.compile(rf"\.{re.escape(outname)}\.(\d+){re.escape(TEMP_SUFFIX)}")
+    removed = []
+    for entry in Path(folder).iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and not _pid_alive(int(match.group(1))):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2**31
+    return True
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+class SafetensorsWriter:
+    """Write a safetensors file whose tensors are announced up front.
+
+    Usage:
+        specs = [TensorSpec(k, "F16", shape) for ...]
+        with SafetensorsWriter(out, specs, metadata, inputs=[a, b], overwrite=False) as w:
+            for key in keys:                 # any order, each key once, from any thread
+                w.write(key, tensor)         # dtype and shape must match the spec
+        # committed here; an exception in the block removes the temporary file instead
+
+    Args:
+        path: output file.
+        specs: every tensor the file will hold.
+        metadata: `__metadata__` (str -> str); written with sorted keys; None omits the entry.
+        overwrite: replace an existing `path` (inputs are refused regardless).
+        inputs: paths of the inputs, which the output must not be.
+        order: "safetensors" (save_file's layout, the default) or "given" (the specs' order).
+        preallocate: reserve the full size up front, so a full disk fails before any work.
+
+    Raises:
+        OutputError: output is an input, exists without overwrite, its folder is missing, or the disk is full.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], specs: Iterable[TensorSpec],
+                 metadata: Mapping[str, str] | None = None, *, overwrite: bool = False,
+                 inputs: Iterable[str | os.PathLike[str]] = (), order: str = "safetensors",
+                 preallocate: bool = True) -> None:
+        self.path = Path(path)
+        self._check_target(overwrite, [Path(p) for p in inputs])
+        specs = list(specs)
+        if order == "safetensors":
+            specs = safetensors_order(specs)
+        elif order != "given":
+            raise ValueError(f"order must be 'safetensors' or 'given', not {order!r}")
+        self.specs = {s.key: s for s in specs}
+        self.header, self.offsets = build_header(specs, metadata)
+        self.size = len(self.header) + sum(s.nbytes for s in specs)
+        self.tmp = temp_path(self.path)
+        self._preallocate = preallocate
+        self._written: set[str] = set()
+        self._lock = threading.Lock()
+        self._fd = -1
+
+    def _check_target(self, overwrite: bool, inputs: list[Path]) -> None:
+        for p in inputs:
+            if _same_file(self.path, p) or self.path.resolve() == p.resolve():
+                raise OutputError(f"{self.path}: is one of the inputs; refusing to overwrite an input")
+        if self.path.is_dir():
+            raise OutputError(f"{self.path}: is a folder; give an output file name")
+        if self.path.exists() and not overwrite:
+            raise OutputError(f"{self.path}: already exists; pass --overwrite to replace it")
+        if not self.path.parent.is_dir():
+            raise OutputError(f"{self.path.parent}: output folder does not exist")
+
+    def __enter__(self) -> SafetensorsWriter:
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def open(self) -> None:
+        """Create the temporary file, reserve its size and write the header."""
+        try:
+            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except OSError as exc:
+            raise OutputError(f"{self.tmp}: cannot create the temporary output: {exc.strerror}") from None
+        try:
+            self._reserve()
+            self._pwrite(memoryview(self.header), 0, "the header")
+        except BaseException:
+            self.abort()
+            raise
+
+    def _reserve(self) -> None:
+        if self._preallocate and hasattr(os, "posix_fallocate") and self.size:
+            try:
+                os.posix_fallocate(self._fd, 0, self.size)
+                return
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise OutputError(f"{self.path}: not enough disk space for {self.size / 1e9:.2f} GB") from None
+        os.ftruncate(self._fd, self.size)
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Write one announced tensor; its dtype and shape must equal the spec (no implicit casts)."""
+        spec = self._spec(key)
+        if code_of(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"{key!r}: got {code_of(tensor.dtype)} {tuple(tensor.shape)}, "
+                             f"announced {spec.dtype} {spec.shape}")
+        flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self._write_view(key, memoryview(flat.numpy()).cast("B"))
+
+    def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """Write the raw bytes of one announced tensor (already in the spec's dtype, little-endian)."""
+        spec = self._spec(key)
+        view = memoryview(data).cast("B")
+        if len(view) != spec.nbytes:
+            raise ValueError(f"{key!r}: got {len(view)} bytes, announced {spec.nbytes}")
+        self._write_view(key, view)
+
+    def _spec(self, key: str) -> TensorSpec:
+        if self._fd < 0:
+            raise RuntimeError("SafetensorsWriter is not open (use it as a context manager)")
+        spec = self.specs.get(key)
+        if spec is None:
+            raise ValueError(f"{key!r} was not announced to the writer")
+        with self._lock:
+            if key in self._written:
+                raise ValueError(f"{key!r} written twice")
+            self._written.add(key)
+        return spec
+
+    def _write_view(self, key: str, view: memoryview) -> None:
+        self._pwrite(view, self.offsets[key], f"tensor {key!r}")
+
+    def _pwrite(self, view: memoryview, offset: int, what: str) -> None:
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(self._fd, view[done:], offset + done)
+        except OSError as exc:
+            reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
+            raise OutputError(f"{self.path}: writing {what} failed: {reason}") from None
+
+    def pending(self) -> list[str]:
+        """Announced keys not written yet."""
+        return [k for k in self.specs if k not in self._written]
+
+    def commit(self) -> None:
+        """Check every tensor was written, fsync, rename over the target, fsync the folder."""
+        missing = self.pending()
+        if missing:
+            self.abort()
+            raise OutputError(f"{self.path}: {len(missing)} announced tensors never written, e.g. {missing[0]!r}")
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.path}: finishing the file failed: {exc.strerror}") from None
+        _fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        """Close and remove the temporary file (idempotent)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on folders; the rename itself already happened
+    finally:
+        os.close(fd)
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
+              metadata: Mapping[str, str] | None = None, **kwargs: object) -> None:
+    """Write a dict of tensors at once (tests, small files); kwargs go to SafetensorsWriter."""
+    specs = [TensorSpec.of(k, t) for k, t in tensors.items()]
+    with SafetensorsWriter(path, specs, metadata, **kwargs) as w:  # type: ignore[arg-type]
+        for key, tensor in tensors.items():
+            w.write(key, tensor)
