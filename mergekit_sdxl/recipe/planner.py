@@ -1,0 +1,418 @@
+"""Recipe + input headers -> Plan: one frozen node tree per output key. Only key names, dtypes and shapes are
+looked at; no tensor is read, so every error here comes before the first byte of weights.
+
+Per key:
+- formula steps become `Linear` over the input nodes (nested formulas are flattened, like terms collected,
+  zero coefficients dropped; a single term with coefficient 1 is the node itself);
+- method steps become `Call(method, inputs, params)` with every scalar parameter resolved for the key (MBW block
+  weight under the step's convention, then regex overrides, later ones winning). Exact shortcuts: `weighted_sum`
+  with alpha 0 is its first input and with alpha 1 its second, `add_difference` with alpha 0 its first input,
+  `copy`/`keep` their input: the methods short-circuit those values to copies, so the result is bit-identical;
+- in a block-weighted step, keys the convention keeps from A are the step's first input;
+- non-float keys (int64 `position_ids`) and marker keys (`v_pred`, `ztsnr`, ...) are taken unchanged from the
+  first model that has them, in the order: the output's first input (followed down the steps), then the others;
+- `output.vae` takes every `first_stage_model.*` key from that model (a bare VAE file's keys get the prefix).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mergekit_sdxl.arch.blocks import block_of
+from mergekit_sdxl.arch.detect import MARKERS
+from mergekit_sdxl.arch.mbw import parse_mbw
+from mergekit_sdxl.arch.tables import ARCH_NAMES, check_arch, is_float_dtype, numel
+from mergekit_sdxl.errors import ArchError, RecipeError
+from mergekit_sdxl.recipe.formula import ZERO_COEFF
+from mergekit_sdxl.recipe.nodes import Call, KeyPlan, Linear, Load, Node, Scalar, loads_of
+from mergekit_sdxl.recipe.schema import (
+    COMPUTE_DTYPES,
+    OUTPUT_DTYPES,
+    SEED_PARAM,
+    FormulaStep,
+    MethodStep,
+    OutputSpec,
+    Param,
+    Recipe,
+    method_registry,
+)
+
+VAE_PREFIX = "first_stage_model."
+EMA_PREFIX = "model_ema."
+_BARE_VAE = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+_EXAMPLES = 3
+# (method, parameter, value) -> index of the input the result equals exactly (the methods short-circuit these)
+_EXACT: dict[tuple[str, str, float], int] = {
+    ("weighted_sum", "alpha", 0.0): 0,
+    ("weighted_sum", "alpha", 1.0): 1,
+    ("add_difference", "alpha", 0.0): 0,
+}
+_IDENTITY_METHODS = ("copy", "keep")
+
+
+@dataclass(frozen=True)
+class InputHeader:
+    """What the planner knows of one input file: its path, detected arch (None for a bare VAE file), and
+    key -> (safetensors dtype code, shape) in storage order. The engine fills it from the file header."""
+
+    path: str
+    arch: str | None
+    keys: Mapping[str, tuple[str, tuple[int, ...]]]
+
+
+@dataclass
+class Plan:
+    """Everything the engine needs to write the output, and nothing it has to read to know it.
+
+    Attributes:
+        arch: "sdxl" or "sd15".
+        keys: one KeyPlan per output tensor, in output order (the first input's storage order, then extra keys).
+        inputs: alias -> path of every model the plan reads.
+        output: the recipe's output options (dtype codes, VAE, pruning, seed, metadata ...).
+        recipe_dict: the resolved recipe (JSON-able) to record in the output's metadata.
+        warnings: one line each, for the user.
+        sha256: alias -> pinned sha256 for the inputs the recipe pins (the engine verifies them).
+        steps: one human line per step (for `--dry-run`).
+    """
+
+    arch: str
+    keys: list[KeyPlan]
+    inputs: dict[str, str]
+    output: OutputSpec
+    recipe_dict: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    sha256: dict[str, str] = field(default_factory=dict)
+    steps: list[str] = field(default_factory=list)
+
+
+def build_plan(recipe: Recipe, inputs: Mapping[str, InputHeader], *, arch: str) -> Plan:
+    """Plan every output key of `recipe` from the inputs' headers.
+
+    Args:
+        recipe: a validated recipe.
+        inputs: alias -> header, for at least every model the output uses.
+        arch: the architecture of the job ("sdxl" or "sd15"); every input must have it.
+
+    Returns:
+        The Plan.
+
+    Raises:
+        ArchError: inputs of different architectures, or not the recipe's declared arch.
+        RecipeError: keys missing from some inputs (all listed at once, per model), shape mismatches (all at once),
+            MBW vectors that do not fit the architecture, a VAE file without VAE keys.
+    """
+    return _Planner(recipe, inputs, arch).plan()
+
+
+def derive_seed(seed: int, step: str, key: str) -> int:
+    """A 63-bit seed from (recipe seed, step, key): independent of key order, device and thread count."""
+    digest = hashlib.sha256(f"{seed}\x00{step}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class _Planner:
+    def __init__(self, recipe: Recipe, headers: Mapping[str, InputHeader], arch: str) -> None:
+        self.recipe, self.arch = recipe, check_arch(arch)
+        self.used = [name for name in recipe.models if name not in recipe.unused and name != self.vae_only()]
+        self.headers = self.check_headers(headers)
+        self.primary = self.first_model(recipe.output_step)
+        self.order = [self.primary, *(alias for alias in self.used if alias != self.primary)]
+        self.params = {name: self.resolve_params(step) for name, step in recipe.steps.items()
+                       if isinstance(step, MethodStep) and name not in recipe.unused}
+        specs = method_registry()
+        self.defaults = {name: {k: v for k, v in specs[recipe.steps[name].method].params.items() if v is not None}
+                         for name in self.params}
+        self.seeded = {name for name in self.params if SEED_PARAM in specs[recipe.steps[name].method].params}
+        self.warnings: list[str] = [f"{'model' if name in recipe.models else 'step'} {name!r} is not used by the "
+                                    f"output step {recipe.output_step!r}" for name in recipe.unused]
+
+    def vae_only(self) -> str | None:
+        """The VAE alias when it serves only as the VAE source (not as an input of any step)."""
+        vae = self.recipe.output.vae
+        used_in_steps = any(vae in step.inputs for step in self.recipe.steps.values())
+        return vae if vae and not used_in_steps else None
+
+    def check_headers(self, headers: Mapping[str, InputHeader]) -> dict[str, InputHeader]:
+        needed = [*self.used, *([self.recipe.output.vae] if self.recipe.output.vae else [])]
+        absent = [alias for alias in needed if alias not in headers]
+        if absent:
+            raise RecipeError(f"{self.recipe.source}: no input file for model(s) {', '.join(absent)}")
+        if self.recipe.arch and self.recipe.arch != self.arch:
+            raise ArchError(f"{self.recipe.source}: the recipe is for {ARCH_NAMES[self.recipe.arch]} but the "
+                            f"inputs are {ARCH_NAMES[self.arch]}")
+        wrong = [alias for alias in needed if headers[alias].arch != self.arch
+                 and not (alias == self.vae_only() and headers[alias].arch is None)]
+        if wrong:
+            found = ", ".join(f"{alias} is {ARCH_NAMES.get(str(headers[alias].arch), headers[alias].arch)} "
+                              f"({headers[alias].path})" for alias in needed)
+            raise ArchError(f"{self.recipe.source}: inputs mix architectures: {found}; a merge needs all "
+                            f"inputs of one architecture ({ARCH_NAMES[self.arch]})")
+        return {alias: headers[alias] for alias in needed}
+
+    def first_model(self, name: str) -> str:
+        """The model a step's value starts from: its first input (of kind weight), followed down the steps."""
+        while name in self.recipe.steps:
+            step = self.recipe.steps[name]
+            name = next(n for n in step.inputs if self.recipe.kind_of(n) == "weight")
+        return name
+
+    def resolve_params(self, step: MethodStep) -> list[tuple[Param, dict[str, float] | None]]:
+        return [(param, parse_mbw(param.blocks, self.arch, step.convention, where=param.where)
+                 if param.block_weighted else None) for param in step.params]
+
+    # -------------------------------------------------------------------------------------------------- keys
+    def plan(self) -> Plan:
+        missing: dict[str, list[str]] = {alias: [] for alias in self.used}
+        mismatched: list[str] = []
+        taken_first = 0
+        plans = []
+        for key, source in self.output_keys():
+            node, lacking = self.key_node(key, source)
+            for alias in lacking:
+                missing[alias].append(key)
+            taken_first += bool(lacking)
+            shapes = {load: self.headers[load.alias].keys[load.key] for load in loads_of(node)}
+            if len({shape for _, shape in shapes.values()}) > 1:
+                mismatched.append(f"{key} ({', '.join(f'{ld.alias} {list(s)}' for ld, (_, s) in shapes.items())})")
+            dtype, shape = next(iter(shapes.values()))
+            out_dtype = self.recipe.output.dtype if self.is_mergeable(key, dtype) else dtype
+            plans.append(KeyPlan(key, node, out_dtype, tuple(shape)))
+        self.report(missing, mismatched, taken_first)
+        return Plan(
+            arch=self.arch,
+            keys=plans,
+            inputs={alias: self.recipe.models[alias].path for alias in self.headers},
+            output=self.recipe.output,
+            recipe_dict=self.recipe_dict(),
+            warnings=self.warnings,
+            sha256={alias: self.recipe.models[alias].sha256 for alias in self.headers
+                    if self.recipe.models[alias].sha256},
+            steps=[self.describe_step(name) for name in self.recipe.steps if name not in self.recipe.unused],
+        )
+
+    def output_keys(self) -> list[tuple[str, str | None]]:
+        """(output key, VAE source key or None) in output order, after pruning, dropping and the VAE bake."""
+        seen: dict[str, None] = {}
+        for alias in self.order:
+            seen.update(dict.fromkeys(self.headers[alias].keys))
+        out = self.recipe.output
+        drop = [re.compile(pattern) for pattern in out.drop]
+        vae_keys = self.vae_keys() if out.vae else {}
+        keys: list[tuple[str, str | None]] = []
+        for key in seen:
+            if out.vae and key.startswith(VAE_PREFIX):
+                if vae_keys:
+                    keys += list(vae_keys.items())
+                    vae_keys = {}
+                continue
+            keys.append((key, None))
+        keys += list(vae_keys.items())
+        return [(key, src) for key, src in keys if not (out.prune_ema and key.startswith(EMA_PREFIX))
+                and not any(pattern.search(key) for pattern in drop)]
+
+    def vae_keys(self) -> dict[str, str]:
+        """Output VAE key -> key in the VAE model's file."""
+        alias = str(self.recipe.output.vae)
+        names = list(self.headers[alias].keys)
+        keys = {key: key for key in names if key.startswith(VAE_PREFIX)}
+        if not keys:
+            keys = {VAE_PREFIX + key: key for key in names if key.startswith(_BARE_VAE)}
+        if not keys:
+            raise RecipeError(f"{self.recipe.source}: output.vae: model {alias!r} ({self.headers[alias].path}) "
+                              f"has no VAE keys ({VAE_PREFIX}* or encoder.*/decoder.*)")
+        return keys
+
+    def is_mergeable(self, key: str, dtype: str) -> bool:
+        return is_float_dtype(dtype) and key not in MARKERS
+
+    def key_node(self, key: str, vae_source: str | None) -> tuple[Node, list[str]]:
+        """The node for `key` and the models (of the steps) that lack it."""
+        if vae_source is not None:
+            return Load(str(self.recipe.output.vae), vae_source), []
+        having = [alias for alias in self.order if key in self.headers[alias].keys]
+        first = Load(having[0], key)
+        if not self.is_mergeable(key, self.headers[having[0]].keys[key][0]):
+            return first, []
+        lacking = [alias for alias in self.used if alias not in having]
+        node = self.evaluate(self.recipe.output_step, key, {})
+        return (node if node is not None else first), lacking
+
+    def evaluate(self, name: str, key: str, memo: dict[str, Node | None]) -> Node | None:
+        """The node of model or step `name` for `key`; None when no input of it has the key."""
+        if name not in memo:
+            memo[name] = self.compute(name, key, memo)
+        return memo[name]
+
+    def compute(self, name: str, key: str, memo: dict[str, Node | None]) -> Node | None:
+        if name in self.recipe.models:
+            return Load(name, key) if key in self.headers[name].keys else None
+        step = self.recipe.steps[name]
+        nodes = [self.evaluate(input_name, key, memo) for input_name in step.inputs]
+        if any(node is None for node in nodes):  # take the first input (of kind weight) that has the key
+            kinds = [self.recipe.kind_of(n) for n in step.inputs]
+            present = [node for node, kind in zip(nodes, kinds) if node is not None and kind == "weight"]
+            return present[0] if present else None
+        if isinstance(step, FormulaStep):
+            return _linear([(node, c) for node, (_, c) in zip(nodes, step.formula.coeffs)])  # type: ignore[misc]
+        return self.call(step, nodes, key)  # type: ignore[arg-type]
+
+    def call(self, step: MethodStep, nodes: list[Node], key: str) -> Node:
+        params = self.key_params(step, key)
+        if params is None or step.method in _IDENTITY_METHODS:
+            return nodes[0]
+        for name, value in params.items():
+            index = _EXACT.get((step.method, name, value)) if isinstance(value, float) else None
+            if index is not None:
+                return nodes[index]
+        params = {**self.defaults[step.name], **params}
+        if step.name in self.seeded:
+            base = params.get(SEED_PARAM, self.recipe.output.seed)
+            params[SEED_PARAM] = derive_seed(int(base), step.name, key)
+        return Call(step.method, tuple(nodes), tuple(sorted(params.items())))
+
+    def key_params(self, step: MethodStep, key: str) -> dict[str, Scalar] | None:
+        """Parameter values for `key`, or None when the step keeps A for it."""
+        block = block_of(key, self.arch, step.convention) if step.block_weighted else None
+        values: dict[str, Scalar] = {}
+        for param, weights in self.params[step.name]:
+            value = _override(param, key)
+            if value is None and weights is not None:
+                if block is None:
+                    return None
+                value = weights[block]
+            values[param.name] = param.value if value is None else value
+        return values
+
+    # ---------------------------------------------------------------------------------------------- reporting
+    def report(self, missing: dict[str, list[str]], mismatched: list[str], taken_first: int) -> None:
+        source = self.recipe.source
+        lacking = {alias: keys for alias, keys in missing.items() if keys}
+        if mismatched:
+            raise RecipeError(f"{source}: shape mismatch in {len(mismatched)} key(s): "
+                              f"{'; '.join(mismatched[:_EXAMPLES])}{'; ...' if len(mismatched) > _EXAMPLES else ''}"
+                              "; are these models of the same kind (e.g. not an inpainting model)?")
+        if not lacking:
+            return
+        summary = "; ".join(f"{alias} ({self.headers[alias].path}) lacks {len(keys)} key(s), e.g. "
+                            f"{', '.join(keys[:_EXAMPLES])}" for alias, keys in lacking.items())
+        if self.recipe.output.missing_keys == "error":
+            raise RecipeError(f"{source}: missing keys: {summary}. Set `output: {{missing_keys: take_first}}` to "
+                              "take them from the first model that has them, or drop them with `output.drop`")
+        self.warnings.append(f"{taken_first} key(s) taken from the first model that has them: {summary}")
+
+    def recipe_dict(self) -> dict[str, Any]:
+        """The resolved recipe as JSON-able data (file names, not paths: paths are private to the user)."""
+        recipe, out = self.recipe, self.recipe.output
+        steps: dict[str, Any] = {}
+        for name, step in recipe.steps.items():
+            if name in recipe.unused:
+                continue
+            if isinstance(step, FormulaStep):
+                steps[name] = {"formula": step.formula.text, "kind": step.kind,
+                               "coefficients": dict(step.formula.coeffs)}
+            else:
+                steps[name] = {"method": step.method, "inputs": list(step.inputs), "convention": step.convention,
+                               "params": {p.name: _param_dict(p, w) for p, w in self.params[name]}}
+        names = {code: name for name, code in {**OUTPUT_DTYPES, **COMPUTE_DTYPES}.items()}
+        return {
+            "format": "mergekit-sdxl recipe",
+            "version": 1,
+            "name": recipe.name,
+            "arch": self.arch,
+            "convention": recipe.convention,
+            "models": {alias: {"file": os.path.basename(recipe.models[alias].path),
+                               "sha256": recipe.models[alias].sha256} for alias in self.headers},
+            "steps": steps,
+            "output_step": recipe.output_step,
+            "output": {"dtype": names[out.dtype], "fp8_scaled": out.fp8_scaled, "vae": out.vae,
+                       "prune_ema": out.prune_ema, "drop": list(out.drop), "missing_keys": out.missing_keys,
+                       "compute_dtype": names[out.compute_dtype], "seed": out.seed},
+        }
+
+    def describe_step(self, name: str) -> str:
+        step = self.recipe.steps[name]
+        mark = " (written)" if name == self.recipe.output_step else ""
+        if isinstance(step, FormulaStep):
+            terms = " ".join(f"{'-' if c < 0 else '+'} {abs(c):g}*{n}" for n, c in step.formula.coeffs)
+            return f"step {name}{mark}: {step.formula.text}  =  {terms.removeprefix('+ ')}  ({step.kind})"
+        params = ", ".join(f"{p.name}={_param_text(p, w)}" for p, w in self.params[name])
+        return f"step {name}{mark}: {step.method}({', '.join(step.inputs)}{'; ' if params else ''}{params})" + (
+            f" [convention {step.convention}]" if step.block_weighted else "")
+
+
+def _linear(terms: list[tuple[Node, float]]) -> Node:
+    """sum c*node with nested Linear nodes flattened, like terms collected and zero coefficients dropped."""
+    collected: dict[Node, float] = {}
+    for node, coeff in terms:
+        inner = node.terms if isinstance(node, Linear) else ((node, 1.0),)
+        for term, c in inner:
+            collected[term] = collected.get(term, 0.0) + coeff * c
+    kept = tuple((node, c) for node, c in collected.items() if abs(c) > ZERO_COEFF)
+    if len(kept) == 1 and kept[0][1] == 1.0:
+        return kept[0][0]
+    return Linear(kept)
+
+
+def _override(param: Param, key: str) -> float | None:
+    value = None
+    for pattern, number in param.overrides:
+        if re.search(pattern, key):
+            value = number
+    return value
+
+
+def _param_dict(param: Param, weights: dict[str, float] | None) -> Any:
+    base: Any = param.value if weights is None else {"blocks": weights}
+    if param.overrides:
+        return {"value": base, "overrides": [{"match": m, "value": v} for m, v in param.overrides]}
+    return base
+
+
+def _param_text(param: Param, weights: dict[str, float] | None) -> str:
+    text = f"{param.value!r}" if weights is None else "[" + ",".join(f"{w:g}" for w in weights.values()) + "]"
+    return text + (f" with {len(param.overrides)} override(s)" if param.overrides else "")
+
+
+def describe_plan(plan: Plan) -> list[str]:
+    """Human lines for `--dry-run`: inputs, steps, output size and dtype, keys per kind, warnings."""
+    names = {code: name for name, code in OUTPUT_DTYPES.items()}
+    out = plan.output
+    lines = [f"architecture: {ARCH_NAMES[plan.arch]}"]
+    lines += [f"input {alias}: {path}" + (f" (sha256 {plan.sha256[alias][:12]}... pinned)"
+                                          if alias in plan.sha256 else "") for alias, path in plan.inputs.items()]
+    lines += plan.steps
+    size = plan_size(plan)
+    dtype = names.get(out.dtype, out.dtype) + (" (scaled)" if out.fp8_scaled else "")
+    lines.append(f"output: {out.path or '(path from the command line)'}: {len(plan.keys)} tensors, {dtype}, "
+                 f"{size:,} bytes of tensor data ({size / 1e9:.2f} GB)")
+    kinds = Counter(_node_kind(kp.node) for kp in plan.keys)
+    lines.append("keys: " + ", ".join(f"{count} {kind}" for kind, count in kinds.most_common()))
+    lines += [f"warning: {warning}" for warning in plan.warnings]
+    return lines
+
+
+def plan_size(plan: Plan) -> int:
+    """Bytes of tensor data the output will hold (scaled fp8 adds one float32 scale per float tensor)."""
+    total = 0
+    for kp in plan.keys:
+        total += numel(kp.shape) * _ITEMSIZE.get(kp.dtype, 1)
+        if plan.output.fp8_scaled and kp.dtype == plan.output.dtype:
+            total += 4
+    return total
+
+
+def _node_kind(node: Node) -> str:
+    if isinstance(node, Load):
+        return f"copied from {node.alias}"
+    if isinstance(node, Linear):
+        return "formula (linear)"
+    if isinstance(node, Call):
+        return f"merged by {node.method}"
+    return type(node).__name__.lower()
