@@ -140,7 +140,7 @@ class _Planner:
         return vae if vae and not used_in_steps else None
 
     def check_headers(self, headers: Mapping[str, InputHeader]) -> dict[str, InputHeader]:
-        needed = [*self.used, *([self.recipe.output.vae] if self.recipe.output.vae else [])]
+        needed = list(dict.fromkeys([*self.used, *([self.recipe.output.vae] if self.recipe.output.vae else [])]))
         absent = [alias for alias in needed if alias not in headers]
         if absent:
             raise RecipeError(f"{self.recipe.source}: no input file for model(s) {', '.join(absent)}")
@@ -150,7 +150,7 @@ class _Planner:
         wrong = [alias for alias in needed if headers[alias].arch != self.arch
                  and not (alias == self.vae_only() and headers[alias].arch is None)]
         if wrong:
-            found = ", ".join(f"{alias} is {ARCH_NAMES.get(str(headers[alias].arch), headers[alias].arch)} "
+            found = ", ".join(f"{alias} is {ARCH_NAMES.get(str(headers[alias].arch), 'of unknown architecture')} "
                               f"({headers[alias].path})" for alias in needed)
             raise ArchError(f"{self.recipe.source}: inputs mix architectures: {found}; a merge needs all "
                             f"inputs of one architecture ({ARCH_NAMES[self.arch]})")

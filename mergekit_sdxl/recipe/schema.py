@@ -326,9 +326,8 @@ class _Parser:
         if output.vae:
             used.add(output.vae)
         unused = tuple(name for name in (*models, *steps) if name not in used)
-        return Recipe(self.source, models, steps, output_step, output,
-                      convention, arch, self.text(top.get("name"), "name"), self.text(top.get("description"),
-                      "description"), unused)
+        name, description = self.text(top.get("name"), "name"), self.text(top.get("description"), "description")
+        return Recipe(self.source, models, steps, output_step, output, convention, arch, name, description, unused)
 
     def text(self, value: Any, name: str) -> str | None:
         if value is not None and not isinstance(value, str):
