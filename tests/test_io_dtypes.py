@@ -12,6 +12,7 @@ from mergekit_sdxl.io.dtypes import (
     cast,
     code_of,
     dequantize_scaled,
+    is_scalable,
     parse_dtype,
     scale_key,
     scaled_key_of,
@@ -108,6 +109,10 @@ def test_to_storage_non_float():
 
 
 def test_scale_key_names():
-    assert scale_key("model.x.weight") == "model.x.weight.scale_weight"
-    assert scaled_key_of("model.x.weight.scale_weight") == "model.x.weight"
+    assert scale_key("model.x.weight") == "model.x.scale_weight"
+    assert scaled_key_of("model.x.scale_weight") == "model.x.weight"
     assert scaled_key_of("model.x.weight") is None
+    with pytest.raises(ValueError):
+        scale_key("model.x.bias")
+    assert is_scalable("a.weight", (3, 4)) and is_scalable("a.weight", (3, 4, 1, 1))
+    assert not is_scalable("a.weight", (3,)) and not is_scalable("a.bias", (3, 4))

@@ -10,7 +10,12 @@ import torch
 from safetensors.torch import save_file
 
 from mergekit_sdxl.io import hashes
-from mergekit_sdxl.io.hashes import cached_hashes, file_hashes
+from mergekit_sdxl.io.hashes import cache_file, cached_hashes, hash_file, hashes_for, legacy_hash, store_cached_hashes
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEKIT_SDXL_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def _reference(data: bytes, safetensors: bool) -> dict[str, str | None]:
@@ -29,10 +34,11 @@ def test_random_files_match_hashlib(tmp_path, size, chunk):
     path = tmp_path / "f.bin"
     path.write_bytes(data)
     seen = []
-    h = file_hashes(path, progress=seen.append, chunk_size=chunk)
+    h = hash_file(path, progress=seen.append, chunk_size=chunk)
     ref = _reference(data, safetensors=False)
-    assert (h.legacy, h.sha256, h.autov3_full) == (ref["legacy"], ref["sha256"], None)
-    assert h.autov2 == ref["sha256"][:10] and h.size == size == sum(seen)
+    assert (h.legacy, h.sha256, h.autov3) == (ref["legacy"], ref["sha256"], None)
+    assert h.autov2 == ref["sha256"][:10] and size == sum(seen)
+    assert legacy_hash(path) == ref["legacy"]
 
 
 @pytest.mark.parametrize("chunk", [1 << 16, 777, 8 << 20])
@@ -40,12 +46,12 @@ def test_safetensors_autov3(tmp_path, chunk):
     tensors = {"a": torch.randn(300_000), "b": torch.arange(1000)}
     save_file(tensors, tmp_path / "a.safetensors", metadata={"x": "1"})
     save_file(tensors, tmp_path / "b.safetensors", metadata={"x": "a much longer value " * 50})
-    ha = file_hashes(tmp_path / "a.safetensors", chunk_size=chunk)
-    hb = file_hashes(tmp_path / "b.safetensors", chunk_size=chunk)
+    ha = hash_file(tmp_path / "a.safetensors", chunk_size=chunk)
+    hb = hash_file(tmp_path / "b.safetensors", chunk_size=chunk)
     data = (tmp_path / "a.safetensors").read_bytes()
     ref = _reference(data, safetensors=True)
     assert (ha.legacy, ha.sha256, ha.autov3_full) == (ref["legacy"], ref["sha256"], ref["autov3_full"])
-    assert ha.autov3 == ref["autov3_full"][:12]
+    assert ha.autov3_short == ref["autov3_full"][:12] and ha.autov3 == ha.autov3_full
     assert ha.autov3_full == hb.autov3_full  # metadata edits keep AutoV3
     assert ha.sha256 != hb.sha256
 
@@ -53,33 +59,48 @@ def test_safetensors_autov3(tmp_path, chunk):
 def test_small_file_legacy_is_hash_of_empty_slice(tmp_path):
     # A1111's model_hash seeks to 1 MiB and hashes what it reads there: nothing, for a small file
     (tmp_path / "s.safetensors").write_bytes(b"x" * 1000)
-    assert file_hashes(tmp_path / "s.safetensors").legacy == hashlib.sha256(b"").hexdigest()[:8] == "e3b0c442"
+    assert hash_file(tmp_path / "s.safetensors").legacy == hashlib.sha256(b"").hexdigest()[:8] == "e3b0c442"
 
 
 def test_hand_computed_legacy(tmp_path):
     data = bytes(0x100000) + b"\x01" * 0x10000 + b"\x02" * 100
     (tmp_path / "f").write_bytes(data)
-    assert file_hashes(tmp_path / "f").legacy == hashlib.sha256(b"\x01" * 0x10000).hexdigest()[:8]
+    assert hash_file(tmp_path / "f").legacy == hashlib.sha256(b"\x01" * 0x10000).hexdigest()[:8]
 
 
 def test_truncated_safetensors_has_no_autov3(tmp_path):
     (tmp_path / "t.safetensors").write_bytes((500).to_bytes(8, "little") + b"{" + b" " * 10)
-    assert file_hashes(tmp_path / "t.safetensors").autov3_full is None
+    assert hash_file(tmp_path / "t.safetensors").autov3_full is None
 
 
-def test_cached_hashes(tmp_path, monkeypatch):
+def test_persistent_cache(tmp_path, monkeypatch):
     path = tmp_path / "f.bin"
     path.write_bytes(b"abc" * 1000)
+    assert cached_hashes(path) is None
     calls = []
-    real = hashes.file_hashes
-    monkeypatch.setattr(hashes, "file_hashes", lambda p, progress=None: calls.append(p) or real(p, progress))
-    first = cached_hashes(path)
-    assert cached_hashes(path) == first and len(calls) == 1
-    path.write_bytes(b"abcd" * 1000)  # new size and mtime: hashed again
-    assert cached_hashes(path).sha256 == hashlib.sha256(b"abcd" * 1000).hexdigest() and len(calls) == 2
+    real = hashes.hash_file
+    monkeypatch.setattr(hashes, "hash_file", lambda p, progress=None: calls.append(p) or real(p, progress))
+    first = hashes_for(path)
+    assert cache_file().is_file() and cache_file().parent == tmp_path / "cache"
+    assert cached_hashes(path) == first and hashes_for(path) == first and len(calls) == 1
+    path.write_bytes(b"abcd" * 1000)  # new size and mtime: stale entry ignored, hashed again
+    assert cached_hashes(path) is None
+    assert hashes_for(path).sha256 == hashlib.sha256(b"abcd" * 1000).hexdigest() and len(calls) == 2
+
+
+def test_store_and_corrupt_cache(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x")
+    h = hashes.FileHashes("12345678", "ab" * 32, None)
+    store_cached_hashes(path, h)
+    assert cached_hashes(path) == h
+    cache_file().write_text("{not json")
+    assert cached_hashes(path) is None
+    store_cached_hashes(path, h)  # a corrupt cache is replaced, not fatal
+    assert cached_hashes(path) == h
 
 
 def test_as_dict(tmp_path):
     (tmp_path / "f").write_bytes(b"x")
-    d = file_hashes(tmp_path / "f").as_dict()
-    assert set(d) == {"path", "size", "legacy", "autov2", "autov3", "autov3_full", "sha256"}
+    d = hash_file(tmp_path / "f").as_dict()
+    assert set(d) == {"legacy", "autov2", "autov3", "autov3_full", "sha256"}

@@ -224,3 +224,23 @@ def test_threads_write_concurrently(tmp_path):
         list(pool.map(lambda kv: w.write(*kv), tensors.items()))
     back = load_file(tmp_path / "x.safetensors")
     assert all(torch.equal(back[k], t) for k, t in tensors.items())
+
+
+def test_header_slack_and_update_metadata(tmp_path):
+    from safetensors import safe_open
+
+    tensors = {"a": torch.arange(6, dtype=torch.float32), "b": torch.ones(2, dtype=torch.int64)}
+    specs = [TensorSpec.of(k, t) for k, t in tensors.items()]
+    out = tmp_path / "x.safetensors"
+    with SafetensorsWriter(out, specs, {"hash": "0" * 16}, header_slack=1024) as w:
+        for key, t in tensors.items():
+            w.write(key, t)
+        w.update_metadata({"hash": "f" * 16, "z_more": "x" * 500})
+        with pytest.raises(OutputError, match="does not fit"):
+            w.update_metadata({"big": "x" * 4096})
+    n = int.from_bytes(out.read_bytes()[:8], "little")
+    assert n % 8 == 0 and n >= 1024
+    with safe_open(out, "pt") as f:  # safetensors itself accepts the padded header
+        assert f.metadata() == {"hash": "f" * 16, "z_more": "x" * 500}
+        assert torch.equal(f.get_tensor("a"), tensors["a"])
+    assert torch.equal(load_file(out)["b"], tensors["b"])

@@ -7,13 +7,14 @@ Casting rules (`cast`):
   (e4m3fn ±448, e5m2 ±57344, fp16 ±65504) and reports how many values were clamped (±inf counts as clamped;
   NaN stays NaN). A plain `.to()` would turn them into inf or NaN.
 
-Scaled fp8 (`to_storage(..., scaled=True)`, explicit opt-in only): a float tensor `W` stored under `<key>` is
-written as `q = fp8(W / s)` with one float32 scalar per tensor, `s = amax(|W|) / fmax` (s = 1 when W is all
-zero or has no finite value), stored beside it as a 0-dim F32 tensor under `<key>.scale_weight` (the name
-ComfyUI's scaled-fp8 files use; here it is appended to the full key, so biases can carry one too). The value
-is recovered as `q.float() * s` (`dequantize_scaled`). Non-finite inputs (±inf) clamp to ±fmax and are
-counted. A loader that does not know the convention reads `W / s` instead of `W`, which is why it is never
-implicit.
+Scaled fp8 (`to_storage(..., scaled=True)`, explicit opt-in only), in ComfyUI's layout: a weight `W` stored
+under `<prefix>.weight` is written as `q = fp8(W / s)` with one float32 scalar per tensor,
+`s = amax(|W|) / fmax` (s = 1 when W is all zero or has no finite value), stored beside it as a 0-dim F32 tensor
+under `<prefix>.scale_weight` (`scale_key`); the file also holds an empty tensor `scaled_fp8` in the fp8 dtype
+(`SCALED_MARKER`, ComfyUI's flag). Only matrix and conv weights (`.weight`, 2+ dims: `is_scalable`) get a scale;
+biases, norms and embeddings-as-vectors get a plain clamped cast. The value is recovered as `q.float() * s`
+(`dequantize_scaled`). Non-finite inputs (±inf) clamp to ±fmax and are counted. A loader that does not know the
+convention reads `W / s` instead of `W`, which is why it is never implicit.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ for _d in DTYPES.values():
         _BY_NAME[_n.lower()] = _d.code
 
 SCALE_SUFFIX = "scale_weight"
+SCALED_MARKER = "scaled_fp8"  # ComfyUI's flag for scaled-fp8 files: an empty tensor in the fp8 dtype
 CLI_TARGETS = ("fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 
 
@@ -104,15 +106,22 @@ def is_fp8(code: str) -> bool:
     return code in ("F8_E4M3", "F8_E5M2")
 
 
+def is_scalable(key: str, shape: tuple[int, ...]) -> bool:
+    """Whether scaled fp8 gives this tensor a scale: matrix and conv weights (`.weight`, 2+ dims)."""
+    return key.endswith(".weight") and len(shape) >= 2
+
+
 def scale_key(key: str) -> str:
-    """Where the scale of a scaled-fp8 tensor `key` is stored: `<key>.scale_weight`."""
-    return f"{key}.{SCALE_SUFFIX}"
+    """Where the scale of the scaled-fp8 weight `<prefix>.weight` is stored: `<prefix>.scale_weight`."""
+    if not key.endswith(".weight"):
+        raise ValueError(f"only .weight tensors carry a scale, not {key!r}")
+    return key[: -len("weight")] + SCALE_SUFFIX
 
 
 def scaled_key_of(key: str) -> str | None:
-    """The inverse of `scale_key`: the tensor key a `<key>.scale_weight` key belongs to, else None."""
+    """The inverse of `scale_key`: `<prefix>.weight` for `<prefix>.scale_weight`, else None."""
     suffix = "." + SCALE_SUFFIX
-    return key[: -len(suffix)] if key.endswith(suffix) else None
+    return key[: -len(SCALE_SUFFIX)] + "weight" if key.endswith(suffix) else None
 
 
 @dataclass

@@ -6,15 +6,18 @@
 - AutoV3 (kohya `sshs_model_hash`): sha256 of a safetensors file's data after the 8-byte length and the JSON
   header, so it survives metadata edits; shown as 12 hex. None for files that are not safetensors.
 
-Memory is constant (two 8 MiB buffers); the whole-file and AutoV3 digests run in two threads (hashlib releases
-the GIL), overlapped with reading the next chunk.
+Results are cached on disk (`cache_file`), keyed by real path and checked against size, mtime and inode, so a
+file is hashed once across runs. Memory is constant (two 8 MiB buffers); the whole-file and AutoV3 digests run in
+two threads (hashlib releases the GIL), overlapped with reading the next chunk.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,13 +32,11 @@ MAX_HEADER = 100 * 1024 * 1024
 
 @dataclass(frozen=True)
 class FileHashes:
-    """All hashes of one file (hex digests, lower case)."""
+    """All hashes of one file (full hex digests, lower case)."""
 
-    path: str
-    size: int
-    sha256: str
-    legacy: str
-    autov3_full: str | None
+    legacy: str  # A1111 / Civitai AutoV1, 8 hex
+    sha256: str  # whole file; AutoV2 is its first 10 hex
+    autov3: str | None  # sha256 of the safetensors data region (full 64 hex); None for other formats
 
     @property
     def autov2(self) -> str:
@@ -43,14 +44,19 @@ class FileHashes:
         return self.sha256[:10]
 
     @property
-    def autov3(self) -> str | None:
-        """AutoV3 as usually quoted: the first 12 hex of the tensor-data sha256."""
-        return self.autov3_full[:12] if self.autov3_full else None
+    def autov3_full(self) -> str | None:
+        """The full AutoV3 digest (same as `autov3`)."""
+        return self.autov3
 
-    def as_dict(self) -> dict[str, object]:
-        """JSON-ready form (used by `mergekit-sdxl hash --json` and merge metadata)."""
-        return {"path": self.path, "size": self.size, "legacy": self.legacy, "autov2": self.autov2,
-                "autov3": self.autov3, "autov3_full": self.autov3_full, "sha256": self.sha256}
+    @property
+    def autov3_short(self) -> str | None:
+        """AutoV3 as usually quoted: its first 12 hex."""
+        return self.autov3[:12] if self.autov3 else None
+
+    def as_dict(self) -> dict[str, str | None]:
+        """JSON-ready form: legacy, autov2, autov3 (12 hex), autov3_full, sha256."""
+        return {"legacy": self.legacy, "autov2": self.autov2, "autov3": self.autov3_short,
+                "autov3_full": self.autov3, "sha256": self.sha256}
 
 
 def safetensors_data_offset(head: bytes, size: int) -> int | None:
@@ -61,8 +67,8 @@ def safetensors_data_offset(head: bytes, size: int) -> int | None:
     return 8 + n if n <= MAX_HEADER and 8 + n <= size else None
 
 
-def file_hashes(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None,
-                chunk_size: int = CHUNK) -> FileHashes:
+def hash_file(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None,
+              chunk_size: int = CHUNK) -> FileHashes:
     """Hash `path` in one streaming pass.
 
     Args:
@@ -76,12 +82,12 @@ def file_hashes(path: str | os.PathLike[str], progress: Callable[[int], None] | 
     p = Path(path)
     try:
         with open(p, "rb", buffering=0) as f, ThreadPoolExecutor(2, thread_name_prefix="mergekit-hash") as pool:
-            return _hash_stream(p, f, os.fstat(f.fileno()).st_size, pool, progress, chunk_size)
+            return _hash_stream(f, os.fstat(f.fileno()).st_size, pool, progress, chunk_size)
     except OSError as exc:
         raise CheckpointError(f"{p}: cannot read: {exc.strerror or exc}") from None
 
 
-def _hash_stream(p: Path, f, size: int, pool: ThreadPoolExecutor,  # noqa: ANN001 - a raw binary file
+def _hash_stream(f, size: int, pool: ThreadPoolExecutor,  # noqa: ANN001 - a raw binary file
                  progress: Callable[[int], None] | None, chunk_size: int) -> FileHashes:
     full, legacy, data = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
     buffers = [bytearray(chunk_size), bytearray(chunk_size)]
@@ -107,8 +113,7 @@ def _hash_stream(p: Path, f, size: int, pool: ThreadPoolExecutor,  # noqa: ANN00
             progress(n)
     if data_offset is not None and pos < data_offset:
         data_offset = None
-    return FileHashes(str(p), pos, full.hexdigest(), legacy.hexdigest()[:8],
-                      data.hexdigest() if data_offset is not None else None)
+    return FileHashes(legacy.hexdigest()[:8], full.hexdigest(), data.hexdigest() if data_offset is not None else None)
 
 
 def _feed_range(h: hashlib._Hash, view: memoryview, pos: int, lo: int, hi: int) -> None:
@@ -118,20 +123,78 @@ def _feed_range(h: hashlib._Hash, view: memoryview, pos: int, lo: int, hi: int) 
         h.update(view[start - pos : stop - pos])
 
 
-_CACHE: dict[tuple[str, int, int, int], FileHashes] = {}
-
-
-def cached_hashes(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None) -> FileHashes:
-    """`file_hashes`, remembered for this process per (real path, inode, size, mtime): a file used several
-    times in one run (merge inputs, metadata, `hash`) is read once."""
-    p = Path(path)
+def legacy_hash(path: str | os.PathLike[str]) -> str:
+    """The A1111 legacy hash alone (reads 64 KiB)."""
     try:
-        st = p.stat()
+        with open(path, "rb") as f:
+            f.seek(LEGACY_OFFSET)
+            return hashlib.sha256(f.read(LEGACY_SIZE)).hexdigest()[:8]
     except OSError as exc:
-        raise CheckpointError(f"{p}: cannot read: {exc.strerror}") from None
-    key = (os.path.realpath(p), st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _CACHE:
-        _CACHE[key] = file_hashes(p, progress)
-    elif progress is not None:
-        progress(st.st_size)
-    return _CACHE[key]
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def cache_file() -> Path:
+    """The persistent hash cache: $MERGEKIT_SDXL_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache, /mergekit-sdxl."""
+    folder = os.environ.get("MERGEKIT_SDXL_CACHE_DIR")
+    if not folder:
+        folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mergekit-sdxl")
+    return Path(folder) / "hashes.json"
+
+
+def _identity(path: str | os.PathLike[str]) -> tuple[str, list[int]] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.path.realpath(path), [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _load_cache() -> dict[str, dict]:
+    try:
+        data = json.loads(cache_file().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def cached_hashes(path: str | os.PathLike[str]) -> FileHashes | None:
+    """The hashes the cache holds for `path`, if its size, mtime and inode are unchanged; else None."""
+    ident = _identity(path)
+    if ident is None:
+        return None
+    entry = _load_cache().get(ident[0])
+    if not isinstance(entry, dict) or entry.get("stat") != ident[1]:
+        return None
+    try:
+        return FileHashes(str(entry["legacy"]), str(entry["sha256"]), entry.get("autov3"))
+    except KeyError:
+        return None
+
+
+def store_cached_hashes(path: str | os.PathLike[str], hashes: FileHashes) -> None:
+    """Remember `hashes` for `path` (best effort: an unwritable cache is ignored)."""
+    ident = _identity(path)
+    if ident is None:
+        return
+    target = cache_file()
+    data = _load_cache()
+    data[ident[0]] = {"stat": ident[1], "legacy": hashes.legacy, "sha256": hashes.sha256, "autov3": hashes.autov3}
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def hashes_for(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None) -> FileHashes:
+    """From the cache when it knows the file, else computed (one streaming pass) and stored."""
+    found = cached_hashes(path)
+    if found is not None:
+        if progress is not None:
+            progress(os.path.getsize(path))
+        return found
+    found = hash_file(path, progress)
+    store_cached_hashes(path, found)
+    return found

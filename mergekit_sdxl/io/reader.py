@@ -65,6 +65,9 @@ class CheckpointReader(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+Checkpoint = CheckpointReader  # the shorter name some layers use
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:

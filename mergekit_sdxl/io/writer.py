@@ -57,8 +57,13 @@ def safetensors_order(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
     return sorted(specs, key=lambda s: (-DTYPES[s.dtype].rank, s.key))
 
 
-def build_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, int]]:
+def build_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None, slack: int = 0,
+                 length: int | None = None) -> tuple[bytes, dict[str, int]]:
     """The 8-byte length plus padded JSON header for `specs` laid out in the given order.
+
+    Args:
+        slack: extra spaces reserved after the JSON (the total is then rounded up to a multiple of 8).
+        length: pad the JSON to exactly this many bytes instead (ValueError if it does not fit).
 
     Returns:
         (header bytes, {key: absolute file offset of its data}).
@@ -79,7 +84,11 @@ def build_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None
         offsets[spec.key] = cursor
         cursor += spec.nbytes
     raw = json.dumps(entries, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
+    if length is None:
+        length = len(raw) + slack + (-(len(raw) + slack) % 8)
+    if len(raw) > length:
+        raise ValueError(f"header needs {len(raw)} bytes, only {length} reserved")
+    raw += b" " * (length - len(raw))
     start = 8 + len(raw)
     return struct.pack("<Q", len(raw)) + raw, {k: start + o for k, o in offsets.items()}
 
@@ -140,6 +149,8 @@ class SafetensorsWriter:
         inputs: paths of the inputs, which the output must not be.
         order: "safetensors" (save_file's layout, the default) or "given" (the specs' order).
         preallocate: reserve the full size up front, so a full disk fails before any work.
+        header_slack: spaces reserved in the header so `update_metadata` can grow the metadata by that much
+            before commit (0 keeps the file byte-identical to save_file).
 
     Raises:
         OutputError: output is an input, exists without overwrite, its folder is missing, or the disk is full.
@@ -148,7 +159,7 @@ class SafetensorsWriter:
     def __init__(self, path: str | os.PathLike[str], specs: Iterable[TensorSpec],
                  metadata: Mapping[str, str] | None = None, *, overwrite: bool = False,
                  inputs: Iterable[str | os.PathLike[str]] = (), order: str = "safetensors",
-                 preallocate: bool = True) -> None:
+                 preallocate: bool = True, header_slack: int = 0) -> None:
         self.path = Path(path)
         self._check_target(overwrite, [Path(p) for p in inputs])
         specs = list(specs)
@@ -157,7 +168,8 @@ class SafetensorsWriter:
         elif order != "given":
             raise ValueError(f"order must be 'safetensors' or 'given', not {order!r}")
         self.specs = {s.key: s for s in specs}
-        self.header, self.offsets = build_header(specs, metadata)
+        self._layout = specs
+        self.header, self.offsets = build_header(specs, metadata, slack=header_slack)
         self.size = len(self.header) + sum(s.nbytes for s in specs)
         self.tmp = temp_path(self.path)
         self._preallocate = preallocate
@@ -249,6 +261,22 @@ class SafetensorsWriter:
         except OSError as exc:
             reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
             raise OutputError(f"{self.path}: writing {what} failed: {reason}") from None
+
+    def update_metadata(self, metadata: Mapping[str, str] | None) -> None:
+        """Replace the metadata before commit (e.g. with hashes known only at the end).
+
+        Raises:
+            OutputError: the new header does not fit in the space reserved (header_slack).
+        """
+        try:
+            header, _ = build_header(self._layout, metadata, length=len(self.header) - 8)
+        except ValueError as exc:
+            raise OutputError(f"{self.path}: the final metadata does not fit the reserved header space: {exc}") \
+                from None
+        if self._fd < 0:
+            raise RuntimeError("SafetensorsWriter is not open (use it as a context manager)")
+        self._pwrite(memoryview(header), 0, "the header")
+        self.header = header
 
     def pending(self) -> list[str]:
         """Announced keys not written yet."""
