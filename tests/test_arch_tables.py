@@ -150,6 +150,9 @@ def test_detect_pruned_sdxl_without_ln_final():
     assert detect_arch(keys) == "sdxl"
     unet_only = {k for k in keys if k.startswith("model.diffusion_model.")}
     assert detect_arch(unet_only) == "sdxl"  # label_emb
+    unclip = unet_only | {"cond_stage_model.model.ln_final.weight"}  # SD2-unCLIP also has label_emb
+    with pytest.raises(ArchError, match="SD 2.x"):
+        detect_arch(unclip)
 
 
 def test_detect_legacy_sd1_clip_layout():
@@ -176,6 +179,7 @@ def test_detect_unknown_names_the_source_and_the_fingerprints():
     ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "LoRA"),
     ("cond_stage_model.model.ln_final.weight", "SD 2.x"),
     ("down_blocks.0.resnets.0.conv1.weight", "diffusers"),
+    ("conditioner.embedders.0.model.ln_final.weight", "SDXL refiner"),
 ])
 def test_detect_hints(key, hint):
     with pytest.raises(ArchError, match=hint):

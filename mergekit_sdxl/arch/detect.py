@@ -21,18 +21,21 @@ from mergekit_sdxl.arch.tables import (
 from mergekit_sdxl.errors import ArchError
 
 # Any one of these keys identifies the architecture. SDXL's `ln_final` is optional in the wild (pruned files
-# drop the last text layer), so the bigG token embedding and the UNet's `label_emb` also count.
+# drop the last text layer), so the bigG token embedding also counts.
 FINGERPRINTS: dict[str, tuple[str, ...]] = {
     "sdxl": (
         "conditioner.embedders.1.model.ln_final.weight",
         "conditioner.embedders.1.model.token_embedding.weight",
-        "model.diffusion_model.label_emb.0.0.weight",
     ),
     "sd15": (
         "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
         "cond_stage_model.transformer.embeddings.token_embedding.weight",  # transformers < 4.0 layout
     ),
 }
+# Files without any text encoder (UNet-only exports): SDXL's `label_emb` tells it apart from SD1.
+# (SD2-unCLIP and the SDXL refiner have one too, but they always come with their text encoders.)
+UNET_ONLY_FINGERPRINT = ("sdxl", "model.diffusion_model.label_emb.0.0.weight")
+_TEXT_ENCODER_PREFIXES = ("conditioner.", "cond_stage_model.")
 # Keys that flag how the model predicts (a merge must keep them).
 MARKERS: tuple[str, ...] = ("v_pred", "ztsnr", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
 
@@ -59,6 +62,7 @@ _HINTS: tuple[tuple[str, str], ...] = (
     ("lora_unet_", "a LoRA/LyCORIS adapter (use bake or merge-lora)"),
     ("lora_te", "a LoRA/LyCORIS adapter (use bake or merge-lora)"),
     ("cond_stage_model.model.", "an SD 2.x checkpoint (OpenCLIP-H text encoder), which is not supported"),
+    ("conditioner.embedders.0.model.", "an SDXL refiner (bigG as its only text encoder), which is not supported"),
     ("down_blocks.", "a diffusers-format UNet, not a single-file checkpoint"),
     ("text_model.", "a bare text encoder, not a full checkpoint"),
     ("encoder.down.", "a bare VAE, not a full checkpoint"),
@@ -70,11 +74,15 @@ def detect_arch(keys: Iterable[str], source: str = "checkpoint") -> str:
     """Return "sdxl" or "sd15" from fingerprint keys; ArchError naming `source` and what was looked for."""
     present = set(keys)
     found = [arch for arch, prints in FINGERPRINTS.items() if any(key in present for key in prints)]
+    if not found and UNET_ONLY_FINGERPRINT[1] in present:
+        if not any(key.startswith(_TEXT_ENCODER_PREFIXES) for key in present):
+            found = [UNET_ONLY_FINGERPRINT[0]]
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
         raise ArchError(f"{source}: has fingerprint keys of both SDXL and SD1.x; is it a corrupted merge?")
     looked = "; ".join(f"{ARCH_NAMES[arch]}: {' or '.join(prints)}" for arch, prints in FINGERPRINTS.items())
+    looked += f"; UNet-only SDXL: {UNET_ONLY_FINGERPRINT[1]}"
     message = f"{source}: unknown architecture: none of the fingerprint keys was found ({looked})"
     hint = _hint(present)
     if hint:
