@@ -54,3 +54,24 @@ def byte_progress(description: str, total: int) -> Iterator[Callable[[int], None
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)
+
+
+@contextlib.contextmanager
+def key_progress(description: str) -> Iterator[Callable[[int, int, int], None]]:
+    """Yield `update(done, total, n_bytes)` driving a transient keys/bytes/throughput bar on stderr."""
+    if _state["quiet"]:
+        yield lambda done, total, n: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} keys"),
+               TextColumn("{task.fields[gb]:.2f} GB"), TextColumn("{task.fields[rate]:.2f} GB/s"),
+               TimeRemainingColumn())
+    import time
+
+    start = time.perf_counter()
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=None, gb=0.0, rate=0.0)
+
+        def update(done: int, total: int, n_bytes: int) -> None:
+            elapsed = max(time.perf_counter() - start, 1e-6)
+            progress.update(task, completed=done, total=total, gb=n_bytes / 1e9, rate=n_bytes / 1e9 / elapsed)
+        yield update

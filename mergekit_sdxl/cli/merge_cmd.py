@@ -1,0 +1,78 @@
+"""`mergekit-sdxl merge RECIPE`: run a recipe and write the merged checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from mergekit_sdxl.cli import console
+
+
+@click.command("merge")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-m", "--model", "models", multiple=True, metavar="ALIAS=PATH",
+              help="Override a model path of the recipe (repeatable).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), help="Output file (else output.path).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", help="Output dtype: fp16, bf16, fp32, fp8_e4m3fn, fp8_e5m2 (overrides the recipe).")
+@click.option("--threads", type=click.IntRange(1, 256), help="CPU threads for the arithmetic (default: all).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file (never an input).")
+@click.option("--dry-run", is_flag=True, help="Print the plan without reading any tensor data.")
+@click.option("--no-input-hashes", is_flag=True, help="Do not hash inputs for the lineage metadata.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def command(recipe: Path, models: tuple[str, ...], out: Path | None, device: str, dtype: str | None,
+            threads: int | None, overwrite: bool, dry_run: bool, no_input_hashes: bool, as_json: bool) -> None:
+    """Run RECIPE (YAML) and write the merged checkpoint atomically.
+
+    Inputs are read tensor by tensor; memory stays bounded whatever the model size. An error or Ctrl-C leaves
+    no output file and never touches an input.
+    """
+    from mergekit_sdxl.engine.run import MergeOptions, headers_of, open_inputs, plan_recipe, run_merge
+    from mergekit_sdxl.io.dtypes import parse_dtype
+    from mergekit_sdxl.recipe.planner import describe_plan
+    from mergekit_sdxl.recipe.schema import load_recipe, parse_model_overrides
+
+    parsed = load_recipe(recipe, parse_model_overrides(models))
+    code = parse_dtype(dtype) if dtype else None
+    if dry_run:
+        from contextlib import ExitStack
+
+        with ExitStack() as stack:
+            readers = open_inputs(parsed, stack)
+            plan = plan_recipe(parsed, headers_of(parsed, readers), code)
+        for line in describe_plan(plan):
+            click.echo(line)
+        return
+    options = MergeOptions(out=out, device=device, dtype=code, overwrite=overwrite, threads=threads,
+                           hash_inputs=not no_input_hashes)
+    result = _run(parsed, options, run_merge)
+    _report(result, as_json)
+
+
+def _run(parsed, options, run_merge):  # noqa: ANN001, ANN202 - thin glue around the progress bar
+    total = {"keys": 0}
+    with console.key_progress("merging") as update:
+        def progress(event) -> None:  # noqa: ANN001
+            total["keys"] = event.keys_total
+            update(event.keys_done, event.keys_total, event.bytes_read + event.bytes_written)
+        return run_merge(parsed, options, progress)
+
+
+def _report(result, as_json: bool) -> None:  # noqa: ANN001
+    stats = result.stats
+    summary = {"output": str(result.path), "keys": stats.keys, "seconds": round(stats.seconds, 3),
+               "bytes_read": stats.bytes_read, "bytes_written": stats.bytes_written, "clamped": stats.clamped,
+               "warnings": result.plan.warnings,
+               "inputs": {a: h.as_dict() for a, h in result.input_hashes.items()}}
+    for warning in result.plan.warnings:
+        console.info(f"warning: {warning}")
+    if stats.clamped:
+        console.info(f"warning: {stats.clamped} values were clamped to the output dtype's range")
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        rate = (stats.bytes_read + stats.bytes_written) / max(stats.seconds, 1e-9) / 1e9
+        click.echo(f"wrote {result.path} ({stats.keys} tensors, {stats.bytes_written / 1e9:.2f} GB) "
+                   f"in {stats.seconds:.1f} s ({rate:.2f} GB/s read+write)")

@@ -1,0 +1,130 @@
+"""Evaluates one key's plan node into its output tensor.
+
+Formulas (`Linear` nodes) are the hot path: they are computed in cache-sized chunks with two preallocated
+buffers and exactly-rounded in-place ops (`copy_`, `mul_`, `add_`), never a fused multiply-add, so every element
+is rounded the same way whatever the thread count or vector width: outputs are bit-reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from mergekit_sdxl.errors import MergekitError
+from mergekit_sdxl.io.dtypes import is_float, scale_key, to_storage, torch_dtype
+from mergekit_sdxl.methods.registry import call_method, check_finite
+from mergekit_sdxl.recipe.nodes import Adapter, Call, KeyPlan, Linear, Load, Node
+
+_FUSED_DTYPES = ("F16", "BF16", "F32", "F64")
+CHUNK = 1 << 18  # elements per chunk: two fp32 buffers of 1 MiB each stay in L2
+
+AdapterFn = Callable[[Adapter, tuple[int, ...]], "torch.Tensor | None"]
+
+
+class KeyEvaluator:
+    """Turns (KeyPlan, loaded input tensors) into the stored output tensor; keeps scratch buffers between keys."""
+
+    def __init__(self, compute_dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+                 adapter_fn: AdapterFn | None = None, scaled: Callable[[KeyPlan], bool] | None = None) -> None:
+        self.compute_dtype = compute_dtype
+        self.scaled = scaled or (lambda kp: False)
+        self.device = device or torch.device("cpu")
+        self.adapter_fn = adapter_fn
+        self.clamped = 0
+        chunk = CHUNK if self.device.type == "cpu" else 0
+        self._acc = torch.empty(chunk, dtype=compute_dtype, device=self.device)
+        self._tmp = torch.empty(chunk, dtype=compute_dtype, device=self.device)
+
+    def evaluate(self, kp: KeyPlan, loaded: Mapping[Load, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Output tensors for `kp`: {kp.key: tensor} plus a `<key>.scale_weight` entry for scaled fp8."""
+        node = kp.node
+        if isinstance(node, Load) and loaded[node].dtype == torch_dtype(kp.dtype) and not self.scaled(kp):
+            return {kp.key: loaded[node]}  # pass-through: the stored bytes, untouched
+        if not is_float(kp.dtype):
+            return {kp.key: self._value(node, loaded, {}).to(torch_dtype(kp.dtype))}
+        if isinstance(node, Linear) and kp.dtype in _FUSED_DTYPES and self._acc.numel():
+            if all(isinstance(term, Load) for term, _ in node.terms):
+                return {kp.key: self._fused_linear(kp, node, loaded)}
+        value = self._value(node, loaded, {})
+        _check_finite(value, kp.key)
+        return self._store(kp, value)
+
+    def _store(self, kp: KeyPlan, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        stored = to_storage(value.reshape(kp.shape), kp.dtype, scaled=self.scaled(kp))
+        self.clamped += stored.n_clamped
+        out = {kp.key: stored.tensor.cpu()}
+        if stored.scale is not None:
+            out[scale_key(kp.key)] = stored.scale.reshape(()).float().cpu()
+        if kp.dtype in ("F16", "BF16"):
+            _check_finite(out[kp.key], kp.key, "after casting to the output dtype")
+        return out
+
+    def _value(self, node: Node, loaded: Mapping[Load, torch.Tensor], memo: dict[Node, torch.Tensor]) -> torch.Tensor:
+        """Full-tensor evaluation in the compute dtype; shared sub-expressions are computed once (memo)."""
+        if node in memo:
+            return memo[node]
+        if isinstance(node, Load):
+            value = loaded[node].to(self.device, non_blocking=True)
+            value = value if value.dtype == self.compute_dtype else value.to(self.compute_dtype)
+        elif isinstance(node, Linear):
+            value = self._linear_full(node, loaded, memo)
+        elif isinstance(node, Call):
+            inputs = [self._value(child, loaded, memo) for child in node.inputs]
+            value = call_method(node.method, inputs, dict(node.params))
+        elif isinstance(node, Adapter):
+            value = self._adapter(node, loaded)
+        else:  # pragma: no cover - the planner only builds the node types above
+            raise TypeError(f"unknown plan node {node!r}")
+        memo[node] = value
+        return value
+
+    def _linear_full(self, node: Linear, loaded: Mapping[Load, torch.Tensor],
+                     memo: dict[Node, torch.Tensor]) -> torch.Tensor:
+        acc: torch.Tensor | None = None
+        for term, coeff in node.terms:
+            scaled = self._value(term, loaded, memo) if coeff == 1 else self._value(term, loaded, memo) * coeff
+            acc = scaled.clone() if acc is None else acc.add_(scaled)
+        assert acc is not None
+        return acc
+
+    def _adapter(self, node: Adapter, loaded: Mapping[Load, torch.Tensor]) -> torch.Tensor:
+        if self.adapter_fn is None:
+            raise MergekitError(f"key {node.key}: the plan uses adapter {node.alias!r} but no adapters were loaded")
+        shape = next((t.shape for t in loaded.values()), None)
+        delta = self.adapter_fn(node, tuple(shape) if shape is not None else ())
+        if delta is None:
+            raise MergekitError(f"key {node.key}: adapter {node.alias!r} has no delta for it")
+        return delta.to(self.device, self.compute_dtype)
+
+    def _fused_linear(self, kp: KeyPlan, node: Linear, loaded: Mapping[Load, torch.Tensor]) -> torch.Tensor:
+        """sum c_i x_i chunk by chunk into the output dtype; separate mul/add so rounding is reproducible."""
+        terms = [(loaded[term].reshape(-1), coeff) for term, coeff in node.terms]
+        out = torch.empty(terms[0][0].numel(), dtype=torch_dtype(kp.dtype))
+        for start in range(0, out.numel(), CHUNK):
+            stop = min(out.numel(), start + CHUNK)
+            acc, tmp = self._acc[: stop - start], self._tmp[: stop - start]
+            first, coeff = terms[0]
+            acc.copy_(first[start:stop])
+            if coeff != 1:
+                acc.mul_(coeff)
+            for tensor, coeff in terms[1:]:
+                _accumulate(acc, tmp, tensor[start:stop], coeff)
+            out[start:stop].copy_(acc)
+        # one check on the stored result: NaN/Inf in fp32 stays NaN/Inf, and fp16 overflow shows up as Inf
+        _check_finite(out, kp.key)
+        return out.reshape(kp.shape)
+
+
+def _accumulate(acc: torch.Tensor, tmp: torch.Tensor, x: torch.Tensor, coeff: float) -> None:
+    if coeff == 1:
+        acc.add_(tmp.copy_(x))
+    elif coeff == -1:
+        acc.sub_(tmp.copy_(x))
+    else:
+        acc.add_(tmp.copy_(x).mul_(coeff))
+
+
+def _check_finite(t: torch.Tensor, key: str, when: str = "") -> None:
+    if t.is_floating_point():
+        check_finite(t, f"key {key}" + (f" ({when})" if when else ""))

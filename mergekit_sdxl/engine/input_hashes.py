@@ -1,0 +1,84 @@
+"""Input hashes (AutoV2 = sha256 of the file, AutoV3 = sha256 of the tensor data) computed from the bytes the merge
+reads anyway, so recording lineage does not cost a second pass over 28 GB of inputs.
+
+A merge reads each input in key order; when that is the file's storage order (true for files written by the same
+tool, and for the usual sorted layouts), the tensor bytes arrive front to back and feed both digests. If a file is
+read out of order, its hasher gives up quietly and the hash is computed by a separate pass at the end. Results go to
+the hash cache, so a second merge over the same inputs hashes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from mergekit_sdxl.io.hashes import FileHashes, cached_hashes, hash_file, legacy_hash, store_cached_hashes
+
+
+class StreamHasher:
+    """Feeds sha256(file) and sha256(data) from tensor reads in storage order; finishes the tail itself."""
+
+    def __init__(self, path: Path, data_start: int) -> None:
+        self.path, self.size = path, os.path.getsize(path)
+        self.expected, self.broken = data_start, False
+        self._full, self._data = hashlib.sha256(), hashlib.sha256()
+        with open(path, "rb") as f:
+            self._full.update(f.read(data_start))
+        self._lock = threading.Lock()
+
+    def feed(self, start: int, tensor: torch.Tensor) -> None:
+        """Hash this tensor's bytes if they are the next bytes of the file; otherwise stop streaming."""
+        with self._lock:
+            if self.broken or start != self.expected:
+                self.broken = True
+                return
+            raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            self._full.update(raw)
+            self._data.update(raw)
+            self.expected += len(raw)
+
+    def finish(self) -> FileHashes:
+        """Hash whatever was not read (or everything, if the stream broke) and return the three hashes."""
+        if self.broken:
+            return hash_file(self.path)
+        with open(self.path, "rb") as f:
+            f.seek(self.expected)
+            while chunk := f.read(8 << 20):
+                self._full.update(chunk)
+                self._data.update(chunk)
+        return FileHashes(legacy_hash(self.path), self._full.hexdigest(), self._data.hexdigest())
+
+
+class InputHashes:
+    """Hashes for every input of a run: from the cache when possible, else streamed during the merge."""
+
+    def __init__(self, paths: dict[str, Path], data_starts: dict[str, int], enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.known: dict[str, FileHashes] = {}
+        self.streams: dict[str, StreamHasher] = {}
+        if not enabled:
+            return
+        for alias, path in paths.items():
+            cached = cached_hashes(path)
+            if cached is not None:
+                self.known[alias] = cached
+            elif alias in data_starts:
+                self.streams[alias] = StreamHasher(path, data_starts[alias])
+
+    def on_read(self, alias: str, start: int, tensor: torch.Tensor) -> None:
+        """Reader hook: offer a tensor's bytes to its file's hasher."""
+        hasher = self.streams.get(alias)
+        if hasher is not None:
+            hasher.feed(start, tensor)
+
+    def finish(self) -> dict[str, FileHashes]:
+        """All hashes (cached + streamed); streamed ones are stored in the cache."""
+        for alias, hasher in self.streams.items():
+            self.known[alias] = hasher.finish()
+            store_cached_hashes(hasher.path, self.known[alias])
+        self.streams.clear()
+        return dict(self.known)

@@ -1,0 +1,235 @@
+"""Runs a recipe end to end: open inputs, plan from headers, stream, record lineage, commit atomically.
+
+Order of work (every check that needs no tensor data happens before the first tensor is read):
+headers -> architecture check -> plan (missing keys, shapes, MBW) -> pinned hashes that are cached -> output
+checks (not an input, overwrite) -> temp file with header -> stream keys -> input hashes (streamed) ->
+pinned hashes -> final metadata -> fsync + rename. Any error or Ctrl-C removes the temp file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergekit_sdxl.arch.detect import detect_arch
+from mergekit_sdxl.engine.device import resolve_device
+from mergekit_sdxl.engine.evaluate import KeyEvaluator
+from mergekit_sdxl.engine.input_hashes import InputHashes
+from mergekit_sdxl.engine.pipeline import DEFAULT_BUDGET, Progress, RunStats, run_pipeline
+from mergekit_sdxl.errors import ArchError, CheckpointError, RecipeError, UsageError
+from mergekit_sdxl.io.dtypes import SCALED_MARKER, is_scalable, scale_key, torch_dtype
+from mergekit_sdxl.io.hashes import FileHashes
+from mergekit_sdxl.io.metadata import InputRecord, merge_metadata
+from mergekit_sdxl.io.reader import Checkpoint, open_checkpoint
+from mergekit_sdxl.io.writer import SafetensorsWriter, TensorSpec
+from mergekit_sdxl.recipe.nodes import KeyPlan
+from mergekit_sdxl.recipe.planner import InputHeader, Plan, build_plan
+from mergekit_sdxl.recipe.schema import Recipe
+
+HEADER_SLACK = 16 << 10  # room for the final metadata, which is only known once the inputs are hashed
+
+
+@dataclass
+class MergeOptions:
+    """Command-line knobs that override or complement the recipe."""
+
+    out: Path | None = None
+    device: str = "auto"
+    dtype: str | None = None  # safetensors code overriding the recipe's output dtype
+    overwrite: bool = False
+    threads: int | None = None
+    hash_inputs: bool = True
+    budget: int = DEFAULT_BUDGET
+
+
+@dataclass
+class MergeResult:
+    """What `run_merge` did."""
+
+    path: Path
+    plan: Plan
+    stats: RunStats
+    input_hashes: dict[str, FileHashes]
+
+
+def open_inputs(recipe: Recipe, stack: ExitStack) -> dict[str, Checkpoint]:
+    """Open every model of the recipe (header only); errors name the alias and file."""
+    readers: dict[str, Checkpoint] = {}
+    for alias, ref in recipe.models.items():
+        if not Path(ref.path).exists():
+            raise CheckpointError(f"model {alias!r}: {ref.path}: no such file")
+        readers[alias] = stack.enter_context(_closing(open_checkpoint(ref.path)))
+    return readers
+
+
+def headers_of(recipe: Recipe, readers: Mapping[str, Checkpoint]) -> dict[str, InputHeader]:
+    """Plain-data headers for the planner; a bare VAE file (output.vae) may have no detectable architecture."""
+    headers = {}
+    for alias, reader in readers.items():
+        keys = {k: (reader.info(k).dtype, tuple(reader.info(k).shape)) for k in reader.keys()}
+        try:
+            arch: str | None = detect_arch(keys, f"model {alias!r} ({reader.path})")
+        except ArchError:
+            if alias != recipe.output.vae:
+                raise
+            arch = None
+        headers[alias] = InputHeader(path=str(reader.path), arch=arch, keys=keys)
+    return headers
+
+
+def plan_recipe(recipe: Recipe, headers: Mapping[str, InputHeader], dtype: str | None = None) -> Plan:
+    """Build the plan, applying a command-line dtype override; the arch is the first input's."""
+    if dtype is not None:
+        recipe = dataclasses.replace(recipe, output=dataclasses.replace(recipe.output, dtype=dtype))
+    archs = [h.arch for h in headers.values() if h.arch]
+    if not archs:
+        raise ArchError("no input has a recognisable SDXL or SD1.5 layout")
+    return build_plan(recipe, headers, arch=recipe.arch or archs[0])
+
+
+def output_specs(plan: Plan) -> list[TensorSpec]:
+    """Every tensor the output will hold, incl. scaled-fp8 scales and ComfyUI's `scaled_fp8` marker."""
+    specs = [TensorSpec(kp.key, kp.dtype, tuple(kp.shape)) for kp in plan.keys]
+    if plan.output.fp8_scaled:
+        specs += [TensorSpec(scale_key(kp.key), "F32", ()) for kp in plan.keys if is_scaled(plan, kp)]
+        specs.append(TensorSpec(SCALED_MARKER, plan.output.dtype, (0,)))
+    return specs
+
+
+def is_scaled(plan: Plan, kp: KeyPlan) -> bool:
+    """Scaled fp8 applies to matrix/conv weights stored in the fp8 output dtype."""
+    return plan.output.fp8_scaled and kp.dtype == plan.output.dtype and is_scalable(kp.key, tuple(kp.shape))
+
+
+def resolve_output(recipe: Recipe, options: MergeOptions) -> Path:
+    """The output path: --out, else the recipe's output.path (relative to the recipe), else an error."""
+    if options.out is not None:
+        return Path(options.out)
+    if recipe.output.path:
+        return Path(recipe.output.path)
+    raise UsageError(f"{recipe.source}: no output path: give --out or set output.path in the recipe")
+
+
+def run_merge(recipe: Recipe, options: MergeOptions,
+              progress: Callable[[Progress], None] | None = None) -> MergeResult:
+    """Execute `recipe` and write its output atomically; returns what happened."""
+    out = resolve_output(recipe, options)
+    device = resolve_device(options.device)
+    with ExitStack() as stack:
+        readers = open_inputs(recipe, stack)
+        plan = plan_recipe(recipe, headers_of(recipe, readers), options.dtype)
+        used = {alias: readers[alias] for alias in plan.inputs}
+        hashes = InputHashes({a: Path(r.path) for a, r in used.items()}, _data_starts(used), options.hash_inputs)
+        _verify_pins(plan, hashes.known)
+        specs = output_specs(plan)
+        records = _records(plan, used, hashes.known, placeholder=True)
+        meta = _metadata(plan, records, out)
+        writer = SafetensorsWriter(out, specs, meta, overwrite=options.overwrite,
+                                   inputs=[r.path for r in readers.values()], header_slack=HEADER_SLACK)
+        with writer:
+            def make_evaluator() -> KeyEvaluator:
+                return KeyEvaluator(_compute_dtype(plan), device, scaled=lambda kp: is_scaled(plan, kp))
+
+            stats = run_pipeline(plan.keys, used, _sink(writer, plan), make_evaluator, workers=_workers(options),
+                                 budget=options.budget, progress=progress, on_read=_hash_hook(hashes, used))
+            known = hashes.finish()
+            _verify_pins(plan, known)
+            writer.update_metadata(_metadata(plan, _records(plan, used, known), out))
+    return MergeResult(out, plan, stats, known)
+
+
+def _sink(writer: SafetensorsWriter, plan: Plan) -> Callable[[str, torch.Tensor], None]:
+    marker_done = False
+
+    def sink(name: str, tensor: torch.Tensor) -> None:
+        nonlocal marker_done
+        writer.write(name, tensor)
+        if plan.output.fp8_scaled and not marker_done:
+            writer.write(SCALED_MARKER, torch.empty(0, dtype=torch_dtype(plan.output.dtype)))
+            marker_done = True
+    return sink
+
+
+def _compute_dtype(plan: Plan) -> torch.dtype:
+    return torch.float64 if plan.output.compute_dtype == "F64" else torch.float32
+
+
+def _data_starts(readers: Mapping[str, Checkpoint]) -> dict[str, int]:
+    """Where tensor data begins, for safetensors inputs (others are hashed by a separate pass)."""
+    starts = {}
+    for alias, reader in readers.items():
+        start = getattr(reader, "data_start", None)
+        if isinstance(start, int):
+            starts[alias] = start
+    return starts
+
+
+def _hash_hook(hashes: InputHashes, readers: Mapping[str, Checkpoint]) -> Callable[[str, str, torch.Tensor], None]:
+    def hook(alias: str, key: str, tensor: torch.Tensor) -> None:
+        hashes.on_read(alias, readers[alias].info(key).start, tensor)
+    return hook
+
+
+def _verify_pins(plan: Plan, known: Mapping[str, FileHashes]) -> None:
+    for alias, pinned in plan.sha256.items():
+        got = known.get(alias)
+        if got is not None and got.sha256.lower() != pinned.lower():
+            raise RecipeError(f"model {alias!r}: sha256 {got.sha256[:12]}... does not match the pinned "
+                              f"{pinned[:12]}... in the recipe ({plan.inputs[alias]})")
+
+
+def _records(plan: Plan, readers: Mapping[str, Checkpoint], known: Mapping[str, FileHashes],
+             placeholder: bool = False) -> list[InputRecord]:
+    """Per-input metadata records; before hashing, fixed-width placeholders stand in for unknown hashes."""
+    records = []
+    for i, (alias, reader) in enumerate(readers.items()):
+        h = known.get(alias)
+        if h is None and placeholder:
+            sha, v3, legacy = f"{i:064x}", f"{i:064x}", f"{i:08x}"
+        else:
+            sha, v3, legacy = (h.sha256, h.autov3, h.legacy) if h else (None, None, None)
+        records.append(InputRecord(alias, Path(reader.path).name, sha, v3, legacy, dict(reader.metadata)))
+    return records
+
+
+def _metadata(plan: Plan, records: list[InputRecord], out: Path) -> dict[str, str]:
+    extra = dict(plan.output.metadata)
+    return merge_metadata(arch=plan.arch, recipe=plan.recipe_dict, records=records, summary="; ".join(plan.steps),
+                          output_name=out.name, dtype=plan.output.dtype, extra=extra)
+
+
+class _closing:
+    """Context manager closing a checkpoint reader."""
+
+    def __init__(self, reader: Checkpoint) -> None:
+        self.reader = reader
+
+    def __enter__(self) -> Checkpoint:
+        return self.reader
+
+    def __exit__(self, *exc: object) -> None:
+        self.reader.close()
+
+
+def execute_in_memory(plan: Plan, readers: Mapping[str, Checkpoint], device: str = "cpu",
+                      keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Run a plan into a dict of tensors (for in-memory previews/sweeps); `keys` restricts what is computed."""
+    selected = [kp for kp in plan.keys if keys is None or kp.key in keys]
+    out: dict[str, torch.Tensor] = {}
+    dev = resolve_device(device)
+    run_pipeline(selected, readers, out.__setitem__, lambda: KeyEvaluator(_compute_dtype(plan), dev),
+                 workers=min(2, os.cpu_count() or 1))
+    return out
+
+
+def _workers(options: MergeOptions) -> int:
+    """Compute threads: --threads, else one per core (at most 4: beyond that the disk is the limit)."""
+    return options.threads or min(4, os.cpu_count() or 1)
+
+
