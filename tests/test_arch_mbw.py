@@ -87,6 +87,8 @@ def test_length_errors_name_where_and_the_expected_lengths():
     (0.5, "single number"),
     (object(), "expected a list"),
     ("1e999" + ",0" * 19, "finite"),
+    ("GRAD_X", "unknown preset 'GRAD_X'; presets: GRAD_V, GRAD_A"),
+    ("inf", "unknown preset"),
 ])
 def test_bad_values_are_refused(bad, fragment):
     with pytest.raises(RecipeError, match=fragment) as exc:

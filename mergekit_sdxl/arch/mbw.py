@@ -103,6 +103,8 @@ def parse_mbw(
             return _from_list(list(PRESETS[text.upper()]), arch, names, where, None)
         if ":" in text or "=" in text:
             return _from_mapping(_split_named(text, where), names, where, default)
+        if re.fullmatch(r"[A-Za-z][\w*/+-]*", text):
+            raise RecipeError(f"{where}: unknown preset {text!r}; presets: {', '.join(PRESETS)}")
         value = [part.strip() for part in text.replace("\n", ",").split(",") if part.strip()]
     if isinstance(value, Sequence):
         values = [_number(item, where, f"value {i + 1}") for i, item in enumerate(value)]
