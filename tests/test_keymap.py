@@ -123,6 +123,9 @@ def test_unknown_keys_inside_a_component():
     assert (
         map_ldm_key("sdxl", "model.diffusion_model.output_blocks.8.2.conv.weight") is None
     )  # last block: no upsampler
+    assert map_ldm_key("sdxl", "model.diffusion_model.input_blocks.9.0.op.weight") is None  # last block: no downsampler
+    assert map_diffusers_key("sdxl", "unet", "down_blocks.2.downsamplers.0.conv.weight") is None
+    assert map_diffusers_key("sdxl", "unet", "up_blocks.2.upsamplers.0.conv.weight") is None
     assert map_diffusers_key("sdxl", "unet", "down_blocks.0.resnets.0.bogus.weight") is None
     with pytest.raises(ArchError, match="bogus"):
         build_reverse_keymap("sdxl", {"unet": ["down_blocks.0.resnets.0.bogus.weight"]})
@@ -194,3 +197,11 @@ def test_configs():
         load_config("sd15", "text_encoder_2")
     with pytest.raises(ArchError, match="unknown architecture"):
         load_config("sd3", "unet")
+
+
+def test_old_diffusers_vae_attention_names():
+    for old, new in {"query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}.items():
+        m = map_diffusers_key("sd15", "vae", f"decoder.mid_block.attentions.0.{old}.weight")
+        assert (m.ldm, m.op) == (f"first_stage_model.decoder.mid.attn_1.{new}.weight", "conv1x1_to_linear")
+    with pytest.raises(ArchError, match="ambiguous"):
+        build_reverse_keymap("sd15", {"vae": [f"encoder.mid_block.attentions.0.{n}.bias" for n in ("to_q", "query")]})

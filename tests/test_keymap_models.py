@@ -141,3 +141,34 @@ def test_shipped_schedulers_build(arch):
     sigmas = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod) ** 0.5
     assert float(sigmas[-1]) == pytest.approx(14.614642, abs=1e-4)
     assert float(sigmas[0]) == pytest.approx(0.0291675, abs=1e-6)
+
+
+def test_other_layouts_match_diffusers_converter():
+    """Rules hold for any depth: a 1-layer-per-block, 3-level UNet and a 2-level VAE against diffusers' converters."""
+    from mergekit_sdxl.arch.keymap import Layout
+    from mergekit_sdxl.io.keyconvert import diffusers_to_ldm
+
+    unet_cfg = {
+        "block_out_channels": [8, 16, 16],
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "cross_attention_dim": 8,
+        "attention_head_dim": 2,
+        "sample_size": 8,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    }
+    vae_cfg = {
+        "block_out_channels": [8, 16],
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+    }
+    torch.manual_seed(0)
+    unet, vae = diffusers.UNet2DConditionModel(**unet_cfg), diffusers.AutoencoderKL(**vae_cfg)
+    layout = Layout.from_configs(unet_cfg, vae_cfg)
+    components = {"unet": unet.state_dict(), "vae": vae.state_dict()}
+    ldm = diffusers_to_ldm("sd15", components, layout=layout)
+    _assert_same(sfu.convert_ldm_unet_checkpoint(ldm, unet_cfg), components["unet"])
+    _assert_same(sfu.convert_ldm_vae_checkpoint(ldm, vae_cfg), components["vae"])

@@ -166,7 +166,7 @@ def _down_to_diffusers(i: int, j: int, rest: str, lay: Layout) -> str | None:
         return None
     if layer == lay.layers_per_block:
         sm = _SAMPLER_CONV.fullmatch(rest)
-        ok = j == 0 and sm is not None and sm.group(1) == "op"
+        ok = j == 0 and sm is not None and sm.group(1) == "op" and b < len(lay.up_block_attn) - 1
         return f"down_blocks.{b}.downsamplers.0.conv.{sm.group(2)}" if ok else None
     if j == 0:
         res = _swap(rest, _RESNET)
@@ -214,6 +214,7 @@ def _unet_to_ldm(name: str, lay: Layout) -> str | None:
             return f"input_blocks.{1 + b * step + layer}.1.{rest}"
         sm = _SAMPLER_CONV.fullmatch(rest)
         ok = kind == "downsamplers" and layer == 0 and sm is not None and sm.group(1) == "conv"
+        ok = ok and b < len(lay.up_block_attn) - 1
         return f"input_blocks.{1 + b * step + lay.layers_per_block}.0.op.{sm.group(2)}" if ok else None
     if kind == "resnets":
         res = _swap(rest, _RESNET_REV)
@@ -221,7 +222,8 @@ def _unet_to_ldm(name: str, lay: Layout) -> str | None:
     if kind == "attentions":
         return f"output_blocks.{b * step + layer}.1.{rest}"
     sm = _SAMPLER_CONV.fullmatch(rest)
-    if kind == "upsamplers" and layer == 0 and sm is not None and sm.group(1) == "conv":
+    last = b == len(lay.up_block_attn) - 1
+    if kind == "upsamplers" and layer == 0 and sm is not None and sm.group(1) == "conv" and not last:
         j = 2 if lay.up_block_attn[b] else 1
         return f"output_blocks.{b * step + lay.layers_per_block}.{j}.conv.{sm.group(2)}"
     return None
@@ -240,7 +242,8 @@ _VAE_FIXED_REV = _inverse(_VAE_FIXED)
 _VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
 _VAE_RESNET_REV = _inverse(_VAE_RESNET)
 _VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_VAE_ATTN_REV = _inverse(_VAE_ATTN)
+# diffusers < 0.15 saved the VAE attention as query/key/value/proj_attn (SD1.5's hub folder still does)
+_VAE_ATTN_REV = {**_inverse(_VAE_ATTN), "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
 _VAE_LDM = re.compile(
     r"(encoder|decoder)\.(?:(down|up)\.(\d+)\.(block\.(\d+)|downsample|upsample)|mid\.(block_1|block_2|attn_1))\.(.+)"
 )
