@@ -146,6 +146,9 @@ class _NoTqdm:
         pass
 
 
+WS_RECIPE = "models: {a: A, b: B}\nsteps:\n  output: {method: weighted_sum, a: a, b: b, alpha: 0.5}\n"
+
+
 def _recipe(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "r.yaml"
     path.write_text(textwrap.dedent(text))
@@ -171,14 +174,15 @@ def test_plan_refusals_name_the_term(tiny_sdxl_family: dict[str, Path], tmp_path
 
 
 def test_mixed_architectures_fail_before_reading(tiny_sdxl: Path, tiny_sd15: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                 capsys: pytest.CaptureFixture,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from mergekit_sdxl.io.reader import SafetensorsReader
 
     def no_reads(*args: object) -> None:
         raise AssertionError("a tensor was read")
 
     monkeypatch.setattr(SafetensorsReader, "read", no_reads)
-    recipe = _recipe(tmp_path, "models: {a: A, b: B}\nsteps:\n  output: {method: weighted_sum, a: a, b: b, alpha: 0.5}\n")
+    recipe = _recipe(tmp_path, WS_RECIPE)
     out = tmp_path / "out.safetensors"
     assert run_cli("merge", recipe, "-m", f"a={tiny_sdxl}", "-m", f"b={tiny_sd15}", "-o", out) == 4
     assert "SD" in capsys.readouterr().err
@@ -195,7 +199,7 @@ def test_shape_mismatch_names_the_key(tiny_sdxl: Path, tmp_path: Path, capsys: p
 
     bad = tmp_path / "bad.safetensors"
     save_file({k: torch.from_numpy(v) for k, v in tensors.items()}, bad)
-    recipe = _recipe(tmp_path, "models: {a: A, b: B}\nsteps:\n  output: {method: weighted_sum, a: a, b: b, alpha: 0.5}\n")
+    recipe = _recipe(tmp_path, WS_RECIPE)
     out = tmp_path / "out.safetensors"
     assert run_cli("merge", recipe, "-m", f"a={tiny_sdxl}", "-m", f"b={bad}", "-o", out) == 3
     assert key in capsys.readouterr().err
@@ -223,7 +227,8 @@ def test_interrupted_merge_leaves_nothing(tiny_sdxl_family: dict[str, Path], tmp
     assert all(p.read_bytes() == data for p, data in before.items())
 
 
-def test_pinned_sha256_mismatch(tiny_sdxl_family: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_pinned_sha256_mismatch(tiny_sdxl_family: dict[str, Path], tmp_path: Path,
+                                capsys: pytest.CaptureFixture) -> None:
     recipe = _recipe(tmp_path, f"""\
         models:
           a: {{path: {tiny_sdxl_family['beta7']}, sha256: {'a' * 64}}}
@@ -257,7 +262,8 @@ def test_fp8_and_scaled_fp8_outputs(tiny_sdxl_family: dict[str, Path], tmp_path:
     with safe_open(plain, "pt") as f:
         key = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
         assert f.get_tensor(key).dtype == torch.float8_e4m3fn
-        assert f.get_tensor("conditioner.embedders.0.transformer.text_model.embeddings.position_ids").dtype == torch.int64
+        ids = f.get_tensor("conditioner.embedders.0.transformer.text_model.embeddings.position_ids")
+        assert ids.dtype == torch.int64
 
 
 def test_existing_output_needs_overwrite_and_inputs_are_never_outputs(tiny_sdxl_family: dict[str, Path],
