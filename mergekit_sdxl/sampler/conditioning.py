@@ -1,0 +1,105 @@
+"""Prompt -> cross-attention context (and SDXL pooled embedding), with AUTOMATIC1111 parity.
+
+- Prompts are parsed and chunked as A1111 does (`prompt.py`); each 77-token chunk is encoded separately and the
+  chunks are concatenated on the token axis.
+- Emphasis "Original" (A1111's default): per encoder and chunk, `z *= w` then `z *= mean_before / mean_after`.
+- SDXL: CLIP-L `hidden_states[11]` (its penultimate layer) ++ OpenCLIP-bigG `hidden_states[-2]` (2048
+  channels); the pooled embedding is bigG's projected EOS state of chunk 0; bigG pads with id 0 after the first EOS.
+- SD1.5: last hidden state, or with clip skip N > 1 `hidden_states[-N]` through the final LayerNorm.
+- Empty negative prompt on SDXL: zeros for context and pooled (A1111; diffusers does this only for a missing
+  negative, ComfyUI encodes ""). SD1.5 encodes "" (A1111 too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mergekit_sdxl.sampler import tokens
+from mergekit_sdxl.sampler.prompt import Chunk, chunk_prompt
+
+TE2_PAD = 0
+SDXL_CLIP_L_LAYER = 11  # A1111's `layer_idx`: CLIP-L's penultimate layer, also for files pruned of layer 11
+
+
+@dataclass
+class Cond:
+    """Encoded prompt: `context` [1, 77*chunks, D]; `pooled` [1, P] on SDXL, else None."""
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
+def chunks_for(prompt: str) -> list[Chunk]:
+    """A1111 chunks of `prompt` (te1 padding: EOS)."""
+    return chunk_prompt(prompt, tokens.tokenize_pieces, tokens.BOS, tokens.EOS, tokens.comma_id())
+
+
+def pad_after_first_eos(ids: torch.Tensor, pad: int = TE2_PAD) -> torch.Tensor:
+    """Replace every position after the first EOS of each row with `pad` (OpenCLIP-bigG's padding)."""
+    first = (ids == tokens.EOS).int().argmax(dim=-1, keepdim=True)
+    positions = torch.arange(ids.shape[-1], device=ids.device)[None]
+    return torch.where(positions > first, torch.full_like(ids, pad), ids)
+
+
+def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111 "Original" emphasis per chunk row: scale by weights, then restore each row's mean."""
+    if bool((weights == 1).all()):
+        return z
+    dtype, z = z.dtype, z.float()
+    mean_before = z.mean(dim=(1, 2), keepdim=True)
+    z = z * weights[..., None].float()
+    return (z * (mean_before / z.mean(dim=(1, 2), keepdim=True))).to(dtype)
+
+
+def _text_model(encoder: torch.nn.Module) -> torch.nn.Module:
+    return getattr(encoder, "text_model", encoder)
+
+
+class PromptEncoder:
+    """Encodes prompts with one model's text encoders (te2 is None on SD1.5)."""
+
+    def __init__(self, te1: torch.nn.Module, te2: torch.nn.Module | None = None, clip_skip: int = 1) -> None:
+        if clip_skip < 1:
+            raise ValueError("clip_skip counts from 1 (1 = last layer)")
+        self.te1, self.te2, self.clip_skip = te1, te2, clip_skip
+
+    @property
+    def is_sdxl(self) -> bool:
+        """True when a second (OpenCLIP-bigG) encoder is present."""
+        return self.te2 is not None
+
+    @torch.inference_mode()
+    def encode(self, prompt: str, negative: bool = False) -> Cond:
+        """Encode one prompt; `negative=True` with an empty prompt gives SDXL's zero conditioning."""
+        if self.is_sdxl and negative and prompt == "":
+            return self._zeros()
+        chunks = chunks_for(prompt)
+        device = next(self.te1.parameters()).device
+        ids = torch.tensor([c.tokens for c in chunks], device=device)
+        weights = torch.tensor([c.weights for c in chunks], device=device)
+        if self.is_sdxl:
+            return self._encode_sdxl(ids, weights)
+        z = apply_emphasis(self._encode_sd15(ids), weights)
+        return Cond(context=z.reshape(1, -1, z.shape[-1]))
+
+    def _encode_sd15(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.clip_skip == 1:
+            return self.te1(ids).last_hidden_state
+        hidden = self.te1(ids, output_hidden_states=True).hidden_states[-self.clip_skip]
+        return _text_model(self.te1).final_layer_norm(hidden)
+
+    def _encode_sdxl(self, ids: torch.Tensor, weights: torch.Tensor) -> Cond:
+        z1 = apply_emphasis(self.te1(ids, output_hidden_states=True).hidden_states[SDXL_CLIP_L_LAYER], weights)
+        out2 = self.te2(pad_after_first_eos(ids), output_hidden_states=True)
+        z2 = apply_emphasis(out2.hidden_states[-2], weights)
+        z = torch.cat([z1, z2.to(z1.dtype)], dim=-1)
+        return Cond(context=z.reshape(1, -1, z.shape[-1]), pooled=out2.text_embeds[:1])
+
+    def _zeros(self) -> Cond:
+        p1 = next(self.te1.parameters())
+        width = self.te1.config.hidden_size + self.te2.config.hidden_size
+        context = torch.zeros(1, tokens.MAX_LENGTH, width, device=p1.device, dtype=p1.dtype)
+        pooled = torch.zeros(1, self.te2.config.projection_dim, device=p1.device, dtype=p1.dtype)
+        return Cond(context=context, pooled=pooled)

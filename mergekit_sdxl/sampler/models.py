@@ -1,0 +1,219 @@
+"""Build diffusers/transformers modules for a single-file SDXL / SD1.5 checkpoint, with no network.
+
+Each module is built on the meta device from a configuration derived from the checkpoint's shapes
+(`modelconfig.py`), then filled through the project's LDM -> diffusers key map: the first time with
+`load_state_dict(strict=True, assign=True)`, afterwards (same shapes) by copying in place, so a grid over several
+checkpoints keeps one set of modules and swaps weights. A key the modules need and the file lacks is an error
+before any tensor is read; nothing is ever left randomly initialised. Every tensor is cast on its own to the
+compute dtype as it is read (fp8-stored files included; scaled fp8 is dequantized with its `.scale_weight`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mergekit_sdxl.arch.detect import detect_arch
+from mergekit_sdxl.arch.keymap import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE, KeyMap, Layout, build_keymap
+from mergekit_sdxl.errors import CheckpointError
+from mergekit_sdxl.io.dtypes import dequantize_scaled, scaled_key_of
+from mergekit_sdxl.io.keyconvert import clip_l_style_of, to_diffusers_tensor
+from mergekit_sdxl.io.reader import open_checkpoint
+from mergekit_sdxl.sampler.modelconfig import derive_configs
+
+LATENT_SCALE = {"sdxl": 0.13025, "sd15": 0.18215}
+EDM_MARKERS = ("edm_vpred.sigma_max", "edm_vpred.sigma_min")
+
+
+class WeightSource:
+    """Tensors by LDM/SGM key: a checkpoint file, or a dict produced in memory (a merge variant)."""
+
+    def __init__(self, name: str, keys: Iterable[str], shape: Callable[[str], tuple[int, ...]],
+                 read: Callable[[str], torch.Tensor], close: Callable[[], None] = lambda: None) -> None:
+        self.name, self._keys, self.shape, self.read, self.close = name, list(keys), shape, read, close
+
+    def keys(self) -> list[str]:
+        """Keys in the cheapest reading order."""
+        return self._keys
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> WeightSource:
+        """A lazily read checkpoint file (safetensors, or a weights-only torch file)."""
+        reader = open_checkpoint(path)
+        return cls(str(path), reader.keys(), lambda k: tuple(reader.info(k).shape), reader.read, reader.close)
+
+    @classmethod
+    def from_tensors(cls, name: str, tensors: Mapping[str, torch.Tensor]) -> WeightSource:
+        """Tensors already in memory (e.g. the output of an in-memory merge)."""
+        return cls(name, tensors.keys(), lambda k: tuple(tensors[k].shape), tensors.__getitem__)
+
+
+@dataclass
+class Model:
+    """A loaded model: its modules (`unet`, `vae`, `text_encoder`, and `text_encoder_2` on SDXL) and traits."""
+
+    arch: str
+    configs: dict[str, dict]
+    modules: dict[str, torch.nn.Module]
+    prediction: str = "eps"  # or "v" (the file has the `v_pred` marker)
+    ztsnr: bool = False
+    name: str = ""
+    markers: tuple[str, ...] = field(default=())
+
+    @property
+    def latent_scale(self) -> float:
+        """VAE latent scaling factor (SDXL 0.13025, SD1.5 0.18215)."""
+        return LATENT_SCALE[self.arch]
+
+
+def build_modules(configs: Mapping[str, dict]) -> dict[str, torch.nn.Module]:
+    """Diffusers/transformers modules for `configs`, on the meta device (no memory, no random init)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        modules = {UNET: UNet2DConditionModel.from_config(configs[UNET]),
+                   VAE: AutoencoderKL.from_config(configs[VAE]),
+                   TEXT_ENCODER: CLIPTextModel(CLIPTextConfig(**configs[TEXT_ENCODER]))}
+        if TEXT_ENCODER_2 in configs:
+            modules[TEXT_ENCODER_2] = CLIPTextModelWithProjection(CLIPTextConfig(**configs[TEXT_ENCODER_2]))
+    return {name: m.eval().requires_grad_(False) for name, m in modules.items()}
+
+
+class ModelSlot:
+    """Holds at most one model in memory; loading another reuses the modules when the shapes allow.
+
+    `dtype` is the UNet's and text encoders' compute dtype, `vae_dtype` the VAE's (fp32 or bf16: the SDXL VAE
+    overflows in fp16).
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 vae_dtype: torch.dtype = torch.float32) -> None:
+        self.device, self.dtype, self.vae_dtype = torch.device(device), dtype, vae_dtype
+        self.model: Model | None = None
+
+    def component_dtype(self, component: str) -> torch.dtype:
+        """The dtype `component` is kept in."""
+        return self.vae_dtype if component == VAE else self.dtype
+
+    def load(self, source: WeightSource) -> Model:
+        """Load `source` (swapping weights in place when its configuration equals the loaded one's)."""
+        keys = source.keys()
+        arch = detect_arch(keys, source.name)
+        if any(k in keys for k in EDM_MARKERS):
+            raise CheckpointError(f"{source.name}: EDM v-prediction checkpoints (edm_vpred.*) are not supported by "
+                                  "the preview sampler")
+        scales = {scaled_key_of(k): k for k in keys if scaled_key_of(k)}
+        weights = [k for k in keys if scaled_key_of(k) is None]
+        configs = derive_configs(arch, {k: source.shape(k) for k in weights})
+        reuse = self.model is not None and self.model.arch == arch and self.model.configs == configs
+        modules = self.model.modules if reuse else build_modules(configs)
+        self.model = None  # a failed load leaves no half-loaded model behind
+        keymap = build_keymap(arch, weights, layout=Layout.from_configs(configs[UNET], configs[VAE]),
+                              clip_l_style=clip_l_style_of(modules[TEXT_ENCODER]))
+        fills = _check_coverage(arch, source.name, keymap, modules)
+        _fill(source, keymap, scales, modules, fills, self, assign=not reuse)
+        self.model = Model(arch, configs, modules, prediction="v" if "v_pred" in keys else "eps",
+                           ztsnr="ztsnr" in keys, name=source.name,
+                           markers=tuple(k for k in ("v_pred", "ztsnr") if k in keys))
+        return self.model
+
+    def unload(self) -> None:
+        """Drop the loaded model and its modules."""
+        self.model = None
+
+
+def _check_coverage(arch: str, name: str, keymap: KeyMap, modules: Mapping[str, torch.nn.Module]
+                    ) -> dict[str, dict[str, str]]:
+    """Raise CheckpointError for module keys the file cannot provide; return the keys filled by rule.
+
+    Filled by rule: CLIP `position_ids` (0..76), and CLIP-L's final LayerNorm on SDXL when the file was pruned
+    of it (SDXL reads CLIP-L's penultimate layer, so that LayerNorm never runs).
+    """
+    fills: dict[str, dict[str, str]] = {}
+    missing: list[str] = []
+    for component, module in modules.items():
+        provided = set(keymap.diffusers_keys(component))
+        for key in module.state_dict().keys() - provided:
+            rule = _fill_rule(arch, component, key)
+            if rule is None:
+                missing.append(f"{component}/{key}")
+            else:
+                fills.setdefault(component, {})[key] = rule
+    if missing:
+        shown = ", ".join(sorted(missing)[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{name}: {len(missing)} weight(s) the model needs are missing: {shown}")
+    return fills
+
+
+def _fill_rule(arch: str, component: str, key: str) -> str | None:
+    if key.endswith("embeddings.position_ids"):
+        return "arange"
+    if arch == "sdxl" and component == TEXT_ENCODER and "final_layer_norm." in key:
+        return "ones" if key.endswith("weight") else "zeros"
+    return None
+
+
+def _fill(source: WeightSource, keymap: KeyMap, scales: Mapping[str, str], modules: dict[str, torch.nn.Module],
+          fills: Mapping[str, Mapping[str, str]], slot: ModelSlot, assign: bool) -> None:
+    targets = {c: m.state_dict(keep_vars=True) for c, m in modules.items()}
+    new_state: dict[str, dict[str, torch.Tensor]] = {c: {} for c in modules}
+    for ldm, mappings in keymap.by_ldm().items():
+        if mappings[0].component not in modules:
+            continue
+        stored = source.read(ldm)
+        if ldm in scales:
+            stored = dequantize_scaled(stored, source.read(scales[ldm]), "F32")
+        for m in mappings:
+            target = targets[m.component][m.diffusers]
+            value = to_diffusers_tensor(m.op, stored, ldm)
+            if tuple(value.shape) != tuple(target.shape):
+                raise CheckpointError(f"{source.name}: {ldm} has shape {list(value.shape)}, the model needs "
+                                      f"{list(target.shape)} for {m.component}/{m.diffusers}")
+            value = _cast(value, slot.component_dtype(m.component), slot.device)
+            if assign:
+                new_state[m.component][m.diffusers] = value
+            else:
+                target.data.copy_(value)
+    for component, rules in fills.items():
+        for key, rule in rules.items():
+            value = _rule_value(rule, targets[component][key], slot.device, slot.component_dtype(component))
+            new_state[component][key] = value
+            if not assign:
+                targets[component][key].data.copy_(value)
+    if assign:
+        for component, module in modules.items():
+            module.load_state_dict(new_state[component], strict=True, assign=True)
+    for component, module in modules.items():
+        _restore_position_ids(module, slot.device)
+        _check_materialised(source.name, component, module)
+
+
+def _cast(value: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if value.is_floating_point() and value.dtype != dtype:
+        value = value.to(dtype)
+    return value.to(device)
+
+
+def _rule_value(rule: str, like: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if rule == "arange":
+        return torch.arange(like.shape[-1], device=device).expand(like.shape).clone()
+    return (torch.ones if rule == "ones" else torch.zeros)(like.shape, device=device, dtype=dtype)
+
+
+def _restore_position_ids(module: torch.nn.Module, device: torch.device) -> None:
+    """CLIP's non-persistent `position_ids` buffer stays on meta after a meta build: re-create it."""
+    for sub in module.modules():
+        ids = getattr(sub, "position_ids", None)
+        if isinstance(ids, torch.Tensor) and ids.is_meta:
+            sub.register_buffer("position_ids", torch.arange(ids.shape[-1], device=device).expand(ids.shape),
+                                persistent=False)
+
+
+def _check_materialised(name: str, component: str, module: torch.nn.Module) -> None:
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{name}: {component} tensors were not loaded: {', '.join(left[:5])}")

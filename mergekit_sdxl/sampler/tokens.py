@@ -1,0 +1,39 @@
+"""The shipped CLIP BPE tokenizer (49,408 tokens), loaded from package data; never from a hub."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
+BOS, EOS = 49406, 49407
+MAX_LENGTH = 77
+
+
+@functools.lru_cache(maxsize=1)
+def clip_tokenizer() -> object:
+    """The CLIP tokenizer (transformers `CLIPTokenizer`), pads with `<|endoftext|>`; cached."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True)
+
+
+@functools.lru_cache(maxsize=1)
+def clip_tokenizer_2() -> object:
+    """The same vocabulary set up as SDXL's `tokenizer_2`: pads with `!` (id 0), as diffusers ships it."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True, pad_token="!")
+
+
+@functools.lru_cache(maxsize=1)
+def comma_id() -> int:
+    """Token id of a comma that ends a word (`,</w>`), the chunk back-off point."""
+    return clip_tokenizer().convert_tokens_to_ids(",</w>")
+
+
+def tokenize_pieces(pieces: list[str]) -> list[list[int]]:
+    """Token ids of each string, without BOS/EOS and without truncation."""
+    if not pieces:
+        return []
+    return clip_tokenizer()(pieces, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
