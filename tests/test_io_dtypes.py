@@ -46,7 +46,9 @@ def test_parse_dtype_unknown():
 @pytest.mark.parametrize("code,fmax", [("F8_E4M3", 448.0), ("F8_E5M2", 57344.0), ("F16", 65504.0)])
 def test_plain_cast_clamps_and_counts(code, fmax):
     x = torch.tensor([1.0, -2.0, fmax * 2, -fmax * 3, float("inf"), float("nan"), fmax])
+    original = x.clone()
     out, clamped = cast(x, code)
+    assert torch.equal(x.nan_to_num(), original.nan_to_num())  # the input is never modified
     assert out.dtype == torch_dtype(code)
     assert clamped == 3
     back = out.float()
@@ -82,7 +84,9 @@ def test_bf16_to_fp16_clamps():
 def test_scaled_fp8_round_trip(code):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 32, generator=g) * 1e5  # far beyond both formats' range
+    original = w.clone()
     stored = to_storage(w, code, scaled=True)
+    assert torch.equal(w, original)  # the input is never modified
     assert stored.tensor.dtype == torch_dtype(code) and stored.n_clamped == 0
     assert stored.scale.dtype == torch.float32 and stored.scale.dim() == 0
     assert stored.scale.item() == pytest.approx(w.abs().max().item() / DTYPES[code].fmax)
@@ -98,6 +102,7 @@ def test_scaled_fp8_zero_and_inf():
     assert z.scale.item() == 1.0 and z.n_clamped == 0
     w = torch.tensor([1.0, -2.0, float("inf")])
     s = to_storage(w, "F8_E4M3", scaled=True)
+    assert w[2].item() == float("inf")
     assert s.n_clamped == 1 and s.scale.item() == pytest.approx(2.0 / 448)
     assert dequantize_scaled(s.tensor, s.scale, "F32")[2].item() == pytest.approx(2.0)
 
@@ -116,3 +121,17 @@ def test_scale_key_names():
         scale_key("model.x.bias")
     assert is_scalable("a.weight", (3, 4)) and is_scalable("a.weight", (3, 4, 1, 1))
     assert not is_scalable("a.weight", (3,)) and not is_scalable("a.bias", (3, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn,
+                                   torch.float8_e5m2], ids=str)
+def test_amax_every_float_dtype(dtype, monkeypatch):
+    monkeypatch.setattr(dtypes, "CHUNK", 2)
+    x = torch.tensor([1.0, -3.0, 2.0, float("nan"), 0.5]).to(dtype)
+    original = x.clone()
+    assert dtypes.amax(x) == 3.0
+    if dtype != torch.float8_e4m3fn:  # e4m3fn has no inf
+        assert dtypes.amax(torch.tensor([1.0, float("-inf")]).to(dtype), finite_only=True) == 1.0
+    assert torch.equal(x.view(torch.uint8), original.view(torch.uint8))
+    q, scale, clamped = dtypes.to_scaled_fp8(x, "F8_E4M3")
+    assert clamped == 0 and scale.item() == pytest.approx(3.0 / 448)

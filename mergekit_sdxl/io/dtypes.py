@@ -19,6 +19,7 @@ convention reads `W / s` instead of `W`, which is why it is never implicit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -179,15 +180,17 @@ def amax(tensor: torch.Tensor, finite_only: bool = False) -> float:
     """max |x| without a full-size temporary (NaN ignored; with `finite_only`, ±inf ignored too); 0 if empty."""
     if tensor.numel() == 0:
         return 0.0
-    value = torch.linalg.vector_norm(tensor, ord=float("inf")).item()
-    if value == value and not (finite_only and value == float("inf")):
-        return value
+    if tensor.element_size() > 1:  # aminmax is one fast pass, but has no fp8 kernels
+        lo, hi = (v.item() for v in torch.aminmax(tensor))
+        value = max(-lo, hi)
+        if not math.isnan(value) and not (finite_only and math.isinf(value)):
+            return value
     src = tensor.reshape(-1)
     best = 0.0
     for i in range(0, src.numel(), CHUNK):
-        part = src[i : i + CHUNK].abs()
+        part = src[i : i + CHUNK].to(torch.float32, copy=True).abs_()  # a copy: never touch the input
         bad = ~part.isfinite() if finite_only else part.isnan()
-        best = max(best, part.masked_fill(bad, 0).amax().item())
+        best = max(best, part.masked_fill_(bad, 0).amax().item())
     return best
 
 
@@ -200,16 +203,20 @@ def to_scaled_fp8(tensor: torch.Tensor, code: str) -> tuple[torch.Tensor, torch.
     if not is_fp8(code):
         raise ValueError(f"scaled fp8 needs an fp8 target, not {code}")
     fmax = DTYPES[code].fmax
-    top = amax(tensor, finite_only=True)
+    top = amax(tensor)
+    finite = math.isfinite(top)
+    if not finite:
+        top = amax(tensor, finite_only=True)
     scale = torch.tensor(top / fmax if top > 0 else 1.0, dtype=torch.float32)
     src = tensor.reshape(-1)
     out = torch.empty(src.shape, dtype=torch_dtype(code), device=tensor.device)
     clamped = 0
     for i in range(0, src.numel(), CHUNK):
-        part = src[i : i + CHUNK].float() / scale
-        clamped += int(part.isinf().sum().item())
-        # |x / scale| <= fmax up to rounding: clamp silently, so rounding never counts as a clamped value
-        out[i : i + CHUNK] = part.clamp_(-fmax, fmax)
+        part = src[i : i + CHUNK].to(torch.float32, copy=True).div_(scale)  # a copy: never touch the input
+        if not finite:  # only ±inf can leave the range; rounding past fmax by an ulp rounds back to fmax
+            clamped += int(part.isinf().sum().item())
+            part.clamp_(-fmax, fmax)
+        out[i : i + CHUNK] = part
     return out.view(tensor.shape), scale, clamped
 
 
