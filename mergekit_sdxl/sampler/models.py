@@ -17,7 +17,16 @@ from pathlib import Path
 import torch
 
 from mergekit_sdxl.arch.detect import detect_arch
-from mergekit_sdxl.arch.keymap import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE, KeyMap, Layout, build_keymap
+from mergekit_sdxl.arch.keymap import (
+    TEXT_ENCODER,
+    TEXT_ENCODER_2,
+    UNET,
+    VAE,
+    KeyMap,
+    KeyMapping,
+    Layout,
+    build_keymap,
+)
 from mergekit_sdxl.errors import CheckpointError
 from mergekit_sdxl.io.dtypes import dequantize_scaled, scaled_key_of
 from mergekit_sdxl.io.keyconvert import clip_l_style_of, to_diffusers_tensor
@@ -94,6 +103,7 @@ class ModelSlot:
                  vae_dtype: torch.dtype = torch.float32) -> None:
         self.device, self.dtype, self.vae_dtype = torch.device(device), dtype, vae_dtype
         self.model: Model | None = None
+        self._plan: _LoadPlan | None = None
 
     def component_dtype(self, component: str) -> torch.dtype:
         """The dtype `component` is kept in."""
@@ -112,10 +122,17 @@ class ModelSlot:
         reuse = self.model is not None and self.model.arch == arch and self.model.configs == configs
         modules = self.model.modules if reuse else build_modules(configs)
         self.model = None  # a failed load leaves no half-loaded model behind
-        keymap = build_keymap(arch, weights, layout=Layout.from_configs(configs[UNET], configs[VAE]),
-                              clip_l_style=clip_l_style_of(modules[TEXT_ENCODER]))
-        fills = _check_coverage(arch, source.name, keymap, modules)
-        _fill(source, keymap, scales, modules, fills, self, assign=not reuse)
+        signature = (arch, tuple(weights), tuple(sorted(scales.items())))
+        plan = self._plan if reuse and self._plan is not None and self._plan.signature == signature else None
+        if plan is None:
+            keymap = build_keymap(arch, weights, layout=Layout.from_configs(configs[UNET], configs[VAE]),
+                                  clip_l_style=clip_l_style_of(modules[TEXT_ENCODER]))
+            fills = _check_coverage(arch, source.name, keymap, modules)
+            plan = _LoadPlan(signature, [(k, ms) for k, ms in keymap.by_ldm().items() if ms[0].component in modules],
+                             fills)
+        self._plan = None
+        _fill(source, plan, scales, modules, self, assign=not reuse)
+        self._plan = plan
         self.model = Model(arch, configs, modules, prediction="v" if "v_pred" in keys else "eps",
                            ztsnr="ztsnr" in keys, name=source.name,
                            markers=tuple(k for k in ("v_pred", "ztsnr") if k in keys))
@@ -123,7 +140,17 @@ class ModelSlot:
 
     def unload(self) -> None:
         """Drop the loaded model and its modules."""
-        self.model = None
+        self.model, self._plan = None, None
+
+
+@dataclass
+class _LoadPlan:
+    """What loading a given key set into given modules takes; reused while files keep the same keys."""
+
+    signature: tuple
+    by_ldm: list[tuple[str, tuple[KeyMapping, ...]]]
+    fills: dict[str, dict[str, str]]
+    targets: dict[str, dict[str, torch.Tensor]] | None = None  # the loaded modules' tensors, by diffusers key
 
 
 def _check_coverage(arch: str, name: str, keymap: KeyMap, modules: Mapping[str, torch.nn.Module]
@@ -157,13 +184,13 @@ def _fill_rule(arch: str, component: str, key: str) -> str | None:
     return None
 
 
-def _fill(source: WeightSource, keymap: KeyMap, scales: Mapping[str, str], modules: dict[str, torch.nn.Module],
-          fills: Mapping[str, Mapping[str, str]], slot: ModelSlot, assign: bool) -> None:
-    targets = {c: m.state_dict(keep_vars=True) for c, m in modules.items()}
+def _fill(source: WeightSource, plan: _LoadPlan, scales: Mapping[str, str], modules: dict[str, torch.nn.Module],
+          slot: ModelSlot, assign: bool) -> None:
+    """Assign fresh tensors to meta-built modules (`assign`), or copy into the loaded ones in place."""
+    targets = plan.targets if not assign and plan.targets else {c: m.state_dict(keep_vars=True)
+                                                                 for c, m in modules.items()}
     new_state: dict[str, dict[str, torch.Tensor]] = {c: {} for c in modules}
-    for ldm, mappings in keymap.by_ldm().items():
-        if mappings[0].component not in modules:
-            continue
+    for ldm, mappings in plan.by_ldm:
         stored = source.read(ldm)
         if ldm in scales:
             stored = dequantize_scaled(stored, source.read(scales[ldm]), "F32")
@@ -173,29 +200,27 @@ def _fill(source: WeightSource, keymap: KeyMap, scales: Mapping[str, str], modul
             if tuple(value.shape) != tuple(target.shape):
                 raise CheckpointError(f"{source.name}: {ldm} has shape {list(value.shape)}, the model needs "
                                       f"{list(target.shape)} for {m.component}/{m.diffusers}")
-            value = _cast(value, slot.component_dtype(m.component), slot.device)
             if assign:
-                new_state[m.component][m.diffusers] = value
+                new_state[m.component][m.diffusers] = _cast(value, slot.component_dtype(m.component), slot.device)
             else:
-                target.data.copy_(value)
-    for component, rules in fills.items():
+                target.data.copy_(value)  # converts dtype and device in one pass
+    if not assign:
+        return
+    for component, rules in plan.fills.items():
         for key, rule in rules.items():
-            value = _rule_value(rule, targets[component][key], slot.device, slot.component_dtype(component))
-            new_state[component][key] = value
-            if not assign:
-                targets[component][key].data.copy_(value)
-    if assign:
-        for component, module in modules.items():
-            module.load_state_dict(new_state[component], strict=True, assign=True)
+            new_state[component][key] = _rule_value(rule, targets[component][key], slot.device,
+                                                    slot.component_dtype(component))
     for component, module in modules.items():
+        module.load_state_dict(new_state[component], strict=True, assign=True)
         _restore_position_ids(module, slot.device)
         _check_materialised(source.name, component, module)
+    plan.targets = {c: m.state_dict(keep_vars=True) for c, m in modules.items()}
 
 
 def _cast(value: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if value.is_floating_point() and value.dtype != dtype:
-        value = value.to(dtype)
-    return value.to(device)
+    if device.type != "cpu":
+        value = value.to(device)  # cast on the accelerator: less to transfer, faster to convert
+    return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
 
 
 def _rule_value(rule: str, like: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
