@@ -266,7 +266,7 @@ def _lokr_delta(adapter: Adapter, layer: AdapterLayer) -> LayerDelta:
     scale = 1.0 if rank is None else _scale(adapter.alpha(layer), rank)
     while w1.dim() < w2.dim():
         w1 = w1.unsqueeze(-1)
-    delta = torch.kron(w1, w2)
+    delta = torch.kron(w1.contiguous(), w2.contiguous())
     return LayerDelta(_fit(delta * scale, layer.module), dora_scale=_dora(adapter, layer))
 
 
