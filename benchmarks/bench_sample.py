@@ -45,12 +45,14 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
-def random_model(device: torch.device, dtype: torch.dtype) -> Model:
+def random_model(device: torch.device, dtype: torch.dtype, size: str = "full") -> Model:
     """An SDXL-shaped model with random weights (built directly on the device: fast on a GPU)."""
     from mergekit_sdxl.arch.tables import key_table
+    from mergekit_sdxl.arch.tiny import tiny_shape
     from mergekit_sdxl.sampler.modelconfig import derive_configs
 
-    configs = derive_configs("sdxl", {k: i.shape for k, i in key_table("sdxl").items()})
+    shape = (lambda k, i: i.shape) if size == "full" else (lambda k, i: tiny_shape("sdxl", k))
+    configs = derive_configs("sdxl", {k: shape(k, i) for k, i in key_table("sdxl").items()})
     modules = build_modules(configs)
     with torch.no_grad():
         for name, module in modules.items():

@@ -279,3 +279,40 @@ def test_vae_nan_retries_in_float32(sd15, monkeypatch):
         image = renderer.decode(torch.randn(1, 4, 8, 8))
     assert calls == [torch.bfloat16, torch.float32] and torch.isfinite(image).all()
     assert next(vae.parameters()).dtype == torch.float32
+
+
+def test_cond_and_uncond_with_different_chunk_counts(sdxl):
+    from mergekit_sdxl.sampler.pipeline import GenParams, Renderer
+
+    renderer = Renderer(sdxl)
+    params = GenParams(" ".join(["cat"] * 100), "", steps=2, sampler="euler", width=64, height=64)
+    assert renderer.encode(params.prompt).context.shape[1] == 154  # uncond: 77 zeros
+    assert torch.isfinite(renderer.sample(params, [1])).all()
+
+
+def test_v_prediction_preconditioning():
+    from mergekit_sdxl.sampler.conditioning import Cond
+    from mergekit_sdxl.sampler.denoiser import Denoiser, Guidance
+    from mergekit_sdxl.sampler.schedules import DiscreteSchedule
+
+    class Constant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen = []
+
+        def forward(self, x, t, encoder_hidden_states=None, added_cond_kwargs=None, return_dict=False):
+            self.seen.append((x.clone(), t.clone()))
+            return (torch.ones_like(x),)
+
+    unet = Constant()
+    schedule = DiscreteSchedule()
+    cond = Cond(torch.zeros(1, 77, 8))
+    x, sigma = torch.full((1, 4, 2, 2), 2.0), torch.tensor([3.0])
+    v = Denoiser(unet, schedule, "v")(x, sigma, Guidance(cond, cond, 1.0))
+    torch.testing.assert_close(v, x / 10 - 3 / 10**0.5)  # c_skip x + c_out v, sigma_data 1
+    eps = Denoiser(unet, schedule, "eps")(x, sigma, Guidance(cond, cond, 1.0))
+    torch.testing.assert_close(eps, x - 3.0)
+    seen_x, seen_t = unet.seen[0]
+    torch.testing.assert_close(seen_x, x / 10**0.5)
+    torch.testing.assert_close(schedule.t_to_sigma(seen_t), sigma, rtol=1e-5, atol=0)

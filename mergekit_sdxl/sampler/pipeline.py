@@ -85,7 +85,8 @@ class Renderer:
         params.check()
         cond = self.encode(params.prompt, clip_skip=params.clip_skip)
         uncond = self.encode(params.negative, negative=True, clip_skip=params.clip_skip)
-        time_ids = sdxl_time_ids(params.height, params.width) if self.model.arch == "sdxl" else None
+        sdxl = self.model.arch == "sdxl"
+        time_ids = sdxl_time_ids(params.height, params.width).to(self.device) if sdxl else None
         guidance = Guidance(cond, uncond, params.cfg, time_ids)
         shape = (self.model.configs[UNET]["in_channels"], params.height // LATENT_FACTOR,
                  params.width // LATENT_FACTOR)

@@ -39,6 +39,12 @@ class DiscreteSchedule:
         abar = alphas_cumprod(ztsnr).float()  # a float32 buffer in ldm/sgm, so sigma_min is 0.0291675 there too
         self.sigmas = ((1 - abar) / abar).sqrt()
         self.log_sigmas = self.sigmas.log()
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def _log_sigmas(self, device: torch.device) -> torch.Tensor:
+        if device not in self._on_device:  # once per device, not once per step
+            self._on_device[device] = self.log_sigmas.to(device)
+        return self._on_device[device]
 
     @property
     def sigma_min(self) -> float:
@@ -52,7 +58,7 @@ class DiscreteSchedule:
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """Fractional timestep whose log-sigma interpolates to `sigma`."""
-        log_sigmas = self.log_sigmas.to(sigma.device)
+        log_sigmas = self._log_sigmas(sigma.device)
         log_sigma = sigma.float().log()
         dists = log_sigma - log_sigmas[:, None]
         low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
@@ -63,7 +69,7 @@ class DiscreteSchedule:
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
         """Sigma at fractional timestep `t` (log-linear interpolation)."""
         t = t.float()
-        log_sigmas = self.log_sigmas.to(t.device)
+        log_sigmas = self._log_sigmas(t.device)
         low, high, w = t.floor().long(), t.ceil().long(), t.frac()
         return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
 
