@@ -316,3 +316,17 @@ def test_v_prediction_preconditioning():
     seen_x, seen_t = unet.seen[0]
     torch.testing.assert_close(seen_x, x / 10**0.5)
     torch.testing.assert_close(schedule.t_to_sigma(seen_t), sigma, rtol=1e-5, atol=0)
+
+
+def test_scaled_fp8_is_dequantized(tiny_sdxl):
+    from mergekit_sdxl.io.dtypes import scale_key, to_scaled_fp8
+
+    tensors = _file_tensors(tiny_sdxl)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    original = tensors[key].float() * 1000  # beyond fp8 e4m3's range: only the scale keeps it
+    q, scale, _ = to_scaled_fp8(original, "F8_E4M3")
+    tensors[key], tensors[scale_key(key)] = q, scale
+    tensors["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)  # ComfyUI's marker
+    model = ModelSlot().load(WeightSource.from_tensors("scaled", tensors))
+    torch.testing.assert_close(model.modules["unet"].conv_in.weight, q.float() * scale)
+    torch.testing.assert_close(model.modules["unet"].conv_in.weight, original, rtol=0.07, atol=0.0)

@@ -54,7 +54,7 @@ def file_column(path: str | Path) -> Column:
     path = Path(path)
     autov2 = hashes_for(path).autov2
     with open_checkpoint(path) as reader:
-        recipe = reader.metadata.get("sd_merge_recipe")
+        recipe = reader.metadata.get("mergekit_sdxl.recipe") or reader.metadata.get("sd_merge_recipe")
     return Column(f"{path.stem} [{autov2}]", path.stem, lambda: WeightSource.from_file(path), autov2, recipe)
 
 
@@ -133,6 +133,7 @@ def run_grid(columns: Sequence[Column], prompts: Sequence[str], seeds: Sequence[
     cells: dict[tuple[int, int, int], object] = {}
     done = 0
     for c, column in enumerate(columns):
+        renderer = None  # drop the previous model's references before the next one loads (one model in memory)
         source = column.weights()
         try:
             renderer = Renderer(slot.load(source))
@@ -189,7 +190,8 @@ def compose_grid(cells: Sequence[Sequence[object]], row_labels: Sequence[str], c
     """One image: a header row of column labels, a label column, and the cells (all the same size)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    width, height = cells[0][0].size
+    width = max(cell.size[0] for row in cells for cell in row)  # columns of different models may differ in size
+    height = max(cell.size[1] for row in cells for cell in row)
     font = ImageFont.load_default(size=max(10, min(28, width // 20)))
     pad = font.size // 2
     label_w = max(width // 2, 8 * font.size)
