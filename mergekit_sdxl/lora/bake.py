@@ -205,7 +205,8 @@ def bake(checkpoint: str | os.PathLike[str], specs: Sequence[AdapterSpec], outpu
         with AdapterSet(specs, arch, {k: i.shape for k, i in infos.items()}, ignore_unknown=ignore_unknown) as aset:
             touched = set(aset.keys())
             out_specs = [TensorSpec(k, _out_dtype(infos[k].dtype, out_code), infos[k].shape) for k in keys]
-            metadata = dict(reader.metadata)
+            # kohya's hashes describe the input's bytes; they would be wrong for the output
+            metadata = {k: v for k, v in reader.metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash")}
             metadata["mergekit_sdxl.bake"] = json.dumps({
                 "tool": f"mergekit-sdxl {__version__}",
                 "adapters": [{"name": Path(s.path).name, "strength": s.strength, "te_strength": s.te_strength,

@@ -1,0 +1,108 @@
+"""`mergekit-sdxl extract-lora BASE TUNED -o OUT`: a LoRA of tuned − base, streamed layer by layer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from mergekit_sdxl.cli import console
+
+
+@click.command("extract-lora")
+@click.argument("base", type=click.Path(exists=True, path_type=Path))
+@click.argument("tuned", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Adapter file to write.")
+@click.option("--rank", default=64, show_default=True, help="Rank of Linear and 1x1 conv layers (max rank in "
+              "dynamic modes).")
+@click.option("--conv-rank", default=32, show_default=True, help="Rank of 3x3 conv layers (attn+conv / all).")
+@click.option("--dynamic", metavar="MODE:VALUE", help="Per-layer rank: fro:τ (keep energy ≥ τ of ‖ΔW‖²), ratio:ρ "
+              "(s ≥ ρ·s₁), threshold:t (s > t), cumulative:q (Σs ≥ q·Σall, exact solver); each capped by the rank.")
+@click.option("--conv-dynamic", metavar="MODE:VALUE", help="Like --dynamic, for 3x3 conv layers.")
+@click.option("--preset", type=click.Choice(("attn", "attn+conv", "all")), default="attn", show_default=True,
+              help="attn: kohya's default modules (SDXL UNet 722, te1 72, te2 192); attn+conv adds ResNet/"
+                   "down/upsample layers (SDXL UNet 788); all adds embeddings, conv_in and conv_out.")
+@click.option("--text-encoders", type=click.Choice(("auto", "on", "off")), default="auto", show_default=True,
+              help="auto keeps a text-encoder layer when ‖ΔW‖/‖W‖ exceeds the noise floor max(1e-3, 4u/√3) "
+                   "(u: unit roundoff of the stored dtype) and reports each decision.")
+@click.option("--te-threshold", type=float, help="Override the auto noise floor (‖ΔW‖/‖W‖).")
+@click.option("--exact", is_flag=True, help="Exact SVD per layer (slow; the randomized default is within ~1% "
+              "of its error).")
+@click.option("--niter", default=2, show_default=True, help="Power iterations of the randomized SVD.")
+@click.option("--oversample", default=10, show_default=True, help="Extra sketch columns of the randomized SVD.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the randomized SVD (results are reproducible).")
+@click.option("--clamp-quantile", type=float, help="kohya parity: clip factors to their q-quantile (e.g. 0.99). "
+              "Lossy (raised error up to 4x in measurements); off by default.")
+@click.option("--alpha", type=float, help="Alpha written for Linear layers (default: alpha = rank, scale 1).")
+@click.option("--conv-alpha", type=float, help="Alpha for 3x3 conv layers (default: alpha = rank).")
+@click.option("--save-dtype", type=click.Choice(("fp16", "bf16", "fp32")), default="fp16", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(("kohya", "peft")), default="kohya", show_default=True,
+              help="kohya LoRA/LoCon keys (A1111, ComfyUI, diffusers) or diffusers/peft keys.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the per-layer report "
+              "as JSON.")
+@click.option("--no-hash", is_flag=True, help="Do not hash the inputs for the metadata.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never an input).")
+def command(base: Path, tuned: Path, output: Path, rank: int, conv_rank: int, dynamic: str | None,
+            conv_dynamic: str | None, preset: str, text_encoders: str, te_threshold: float | None, exact: bool,
+            niter: int, oversample: int, seed: int, clamp_quantile: float | None, alpha: float | None,
+            conv_alpha: float | None, save_dtype: str, fmt: str, device: str, report_path: Path | None,
+            no_hash: bool, overwrite: bool) -> None:
+    """Extract TUNED − BASE as a LoRA/LoCon adapter (kohya keys, per-layer alpha, ss_* and modelspec metadata).
+
+    Streams key by key; layers are chosen by state-dict key. Prints a per-layer line with --verbose and a
+    summary; the same report is stored in the file's metadata (`mergekit_sdxl.lora_layers`).
+    """
+    import warnings
+
+    from mergekit_sdxl.engine.device import resolve_device
+    from mergekit_sdxl.io.dtypes import parse_dtype
+    from mergekit_sdxl.lora.extract import ExtractOptions, extract_lora
+    from mergekit_sdxl.lora.svd import RankRule, SolverOptions
+
+    options = ExtractOptions(
+        rank=RankRule.parse(dynamic, rank), conv_rank=RankRule.parse(conv_dynamic, conv_rank), preset=preset,
+        text_encoders=text_encoders, te_floor=te_threshold,
+        solver=SolverOptions(exact=exact, niter=niter, oversample=oversample, seed=seed),
+        clamp_quantile=clamp_quantile, alpha=alpha, conv_alpha=conv_alpha, save_dtype=parse_dtype(save_dtype),
+        device=str(resolve_device(device)), fmt=fmt)
+
+    def progress(row, done: int, total: int) -> None:  # noqa: ANN001 - a LayerReport
+        status = f"rank {row.rank:3d} energy {row.energy:.4f}" if row.kept else f"dropped: {row.reason}"
+        console.verbose(f"[{done}/{total}] {row.name}: {status} (|dW|/|W| {row.rel_change:.2e})")
+
+    hashes = None if no_hash else _hashes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = extract_lora(base, tuned, output, options, overwrite=overwrite, progress=progress,
+                              input_hashes=hashes)
+    for warning in caught:
+        console.console.print(f"warning: {warning.message}")
+    _print_summary(report)
+    if report_path is not None:
+        rows = [row.__dict__ for row in report.layers]
+        report_path.write_text(json.dumps({"summary": report.summary(), "layers": rows}, indent=1, sort_keys=True))
+
+
+def _hashes(path: Path) -> dict[str, str | None]:
+    from mergekit_sdxl.io.hashes import hashes_for
+
+    h = hashes_for(path)
+    return {"autov2": h.autov2, "autov3": h.autov3_short, "sha256": h.sha256, "legacy": h.legacy}
+
+
+def _print_summary(report) -> None:  # noqa: ANN001 - an ExtractReport
+    summary = report.summary()
+    for component, counts in sorted(summary["components"].items()):
+        dropped = [row for row in report.layers if row.component == component and not row.kept]
+        line = f"{component}: kept {counts['kept']}, dropped {counts['dropped']}"
+        reasons = sorted({row.reason.split(" (")[0] for row in dropped})
+        if reasons:
+            line += f" ({', '.join(reasons)})"
+        if component in ("clip_l", "clip_g") and dropped:
+            worst = max(dropped, key=lambda r: r.rel_change)
+            line += f"; largest dropped |dW|/|W| {worst.rel_change:.2e} vs floor {report.te_floor:.2e}"
+        console.info(line)
+    console.info(f"wrote {report.output}: {summary['layers']} layers, mean retained energy "
+                 f"{summary['mean_energy']:.4f} (min {summary['min_energy']:.4f})")
