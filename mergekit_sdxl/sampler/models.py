@@ -10,7 +10,10 @@ compute dtype as it is read (fp8-stored files included; scaled fp8 is dequantize
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,10 +193,7 @@ def _fill(source: WeightSource, plan: _LoadPlan, scales: Mapping[str, str], modu
     targets = plan.targets if not assign and plan.targets else {c: m.state_dict(keep_vars=True)
                                                                  for c, m in modules.items()}
     new_state: dict[str, dict[str, torch.Tensor]] = {c: {} for c in modules}
-    for ldm, mappings in plan.by_ldm:
-        stored = source.read(ldm)
-        if ldm in scales:
-            stored = dequantize_scaled(stored, source.read(scales[ldm]), "F32")
+    for ldm, mappings, stored in _read_ahead(source, plan.by_ldm, scales):
         for m in mappings:
             target = targets[m.component][m.diffusers]
             value = to_diffusers_tensor(m.op, stored, ldm)
@@ -215,6 +215,33 @@ def _fill(source: WeightSource, plan: _LoadPlan, scales: Mapping[str, str], modu
         _restore_position_ids(module, slot.device)
         _check_materialised(source.name, component, module)
     plan.targets = {c: m.state_dict(keep_vars=True) for c, m in modules.items()}
+
+
+Mappings = tuple[KeyMapping, ...]
+READ_AHEAD_MIN_ELEMENTS = 50_000_000  # below this (tiny test models) a reader thread costs more than it hides
+
+
+def _read_ahead(source: WeightSource, items: list[tuple[str, Mappings]], scales: Mapping[str, str],
+                window: int = 4) -> Iterator[tuple[str, Mappings, torch.Tensor]]:
+    """Yield (key, mappings, tensor) in order; for large models a thread reads the next few tensors meanwhile."""
+
+    def read(ldm: str) -> torch.Tensor:
+        stored = source.read(ldm)
+        return dequantize_scaled(stored, source.read(scales[ldm]), "F32") if ldm in scales else stored
+
+    if sum(math.prod(source.shape(ldm)) for ldm, _ in items) < READ_AHEAD_MIN_ELEMENTS:
+        yield from ((ldm, mappings, read(ldm)) for ldm, mappings in items)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="mergekit-load") as pool:
+        pending: deque = deque()
+        for ldm, mappings in items:
+            pending.append((ldm, mappings, pool.submit(read, ldm)))
+            if len(pending) > window:
+                key, maps, future = pending.popleft()
+                yield key, maps, future.result()
+        while pending:
+            key, maps, future = pending.popleft()
+            yield key, maps, future.result()
 
 
 def _cast(value: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
