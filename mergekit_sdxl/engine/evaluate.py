@@ -18,6 +18,10 @@ from mergekit_sdxl.recipe.nodes import Adapter, Call, KeyPlan, Linear, Load, Nod
 
 _FUSED_DTYPES = ("F16", "BF16", "F32", "F64")
 CHUNK = 1 << 18  # elements per chunk: two fp32 buffers of 1 MiB each stay in L2
+# Methods whose output element i depends only on the inputs' element i: they can run chunk by chunk, which keeps
+# a worker's memory at its inputs plus one output instead of several full-size fp32 temporaries.
+ELEMENTWISE = frozenset({"weighted_sum", "add_difference", "triple_sum", "sum_twice", "train_difference", "copy",
+                         "keep", "linear"})
 
 AdapterFn = Callable[[Adapter, tuple[int, ...]], "torch.Tensor | None"]
 
@@ -38,14 +42,16 @@ class KeyEvaluator:
 
     def evaluate(self, kp: KeyPlan, loaded: Mapping[Load, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Output tensors for `kp`: {kp.key: tensor} plus a `<key>.scale_weight` entry for scaled fp8."""
-        node = kp.node
+        node = lower(kp.node)
         if isinstance(node, Load) and loaded[node].dtype == torch_dtype(kp.dtype) and not self.scaled(kp):
             return {kp.key: loaded[node]}  # pass-through: the stored bytes, untouched
         if not is_float(kp.dtype):
             return {kp.key: self._value(node, loaded, {}).to(torch_dtype(kp.dtype))}
-        if isinstance(node, Linear) and kp.dtype in _FUSED_DTYPES and self._acc.numel():
-            if all(isinstance(term, Load) for term, _ in node.terms):
+        if kp.dtype in _FUSED_DTYPES and self._acc.numel() and not self.scaled(kp):
+            if isinstance(node, Linear) and all(isinstance(term, Load) for term, _ in node.terms):
                 return {kp.key: self._fused_linear(kp, node, loaded)}
+            if _elementwise(node):
+                return {kp.key: self._chunked(kp, node, loaded)}
         value = self._value(node, loaded, {})
         _check_finite(value, kp.key)
         return self._store(kp, value)
@@ -116,11 +122,86 @@ class KeyEvaluator:
         return out.reshape(kp.shape)
 
 
+    def _chunked(self, kp: KeyPlan, node: Node, loaded: Mapping[Load, torch.Tensor]) -> torch.Tensor:
+        """Evaluate an elementwise tree chunk by chunk straight into the output dtype (bit-identical to the
+        whole-tensor evaluation, since every element goes through the same ops)."""
+        flat = {leaf: tensor.reshape(-1) for leaf, tensor in loaded.items()}
+        numel = next(iter(flat.values())).numel()
+        out = torch.empty(numel, dtype=torch_dtype(kp.dtype))
+        for start in range(0, numel, CHUNK):
+            stop = min(numel, start + CHUNK)
+            sliced = {leaf: tensor[start:stop] for leaf, tensor in flat.items()}
+            out[start:stop].copy_(self._value(node, sliced, {}))
+        _check_finite(out, kp.key)
+        return out.reshape(kp.shape)
+
+
+def _linear_terms(method: str, params: Mapping[str, object]) -> tuple[float, ...] | None:
+    """Coefficients of the linear methods (weighted_sum, add_difference, triple_sum, sum_twice, copy)."""
+    alpha, beta = params.get("alpha"), params.get("beta")
+    if method in ("copy", "keep"):
+        return (1.0,)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        return None
+    if method == "weighted_sum":
+        return (1.0 - alpha, float(alpha))
+    if method == "add_difference":
+        return (1.0, float(alpha), -float(alpha))
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool):
+        return None
+    if method == "triple_sum":
+        return (1.0 - alpha - beta, float(alpha), float(beta))
+    if method == "sum_twice":
+        return ((1.0 - beta) * (1.0 - alpha), (1.0 - beta) * alpha, float(beta))
+    return None
+
+
+def lower(node: Node) -> Node:
+    """Rewrite linear method calls as `Linear` nodes and flatten nested Linears into one sum over distinct terms.
+
+    `weighted_sum(rev2, anxl3)` over a formula then becomes a single 4-term sum that the fused chunked path
+    computes in one pass with no full-size temporaries. Coefficients are combined in float64; the result differs
+    from step-by-step evaluation only in fp32 rounding, far below the fp16/bf16 output precision.
+    """
+    if isinstance(node, Call):
+        inputs = tuple(lower(child) for child in node.inputs)
+        coeffs = _linear_terms(node.method, dict(node.params))
+        if coeffs is None or len(coeffs) != len(inputs):
+            return Call(node.method, inputs, node.params)
+        return _flatten(tuple(zip(inputs, coeffs)))
+    if isinstance(node, Linear):
+        return _flatten(tuple((lower(term), coeff) for term, coeff in node.terms))
+    return node
+
+
+def _flatten(terms: tuple[tuple[Node, float], ...]) -> Node:
+    combined: dict[Node, float] = {}
+    for term, coeff in terms:
+        inner = term.terms if isinstance(term, Linear) else ((term, 1.0),)
+        for child, c in inner:
+            combined[child] = combined.get(child, 0.0) + coeff * c
+    kept = tuple((child, c) for child, c in combined.items() if c != 0.0)
+    if len(kept) == 1 and kept[0][1] == 1.0:
+        return kept[0][0]
+    return Linear(kept or ((terms[0][0], 0.0),))  # everything cancelled: an all-zero result of the right shape
+
+
+def _elementwise(node: Node) -> bool:
+    """True when every Call under `node` is an elementwise method (and there are no adapters)."""
+    if isinstance(node, Load):
+        return True
+    if isinstance(node, Linear):
+        return all(_elementwise(term) for term, _ in node.terms)
+    if isinstance(node, Call):
+        return node.method in ELEMENTWISE and all(_elementwise(child) for child in node.inputs)
+    return False
+
+
 def _accumulate(acc: torch.Tensor, tmp: torch.Tensor, x: torch.Tensor, coeff: float) -> None:
-    if coeff == 1:
-        acc.add_(tmp.copy_(x))
+    if coeff == 1:  # mixed-dtype add/sub: x is widened exactly, no separate copy pass
+        acc.add_(x)
     elif coeff == -1:
-        acc.sub_(tmp.copy_(x))
+        acc.sub_(x)
     else:
         acc.add_(tmp.copy_(x).mul_(coeff))
 

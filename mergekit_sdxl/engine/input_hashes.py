@@ -31,25 +31,34 @@ class StreamHasher:
         self._lock = threading.Lock()
 
     def feed(self, start: int, tensor: torch.Tensor) -> None:
-        """Hash this tensor's bytes if they are the next bytes of the file; otherwise stop streaming."""
+        """Hash this tensor's bytes if they come later in the file; bytes skipped in between (tensors the
+        plan does not read, e.g. a non-float key taken from another input) are read and hashed first.
+        A read that goes backwards stops the stream (the file is then hashed by a separate pass)."""
         with self._lock:
-            if self.broken or start != self.expected:
+            if self.broken or start < self.expected:
                 self.broken = True
                 return
+            if start > self.expected:
+                self._hash_range(self.expected, start)
             raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
             self._full.update(raw)
             self._data.update(raw)
             self.expected += len(raw)
 
+    def _hash_range(self, begin: int, end: int) -> None:
+        with open(self.path, "rb") as f:
+            f.seek(begin)
+            while begin < end and (chunk := f.read(min(8 << 20, end - begin))):
+                self._full.update(chunk)
+                self._data.update(chunk)
+                begin += len(chunk)
+        self.expected = begin
+
     def finish(self) -> FileHashes:
         """Hash whatever was not read (or everything, if the stream broke) and return the three hashes."""
         if self.broken:
             return hash_file(self.path)
-        with open(self.path, "rb") as f:
-            f.seek(self.expected)
-            while chunk := f.read(8 << 20):
-                self._full.update(chunk)
-                self._data.update(chunk)
+        self._hash_range(self.expected, self.size)
         return FileHashes(legacy_hash(self.path), self._full.hexdigest(), self._data.hexdigest())
 
 

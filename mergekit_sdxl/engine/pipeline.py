@@ -19,7 +19,7 @@ from mergekit_sdxl.engine.evaluate import KeyEvaluator
 from mergekit_sdxl.io.reader import Checkpoint
 from mergekit_sdxl.recipe.nodes import KeyPlan, loads_of
 
-DEFAULT_BUDGET = 768 << 20
+DEFAULT_BUDGET = 512 << 20
 _DONE = object()
 
 
@@ -157,7 +157,12 @@ def _join(threads: list[threading.Thread]) -> None:
 def _compute_loop(to_compute: queue.Queue, to_write: queue.Queue, evaluator: KeyEvaluator,
                   stop: threading.Event, errors: list[BaseException]) -> None:
     while True:
-        item = to_compute.get()
+        try:  # a timeout, not a blocking get: another worker's _drain may have eaten the _DONE sentinel
+            item = to_compute.get(timeout=0.1)
+        except queue.Empty:
+            if stop.is_set():
+                return
+            continue
         if item is _DONE:
             to_compute.put(_DONE)  # let the other workers see the end too
             return

@@ -21,6 +21,7 @@ from mergekit_sdxl.arch.detect import detect_arch
 from mergekit_sdxl.engine.device import resolve_device
 from mergekit_sdxl.engine.evaluate import KeyEvaluator
 from mergekit_sdxl.engine.input_hashes import InputHashes
+from mergekit_sdxl.engine.memory import tame_malloc
 from mergekit_sdxl.engine.pipeline import DEFAULT_BUDGET, Progress, RunStats, run_pipeline
 from mergekit_sdxl.errors import ArchError, CheckpointError, RecipeError, UsageError
 from mergekit_sdxl.io.dtypes import SCALED_MARKER, is_scalable, scale_key, torch_dtype
@@ -64,7 +65,11 @@ def open_inputs(recipe: Recipe, stack: ExitStack) -> dict[str, Checkpoint]:
     for alias, ref in recipe.models.items():
         if not Path(ref.path).exists():
             raise CheckpointError(f"model {alias!r}: {ref.path}: no such file")
-        readers[alias] = stack.enter_context(_closing(open_checkpoint(ref.path)))
+        try:
+            reader = open_checkpoint(ref.path)
+        except CheckpointError as exc:  # name the alias too: the path alone may not say which input it is
+            raise type(exc)(f"model {alias!r}: {exc}") from None
+        readers[alias] = stack.enter_context(_closing(reader))
     return readers
 
 
@@ -121,6 +126,7 @@ def run_merge(recipe: Recipe, options: MergeOptions,
     """Execute `recipe` and write its output atomically; returns what happened."""
     out = resolve_output(recipe, options)
     device = resolve_device(options.device)
+    tame_malloc()
     with ExitStack() as stack:
         readers = open_inputs(recipe, stack)
         plan = plan_recipe(recipe, headers_of(recipe, readers), options.dtype)
