@@ -16,6 +16,14 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_hash_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the tests' input hashes out of the user's real cache (~/.cache/mergekit-sdxl)."""
+    import os
+
+    os.environ["MERGEKIT_SDXL_CACHE_DIR"] = str(tmp_path_factory.mktemp("hash-cache"))
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The session folder synthetic checkpoints are cached in."""
