@@ -84,8 +84,6 @@ def test_full_sdxl_inspects_fast(full_sdxl):
     assert time.perf_counter() - start < 2.0
 
 
-@pytest.mark.xfail(strict=True, reason="io.reader and io.dtypes import torch at module level (1.2-3 s); "
-                   "inspect meets its 2 s budget from a cold start once that import is lazy: then drop this mark")
 def test_header_only_inspect_does_not_import_torch(full_sdxl):
     code = ("import sys\nfrom mergekit_sdxl.cli.main import main\n"
             f"try:\n    main(['inspect', {str(full_sdxl)!r}, '--json'])\nexcept SystemExit:\n    pass\n"

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from mergekit_sdxl.errors import UsageError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so header-only use stays fast
+    import torch
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,8 @@ def parse_dtype(name: str) -> str:
 
 def torch_dtype(code: str) -> torch.dtype:
     """The torch dtype for a safetensors code."""
+    import torch
+
     return getattr(torch, DTYPES[code].torch_name)
 
 
@@ -159,6 +163,8 @@ def cast(tensor: torch.Tensor, code: str) -> tuple[torch.Tensor, int]:
     Returns:
         (cast tensor, number of clamped values). Non-float tensors and same-dtype tensors come back unchanged.
     """
+    import torch
+
     target = torch_dtype(code)
     if not tensor.is_floating_point() or tensor.dtype == target:
         return tensor, 0
@@ -178,6 +184,8 @@ def cast(tensor: torch.Tensor, code: str) -> tuple[torch.Tensor, int]:
 
 def amax(tensor: torch.Tensor, finite_only: bool = False) -> float:
     """max |x| without a full-size temporary (NaN ignored; with `finite_only`, ±inf ignored too); 0 if empty."""
+    import torch
+
     if tensor.numel() == 0:
         return 0.0
     if tensor.element_size() > 1:  # aminmax is one fast pass, but has no fp8 kernels
@@ -200,6 +208,8 @@ def to_scaled_fp8(tensor: torch.Tensor, code: str) -> tuple[torch.Tensor, torch.
     Returns:
         (fp8 tensor, 0-dim float32 scale, number of clamped values: only ±inf inputs can clamp).
     """
+    import torch
+
     if not is_fp8(code):
         raise ValueError(f"scaled fp8 needs an fp8 target, not {code}")
     fmax = DTYPES[code].fmax
