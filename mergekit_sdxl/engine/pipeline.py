@@ -71,7 +71,8 @@ ReadHook = Callable[[str, str, torch.Tensor], None]
 
 def run_pipeline(keys: Sequence[KeyPlan], readers: Mapping[str, Checkpoint], sink: Sink,
                  make_evaluator: Callable[[], KeyEvaluator], *, workers: int = 1, budget: int = DEFAULT_BUDGET,
-                 progress: Callable[[Progress], None] | None = None, on_read: ReadHook | None = None) -> RunStats:
+                 progress: Callable[[Progress], None] | None = None, on_read: ReadHook | None = None,
+                 pin_memory: bool = False) -> RunStats:
     """Evaluate every KeyPlan and hand each output tensor to `sink(name, tensor)` (from the writer thread).
 
     `workers` compute threads each take whole keys; torch's own intra-op threads are pinned to 1 meanwhile, so
@@ -94,7 +95,7 @@ def run_pipeline(keys: Sequence[KeyPlan], readers: Mapping[str, Checkpoint], sin
                 limiter.acquire(need, stop)
                 loaded = {}
                 for leaf in leaves:
-                    loaded[leaf] = readers[leaf.alias].read(leaf.key)
+                    loaded[leaf] = _read(readers[leaf.alias], leaf.key, pin_memory)
                     if on_read is not None:
                         on_read(leaf.alias, leaf.key, loaded[leaf])
                 stats.bytes_read += need
@@ -152,6 +153,15 @@ def _join(threads: list[threading.Thread]) -> None:
     for thread in threads:
         while thread.is_alive():
             thread.join(0.2)
+
+
+def _read(reader: Checkpoint, key: str, pin_memory: bool) -> torch.Tensor:
+    """A fresh tensor; for a CUDA run, in page-locked memory so the host-to-device copy is asynchronous (torch's
+    caching host allocator reuses the pinned blocks once their copies have completed)."""
+    if not pin_memory or not hasattr(reader, "read_into"):
+        return reader.read(key)
+    buffer = torch.empty(reader.info(key).nbytes, dtype=torch.uint8, pin_memory=True)
+    return reader.read_into(key, buffer)
 
 
 def _compute_loop(to_compute: queue.Queue, to_write: queue.Queue, evaluator: KeyEvaluator,

@@ -143,7 +143,8 @@ def run_merge(recipe: Recipe, options: MergeOptions,
                 return KeyEvaluator(_compute_dtype(plan), device, scaled=lambda kp: is_scaled(plan, kp))
 
             stats = run_pipeline(plan.keys, used, _sink(writer, plan), make_evaluator, workers=_workers(options),
-                                 budget=options.budget, progress=progress, on_read=_hash_hook(hashes, used))
+                                 budget=options.budget, progress=progress, on_read=_hash_hook(hashes, used),
+                                 pin_memory=device.type == "cuda")
             known = hashes.finish()
             _verify_pins(plan, known)
             writer.update_metadata(_metadata(plan, _records(plan, used, known), out))
