@@ -36,17 +36,28 @@ def command(recipe: Path, models: tuple[str, ...], out: Path | None, device: str
 
     parsed = load_recipe(recipe, parse_model_overrides(models))
     code = parse_dtype(dtype) if dtype else None
+    options = MergeOptions(out=out, device=device, dtype=code, overwrite=overwrite, threads=threads,
+                           hash_inputs=not no_input_hashes)
     if dry_run:
         from contextlib import ExitStack
+
+        from mergekit_sdxl.engine.run import estimate_memory, resolve_output
+        from mergekit_sdxl.io.hashes import cached_hashes
 
         with ExitStack() as stack:
             readers = open_inputs(parsed, stack)
             plan = plan_recipe(parsed, headers_of(parsed, readers), code)
+            memory = estimate_memory(plan, readers, options)
         for line in describe_plan(plan):
             click.echo(line)
+        for alias, path in plan.inputs.items():
+            known = cached_hashes(path)
+            click.echo(f"hash {alias}: " + (f"AutoV2 {known.autov2}, AutoV3 {known.autov3_short}" if known
+                                            else "not cached (computed during the merge)"))
+        click.echo(f"output file: {resolve_output(parsed, options) if out or parsed.output.path else '(none given)'}")
+        click.echo(f"estimated peak memory: {memory / 2**30:.2f} GiB (independent of model size beyond the largest "
+                   "tensor)")
         return
-    options = MergeOptions(out=out, device=device, dtype=code, overwrite=overwrite, threads=threads,
-                           hash_inputs=not no_input_hashes)
     result = _run(parsed, options, run_merge)
     _report(result, as_json)
 

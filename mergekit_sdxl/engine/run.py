@@ -9,6 +9,7 @@ pinned hashes -> final metadata -> fsync + rename. Any error or Ctrl-C removes t
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
@@ -233,6 +234,23 @@ def execute_in_memory(plan: Plan, readers: Mapping[str, Checkpoint], device: str
     run_pipeline(selected, readers, out.__setitem__, lambda: KeyEvaluator(_compute_dtype(plan), dev),
                  workers=min(2, os.cpu_count() or 1))
     return out
+
+
+def estimate_memory(plan: Plan, readers: Mapping[str, Checkpoint], options: MergeOptions) -> int:
+    """Rough peak bytes of a run: the prefetch budget, plus the largest key being computed (its inputs, output and
+    the fp32 temporaries of methods that are not computed chunk by chunk), plus ~400 MB for the runtime."""
+    from mergekit_sdxl.engine.evaluate import lower
+    from mergekit_sdxl.recipe.nodes import Linear, Load, loads_of
+
+    largest = 0
+    for kp in plan.keys:
+        leaves = loads_of(kp.node)
+        inputs = sum(readers[leaf.alias].info(leaf.key).nbytes for leaf in leaves)
+        numel = math.prod(kp.shape)
+        node = lower(kp.node)
+        temporaries = 0 if isinstance(node, (Linear, Load)) else 4 * numel * (len(leaves) + 2)
+        largest = max(largest, inputs + numel * 4 + temporaries)
+    return options.budget + largest + (400 << 20)
 
 
 def _workers(options: MergeOptions) -> int:
