@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test test-slow demo bench fuzz lint clean
+.PHONY: test test-slow demo bench bench-quick fuzz lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,10 +24,17 @@ demo: $(STAMP)
 	$(BIN)/python -m mergekit_sdxl.demo demo-out
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_merge.py
+	$(BIN)/python benchmarks/bench_merge.py --size full --rounds 2
+	$(BIN)/python benchmarks/bench_convert.py --size full
+	test ! -f benchmarks/bench_lora.py || $(BIN)/python benchmarks/bench_lora.py
+	test ! -f benchmarks/bench_sample.py || $(BIN)/python benchmarks/bench_sample.py
+	test ! -f benchmarks/bench_export.py || $(BIN)/python benchmarks/bench_export.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/bench_merge.py --size tiny --rounds 1 --skip-mecha
 
 fuzz: $(STAMP)
-	FUZZ_SECONDS=$${FUZZ_SECONDS:-120} $(BIN)/python -m pytest -q -m fuzz_long tests
+	FUZZ_SECONDS=$${FUZZ_SECONDS:-120} $(BIN)/python -m pytest -q -m fuzz_long -o timeout=0 tests/test_fuzz_parsers.py tests/test_fuzz_atheris.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
