@@ -8,7 +8,8 @@
 Modes:
 - cpu (default without CUDA): tiny real-layout SDXL checkpoints from `mergekit_sdxl.synth`, 64x64 px.
 - gpu (default with CUDA): an SDXL-shaped UNet and text encoders with random weights, 1024x1024, 28 steps, fp16;
-  the switch test writes one full-size synthetic SDXL file (6.9 GB) to --workdir.
+  the switch test writes two full-size synthetic SDXL files (2 x 6.9 GB) to --workdir (kept for later runs).
+- `--switch-size full --switch-arch sd15 --switch-dtype fp16` measures a real-size switch on a CPU machine.
 
     .venv/bin/python benchmarks/bench_sample.py [--mode cpu|gpu] [--repeats 5] [--workdir DIR]
 """
@@ -125,7 +126,8 @@ def model_switch(first: Path, second: Path, repeats: int, device: torch.device, 
         switches.append(time.perf_counter() - start)
         slot.load(WeightSource.from_file(first))
     r, s = statistics.median(reads), statistics.median(switches)
-    emit(measure="model_switch", device=str(device), gpu=_gpu_name(device), file_bytes=second.stat().st_size,
+    emit(measure="model_switch", device=str(device), gpu=_gpu_name(device), dtype=str(dtype),
+         file_bytes=second.stat().st_size,
          elements=total, read_file_s=summary(reads), switch_s=summary(switches), ratio=s / r, target="<= 1.5",
          page_cache="warm (files read before)")
 
@@ -140,6 +142,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--skip-switch", action="store_true")
+    parser.add_argument("--switch-size", choices=("tiny", "full"), help="default: tiny on CPU, full on GPU")
+    parser.add_argument("--switch-arch", choices=("sdxl", "sd15"), default="sdxl")
+    parser.add_argument("--switch-dtype", choices=("fp32", "fp16", "bf16"),
+                        help="model dtype for the switch test (default: fp16 on GPU, fp32 on CPU)")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-sample-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -165,9 +171,16 @@ def main() -> None:
         step_overhead(model, params, batch=2, repeats=args.repeats, device=device)
         size = "tiny"
     if not args.skip_switch:
-        a = write_test_checkpoint(work / f"switch-a-{size}.safetensors", "sdxl", size, seed=0, overwrite=True)
-        b = write_test_checkpoint(work / f"switch-b-{size}.safetensors", "sdxl", size, seed=1, overwrite=True)
-        model_switch(a, b, max(2, args.repeats // 2), device, dtype)
+        size, arch = args.switch_size or size, args.switch_arch
+        if args.switch_dtype:
+            dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.switch_dtype]
+        files = []
+        for name, seed in (("a", 0), ("b", 1)):
+            path = work / f"switch-{name}-{arch}-{size}.safetensors"
+            if not path.exists():
+                write_test_checkpoint(path, arch, size, seed=seed)
+            files.append(path)
+        model_switch(files[0], files[1], max(2, args.repeats // 2), device, dtype)
 
 
 if __name__ == "__main__":

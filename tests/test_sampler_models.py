@@ -330,3 +330,17 @@ def test_scaled_fp8_is_dequantized(tiny_sdxl):
     model = ModelSlot().load(WeightSource.from_tensors("scaled", tensors))
     torch.testing.assert_close(model.modules["unet"].conv_in.weight, q.float() * scale)
     torch.testing.assert_close(model.modules["unet"].conv_in.weight, original, rtol=0.07, atol=0.0)
+
+
+def test_swap_reads_straight_into_fp16_parameters(tiny_sdxl, make_ckpt):
+    other = make_ckpt(seed=5, like=tiny_sdxl, delta="noise:0.2")
+    slot = ModelSlot(dtype=torch.float16)
+    slot.load(WeightSource.from_file(tiny_sdxl))
+    model = slot.load(WeightSource.from_file(other))
+    expected = _file_tensors(other)
+    unet, te2 = model.modules["unet"], model.modules["text_encoder_2"]
+    assert unet.conv_in.weight.dtype == torch.float16
+    assert torch.equal(unet.conv_in.weight, expected["model.diffusion_model.input_blocks.0.0.weight"])
+    fused = expected[SDXL_TE2 + "transformer.resblocks.3.attn.in_proj_weight"]
+    assert torch.equal(te2.text_model.encoder.layers[3].self_attn.k_proj.weight, fused.chunk(3)[1])
+    assert torch.equal(te2.text_projection.weight, expected[SDXL_TE2 + "text_projection"].t())

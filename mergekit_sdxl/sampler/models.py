@@ -31,7 +31,7 @@ from mergekit_sdxl.arch.keymap import (
     build_keymap,
 )
 from mergekit_sdxl.errors import CheckpointError
-from mergekit_sdxl.io.dtypes import dequantize_scaled, scaled_key_of
+from mergekit_sdxl.io.dtypes import dequantize_scaled, scaled_key_of, torch_dtype
 from mergekit_sdxl.io.keyconvert import clip_l_style_of, to_diffusers_tensor
 from mergekit_sdxl.io.reader import open_checkpoint
 from mergekit_sdxl.sampler.modelconfig import derive_configs
@@ -44,8 +44,11 @@ class WeightSource:
     """Tensors by LDM/SGM key: a checkpoint file, or a dict produced in memory (a merge variant)."""
 
     def __init__(self, name: str, keys: Iterable[str], shape: Callable[[str], tuple[int, ...]],
-                 read: Callable[[str], torch.Tensor], close: Callable[[], None] = lambda: None) -> None:
+                 read: Callable[[str], torch.Tensor], close: Callable[[], None] = lambda: None,
+                 dtype: Callable[[str], torch.dtype] | None = None,
+                 read_into: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
         self.name, self._keys, self.shape, self.read, self.close = name, list(keys), shape, read, close
+        self.dtype, self.read_into = dtype, read_into  # read_into(key, uint8 buffer): bytes straight into memory
 
     def keys(self) -> list[str]:
         """Keys in the cheapest reading order."""
@@ -55,7 +58,8 @@ class WeightSource:
     def from_file(cls, path: str | Path) -> WeightSource:
         """A lazily read checkpoint file (safetensors, or a weights-only torch file)."""
         reader = open_checkpoint(path)
-        return cls(str(path), reader.keys(), lambda k: tuple(reader.info(k).shape), reader.read, reader.close)
+        return cls(str(path), reader.keys(), lambda k: tuple(reader.info(k).shape), reader.read, reader.close,
+                   dtype=lambda k: torch_dtype(reader.info(k).dtype), read_into=getattr(reader, "read_into", None))
 
     @classmethod
     def from_tensors(cls, name: str, tensors: Mapping[str, torch.Tensor]) -> WeightSource:
@@ -193,7 +197,10 @@ def _fill(source: WeightSource, plan: _LoadPlan, scales: Mapping[str, str], modu
     targets = plan.targets if not assign and plan.targets else {c: m.state_dict(keep_vars=True)
                                                                  for c, m in modules.items()}
     new_state: dict[str, dict[str, torch.Tensor]] = {c: {} for c in modules}
-    for ldm, mappings, stored in _read_ahead(source, plan.by_ldm, scales):
+    direct = {} if assign else _direct_targets(source, plan, scales, targets)
+    for ldm, mappings, stored in _read_ahead(source, plan.by_ldm, scales, direct):
+        if stored is None:  # read straight into the parameter's memory
+            continue
         for m in mappings:
             target = targets[m.component][m.diffusers]
             value = to_diffusers_tensor(m.op, stored, ldm)
@@ -221,11 +228,32 @@ Mappings = tuple[KeyMapping, ...]
 READ_AHEAD_MIN_ELEMENTS = 50_000_000  # below this (tiny test models) a reader thread costs more than it hides
 
 
-def _read_ahead(source: WeightSource, items: list[tuple[str, Mappings]], scales: Mapping[str, str],
-                window: int = 4) -> Iterator[tuple[str, Mappings, torch.Tensor]]:
-    """Yield (key, mappings, tensor) in order; for large models a thread reads the next few tensors meanwhile."""
+def _direct_targets(source: WeightSource, plan: _LoadPlan, scales: Mapping[str, str],
+                    targets: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """LDM key -> the uint8 view of the CPU parameter its bytes can be read into unchanged (same dtype, plain copy)."""
+    if source.read_into is None or source.dtype is None:
+        return {}
+    out = {}
+    for ldm, mappings in plan.by_ldm:
+        m = mappings[0]
+        target = targets[m.component][m.diffusers].data
+        if (len(mappings) == 1 and m.op == "copy" and ldm not in scales and target.device.type == "cpu"
+                and target.is_contiguous() and target.dtype == source.dtype(ldm)
+                and tuple(target.shape) == tuple(source.shape(ldm))):
+            out[ldm] = target.view(-1).view(torch.uint8)
+    return out
 
-    def read(ldm: str) -> torch.Tensor:
+
+def _read_ahead(source: WeightSource, items: list[tuple[str, Mappings]], scales: Mapping[str, str],
+                direct: Mapping[str, torch.Tensor], window: int = 4,
+                ) -> Iterator[tuple[str, Mappings, torch.Tensor | None]]:
+    """Yield (key, mappings, tensor) in order (None: read into its parameter already); for large models a thread
+    reads the next few tensors meanwhile."""
+
+    def read(ldm: str) -> torch.Tensor | None:
+        if ldm in direct:
+            source.read_into(ldm, direct[ldm])
+            return None
         stored = source.read(ldm)
         return dequantize_scaled(stored, source.read(scales[ldm]), "F32") if ldm in scales else stored
 
