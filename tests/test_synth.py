@@ -228,6 +228,17 @@ def test_iter_matches_file(tiny_sd15):
     assert keys == checkpoint_keys("sd15")
 
 
+def test_metadata_and_progress(tmp_path):
+    seen = []
+    path = write_test_checkpoint(tmp_path / "m.safetensors", arch="sd15", seed=3, metadata={"zz": "1", "aa": "2"},
+                                 progress=seen.append)
+    assert sum(seen) == sum(s.nbytes for s in plan_test_checkpoint("sd15")) and len(seen) == 1131
+    with SafetensorsReader(path) as r:
+        assert r.metadata["zz"] == "1" and r.metadata["aa"] == "2"
+        assert list(r.metadata) == sorted(r.metadata)
+        assert r.metadata["modelspec.title"] == "synthetic sd15 tiny seed 3"
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "F32", "fp8_e4m3fn"])
 def test_other_dtypes(dtype, make_ckpt):
     path = make_ckpt("sd15", dtype=dtype)

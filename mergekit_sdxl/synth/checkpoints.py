@@ -16,7 +16,7 @@ the two 49,408-row token embeddings).
 Values are a pure function of (seed, key, shape): every tensor is cut into 1 Mi-element chunks and each chunk
 draws from its own NumPy PCG64 generator seeded by sha256(seed, stream, key, chunk index), so results do not
 depend on thread count, key order or which other keys are written. Floats are uniform with the variance of the
-target distribution (like `torch.nn.Linear`'s default init; uniform numbers are 3-4x cheaper than normal ones,
+target distribution (like `torch.nn.Linear`'s default init; uniform numbers are 3-5x cheaper than normal ones,
 which matters for 7 GB files): weights (2-D and more, conv included) mean 0, std 1/sqrt(fan_in); token and
 position embeddings std 0.02; norm scales 1 +- std 0.02; biases std 0.01. Fixed values: `position_ids` =
 0..76, `logit_scale` = ln 100, `v_pred`/`ztsnr` empty, `edm_vpred.sigma_max/min` = 120/0.002, SD1 EMA `decay`
