@@ -13,7 +13,8 @@ from mergekit_sdxl.errors import UsageError
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the hash cache stays out of the home folder
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
