@@ -20,6 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "engine": {"errors", "io", "arch", "methods", "recipe"},
     "lora": {"errors", "io", "arch", "methods", "engine", "recipe"},
     "sampler": {"errors", "io", "arch", "engine", "recipe", "methods"},
+    "export": {"errors", "arch", "io", "engine", "sampler"},
     "cli": {"*"},
     "demo": {"*"},
 }

@@ -1,0 +1,119 @@
+"""The non-weight files of an exported pipeline folder and the atomic folder commit.
+
+- `model_index.json`, `scheduler/scheduler_config.json`: the shipped configs of the architecture (published
+  `stabilityai/stable-diffusion-xl-base-1.0` / `runwayml/stable-diffusion-v1-5` files); `v_pred` / `ztsnr`
+  markers switch the scheduler to v-prediction / zero terminal SNR (Euler, trailing spacing).
+- `tokenizer/`, `tokenizer_2/`: the shipped CLIP BPE files (`sampler/tokenizer/`); `tokenizer_2` pads with `!`
+  as the official SDXL repository does.
+- A folder is written under `.<name>.<pid>.mergekit-tmp` next to the target and renamed into place at the end: an
+  error or Ctrl-C leaves nothing under the target name. `overwrite` replaces only a folder that is itself an
+  export (it has a `model_index.json`), never an arbitrary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+from mergekit_sdxl.arch.configs import load_config
+from mergekit_sdxl.errors import OutputError
+from mergekit_sdxl.sampler.tokens import TOKENIZER_DIR
+
+TEMP_SUFFIX = ".mergekit-tmp"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "LICENSE")
+SPECIAL = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+
+
+def write_json(path: Path, data: Mapping) -> None:
+    """`data` as indented JSON (keys in the given order) plus a final newline."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def diffusers_version() -> str:
+    """The installed diffusers version (written as `_diffusers_version`), or the shipped configs' one."""
+    try:
+        return metadata.version("diffusers")
+    except metadata.PackageNotFoundError:  # pragma: no cover - diffusers is needed to export anyway
+        return load_config("sdxl", "unet").get("_diffusers_version", "0.19.0")
+
+
+def model_index(arch: str, scheduler_class: str) -> dict:
+    """The pipeline's `model_index.json`."""
+    index = load_config(arch, "model_index")
+    index["_diffusers_version"] = diffusers_version()
+    index["scheduler"] = ["diffusers", scheduler_class]
+    return index
+
+
+def scheduler_config(arch: str, markers: tuple[str, ...]) -> dict:
+    """The shipped scheduler config, adapted to the `v_pred` / `ztsnr` markers of the checkpoint."""
+    config = load_config(arch, "scheduler")
+    if "ztsnr" in markers:
+        config = load_config("sdxl", "scheduler")
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    if "v_pred" in markers:
+        config["prediction_type"] = "v_prediction"
+    config["_diffusers_version"] = diffusers_version()
+    return config
+
+
+def write_tokenizer(folder: Path, pad_token: str) -> None:
+    """The shipped CLIP tokenizer files, padding with `pad_token`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(TOKENIZER_DIR / name, folder / name)
+    config = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text("utf-8"))
+    config["pad_token"] = pad_token
+    write_json(folder / "tokenizer_config.json", config)
+    write_json(folder / "special_tokens_map.json", {**SPECIAL, "pad_token": pad_token})
+
+
+def write_common(folder: Path, arch: str, markers: tuple[str, ...]) -> None:
+    """model_index.json, scheduler/ and tokenizer folders of an `arch` pipeline."""
+    scheduler = scheduler_config(arch, markers)
+    write_json(folder / "model_index.json", model_index(arch, scheduler["_class_name"]))
+    write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
+    write_tokenizer(folder / "tokenizer", SPECIAL["eos_token"])
+    if arch == "sdxl":
+        write_tokenizer(folder / "tokenizer_2", "!")
+
+
+def check_target(out: Path, overwrite: bool) -> None:
+    """OutputError unless `out` can be written (absent, or an export folder and `overwrite`)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    if out.is_dir():
+        if not overwrite:
+            raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
+        if not (out / "model_index.json").is_file():
+            raise OutputError(f"{out}: exists and is not an exported pipeline folder (no model_index.json); "
+                              "refusing to replace it")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out.parent}: output folder does not exist")
+
+
+@contextmanager
+def staged_folder(out: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to `out`; on success it replaces `out`, on any error it is removed."""
+    out = Path(out)
+    check_target(out, overwrite)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}{TEMP_SUFFIX}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = out.with_name(f".{out.name}.{os.getpid()}.old{TEMP_SUFFIX}")
+        if out.exists():
+            check_target(out, overwrite)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
