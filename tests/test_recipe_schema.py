@@ -192,7 +192,7 @@ output:
     ("s: {method: weighted_sum, a: s, b: b, alpha: 0.5}", r"steps\.s\.a: step 's' refers to itself"),
     ("a: b", r"steps\.a: the name 'a' is both a model and a step"),
     ("s: 42", r"steps\.s: expected a formula string or a mapping, got a number"),
-    ("s: {alpha: 1}", r"steps\.s: expected a `formula` or a `method` field"),
+    ("s: {alpha: 1}", r"steps\.s: expected a `formula`, `method` or `lora` field"),
     ("kxl-beta: a", r"steps: 'kxl-beta' is not a valid name"),
     ("x: b - c", r"steps\.x: the output step is a delta"),
     ("d: b - c\ns: {method: weighted_sum, a: a, b: d, alpha: 0.5}", r"steps\.s\.b: 'd' is a delta step"),

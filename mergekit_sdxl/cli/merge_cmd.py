@@ -41,12 +41,14 @@ def command(recipe: Path, models: tuple[str, ...], out: Path | None, device: str
     if dry_run:
         from contextlib import ExitStack
 
-        from mergekit_sdxl.engine.run import estimate_memory, resolve_output
+        from mergekit_sdxl.engine.run import estimate_memory, open_adapters, resolve_output
         from mergekit_sdxl.io.hashes import cached_hashes
 
         with ExitStack() as stack:
             readers = open_inputs(parsed, stack)
-            plan = plan_recipe(parsed, headers_of(parsed, readers), code)
+            headers = headers_of(parsed, readers)
+            adapters = open_adapters(parsed, headers, adapter_factory, stack)
+            plan = plan_recipe(parsed, headers, code, adapters)
             memory = estimate_memory(plan, readers, options)
         for line in describe_plan(plan):
             click.echo(line)
@@ -62,13 +64,19 @@ def command(recipe: Path, models: tuple[str, ...], out: Path | None, device: str
     _report(result, as_json)
 
 
+def adapter_factory(step, arch, shapes):  # noqa: ANN001, ANN201 - the engine's AdapterFactory
+    """Open a LoRA step's adapters with mergekit_sdxl.lora (the engine cannot import the lora layer)."""
+    from mergekit_sdxl.lora.bake import AdapterSet, AdapterSpec
+
+    specs = [AdapterSpec(a.path, a.strength, a.te_strength, a.blocks) for a in step.adapters]
+    return AdapterSet(specs, arch, shapes, convention=step.convention)
+
+
 def _run(parsed, options, run_merge):  # noqa: ANN001, ANN202 - thin glue around the progress bar
-    total = {"keys": 0}
     with console.key_progress("merging") as update:
         def progress(event) -> None:  # noqa: ANN001
-            total["keys"] = event.keys_total
             update(event.keys_done, event.keys_total, event.bytes_read + event.bytes_written)
-        return run_merge(parsed, options, progress)
+        return run_merge(parsed, options, progress, adapter_factory)
 
 
 def _report(result, as_json: bool) -> None:  # noqa: ANN001

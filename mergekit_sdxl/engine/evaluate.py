@@ -23,7 +23,8 @@ CHUNK = 1 << 18  # elements per chunk: two fp32 buffers of 1 MiB each stay in L2
 ELEMENTWISE = frozenset({"weighted_sum", "add_difference", "triple_sum", "sum_twice", "train_difference", "copy",
                          "keep", "linear"})
 
-AdapterFn = Callable[[Adapter, tuple[int, ...]], "torch.Tensor | None"]
+# (adapter node, tensor shape, the weight it is applied to or None) -> fp32 delta or None
+AdapterFn = Callable[[Adapter, tuple[int, ...], "torch.Tensor | None"], "torch.Tensor | None"]
 
 
 class KeyEvaluator:
@@ -79,7 +80,7 @@ class KeyEvaluator:
             inputs = [self._value(child, loaded, memo) for child in node.inputs]
             value = call_method(node.method, inputs, dict(node.params))
         elif isinstance(node, Adapter):
-            value = self._adapter(node, loaded)
+            value = self._adapter(node, None)
         else:  # pragma: no cover - the planner only builds the node types above
             raise TypeError(f"unknown plan node {node!r}")
         memo[node] = value
@@ -87,6 +88,16 @@ class KeyEvaluator:
 
     def _linear_full(self, node: Linear, loaded: Mapping[Load, torch.Tensor],
                      memo: dict[Node, torch.Tensor]) -> torch.Tensor:
+        adapters = [(term, coeff) for term, coeff in node.terms if isinstance(term, Adapter)]
+        plain = Linear(tuple(t for t in node.terms if not isinstance(t[0], Adapter)))
+        acc = self._plain_sum(plain, loaded, memo)
+        for term, coeff in adapters:  # a LoRA step: weight + delta, the delta computed against that weight
+            delta = self._adapter(term, acc)
+            acc = acc + (delta if coeff == 1 else delta * coeff)
+        return acc
+
+    def _plain_sum(self, node: Linear, loaded: Mapping[Load, torch.Tensor],
+                   memo: dict[Node, torch.Tensor]) -> torch.Tensor:
         acc: torch.Tensor | None = None
         for term, coeff in node.terms:
             scaled = self._value(term, loaded, memo) if coeff == 1 else self._value(term, loaded, memo) * coeff
@@ -94,14 +105,14 @@ class KeyEvaluator:
         assert acc is not None
         return acc
 
-    def _adapter(self, node: Adapter, loaded: Mapping[Load, torch.Tensor]) -> torch.Tensor:
+    def _adapter(self, node: Adapter, base: torch.Tensor | None) -> torch.Tensor:
         if self.adapter_fn is None:
-            raise MergekitError(f"key {node.key}: the plan uses adapter {node.alias!r} but no adapters were loaded")
-        shape = next((t.shape for t in loaded.values()), None)
-        delta = self.adapter_fn(node, tuple(shape) if shape is not None else ())
+            raise MergekitError(f"key {node.key}: the plan uses LoRA step {node.alias!r} but no adapters were loaded")
+        shape = tuple(base.shape) if base is not None else ()
+        delta = self.adapter_fn(node, shape, base)
         if delta is None:
-            raise MergekitError(f"key {node.key}: adapter {node.alias!r} has no delta for it")
-        return delta.to(self.device, self.compute_dtype)
+            raise MergekitError(f"key {node.key}: LoRA step {node.alias!r} has no delta for it")
+        return delta.to(self.device, self.compute_dtype).reshape(shape or delta.shape)
 
     def _fused_linear(self, kp: KeyPlan, node: Linear, loaded: Mapping[Load, torch.Tensor]) -> torch.Tensor:
         """sum c_i x_i chunk by chunk into the output dtype; separate mul/add so rounding is reproducible."""
@@ -170,14 +181,18 @@ def lower(node: Node) -> Node:
             return Call(node.method, inputs, node.params)
         return _flatten(tuple(zip(inputs, coeffs)))
     if isinstance(node, Linear):
-        return _flatten(tuple((lower(term), coeff) for term, coeff in node.terms))
+        terms = tuple((lower(term), coeff) for term, coeff in node.terms)
+        if any(isinstance(term, Adapter) for term, _ in terms):
+            return Linear(terms)  # a LoRA step stays one unit: its delta is computed against its own weight
+        return _flatten(terms)
     return node
 
 
 def _flatten(terms: tuple[tuple[Node, float], ...]) -> Node:
     combined: dict[Node, float] = {}
     for term, coeff in terms:
-        inner = term.terms if isinstance(term, Linear) else ((term, 1.0),)
+        opaque = not isinstance(term, Linear) or any(isinstance(t, Adapter) for t, _ in term.terms)
+        inner = ((term, 1.0),) if opaque else term.terms
         for child, c in inner:
             combined[child] = combined.get(child, 0.0) + coeff * c
     kept = tuple((child, c) for child, c in combined.items() if c != 0.0)

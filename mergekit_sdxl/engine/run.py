@@ -11,16 +11,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from mergekit_sdxl.arch.detect import detect_arch
 from mergekit_sdxl.engine.device import resolve_device
-from mergekit_sdxl.engine.evaluate import KeyEvaluator
+from mergekit_sdxl.engine.evaluate import AdapterFn, KeyEvaluator
 from mergekit_sdxl.engine.input_hashes import InputHashes
 from mergekit_sdxl.engine.memory import tame_malloc
 from mergekit_sdxl.engine.pipeline import DEFAULT_BUDGET, Progress, RunStats, run_pipeline
@@ -30,11 +31,25 @@ from mergekit_sdxl.io.hashes import FileHashes
 from mergekit_sdxl.io.metadata import InputRecord, merge_metadata
 from mergekit_sdxl.io.reader import Checkpoint, open_checkpoint
 from mergekit_sdxl.io.writer import SafetensorsWriter, TensorSpec
-from mergekit_sdxl.recipe.nodes import KeyPlan
+from mergekit_sdxl.recipe.nodes import Adapter, KeyPlan
 from mergekit_sdxl.recipe.planner import InputHeader, Plan, build_plan
-from mergekit_sdxl.recipe.schema import Recipe
+from mergekit_sdxl.recipe.schema import LoraStep, Recipe
 
 HEADER_SLACK = 16 << 10  # room for the final metadata, which is only known once the inputs are hashed
+
+
+class AdapterProvider(Protocol):
+    """What a LoRA step's adapters offer the engine (implemented by `mergekit_sdxl.lora.bake.AdapterSet`)."""
+
+    def keys(self) -> list[str]: ...
+    def needs_weight(self, key: str) -> bool: ...
+    def delta(self, key: str, shape: Sequence[int] | None = None, weight: torch.Tensor | None = None,
+              device: torch.device | str = "cpu") -> torch.Tensor | None: ...
+    def close(self) -> None: ...
+
+
+# (LoRA step, architecture, checkpoint key -> shape) -> the step's adapters, opened and mapped
+AdapterFactory = Callable[[LoraStep, str, Mapping[str, tuple[int, ...]]], AdapterProvider]
 
 
 @dataclass
@@ -89,14 +104,39 @@ def headers_of(recipe: Recipe, readers: Mapping[str, Checkpoint]) -> dict[str, I
     return headers
 
 
-def plan_recipe(recipe: Recipe, headers: Mapping[str, InputHeader], dtype: str | None = None) -> Plan:
+def plan_recipe(recipe: Recipe, headers: Mapping[str, InputHeader], dtype: str | None = None,
+                adapters: Mapping[str, AdapterProvider] | None = None) -> Plan:
     """Build the plan, applying a command-line dtype override; the arch is the first input's."""
     if dtype is not None:
         recipe = dataclasses.replace(recipe, output=dataclasses.replace(recipe.output, dtype=dtype))
+    adapter_keys = {name: provider.keys() for name, provider in (adapters or {}).items()}
+    return build_plan(recipe, headers, arch=job_arch(recipe, headers), adapter_keys=adapter_keys)
+
+
+def job_arch(recipe: Recipe, headers: Mapping[str, InputHeader]) -> str:
+    """The recipe's declared architecture, else the first input's."""
     archs = [h.arch for h in headers.values() if h.arch]
     if not archs:
         raise ArchError("no input has a recognisable SDXL or SD1.5 layout")
-    return build_plan(recipe, headers, arch=recipe.arch or archs[0])
+    return recipe.arch or archs[0]
+
+
+def open_adapters(recipe: Recipe, headers: Mapping[str, InputHeader], factory: AdapterFactory | None,
+                  stack: ExitStack) -> dict[str, AdapterProvider]:
+    """Open the adapters of every LoRA step the output uses (headers only), mapped onto the checkpoint's keys."""
+    steps = [s for name, s in recipe.steps.items() if isinstance(s, LoraStep) and name not in recipe.unused]
+    if not steps:
+        return {}
+    if factory is None:
+        raise RecipeError(f"{recipe.source}: LoRA steps ({', '.join(s.name for s in steps)}) need the LoRA "
+                          "support (mergekit_sdxl.lora) wired in; run them with `mergekit-sdxl merge`")
+    arch = job_arch(recipe, headers)
+    shapes = next({k: tuple(shape) for k, (_, shape) in h.keys.items()} for h in headers.values() if h.arch == arch)
+    providers: dict[str, AdapterProvider] = {}
+    for step in steps:
+        providers[step.name] = factory(step, arch, shapes)
+        stack.callback(providers[step.name].close)
+    return providers
 
 
 def output_specs(plan: Plan) -> list[TensorSpec]:
@@ -122,15 +162,17 @@ def resolve_output(recipe: Recipe, options: MergeOptions) -> Path:
     raise UsageError(f"{recipe.source}: no output path: give --out or set output.path in the recipe")
 
 
-def run_merge(recipe: Recipe, options: MergeOptions,
-              progress: Callable[[Progress], None] | None = None) -> MergeResult:
+def run_merge(recipe: Recipe, options: MergeOptions, progress: Callable[[Progress], None] | None = None,
+              adapter_factory: AdapterFactory | None = None) -> MergeResult:
     """Execute `recipe` and write its output atomically; returns what happened."""
     out = resolve_output(recipe, options)
     device = resolve_device(options.device)
     tame_malloc()
     with ExitStack() as stack:
         readers = open_inputs(recipe, stack)
-        plan = plan_recipe(recipe, headers_of(recipe, readers), options.dtype)
+        headers = headers_of(recipe, readers)
+        adapters = open_adapters(recipe, headers, adapter_factory, stack)
+        plan = plan_recipe(recipe, headers, options.dtype, adapters)
         used = {alias: readers[alias] for alias in plan.inputs}
         hashes = InputHashes({a: Path(r.path) for a, r in used.items()}, _data_starts(used), options.hash_inputs)
         _verify_pins(plan, hashes.known)
@@ -141,7 +183,8 @@ def run_merge(recipe: Recipe, options: MergeOptions,
                                    inputs=[r.path for r in readers.values()], header_slack=HEADER_SLACK)
         with writer:
             def make_evaluator() -> KeyEvaluator:
-                return KeyEvaluator(_compute_dtype(plan), device, scaled=lambda kp: is_scaled(plan, kp))
+                return KeyEvaluator(_compute_dtype(plan), device, adapter_fn=_adapter_fn(adapters, device),
+                                    scaled=lambda kp: is_scaled(plan, kp))
 
             stats = run_pipeline(plan.keys, used, _sink(writer, plan), make_evaluator, workers=_workers(options),
                                  budget=options.budget, progress=progress, on_read=_hash_hook(hashes, used),
@@ -150,6 +193,14 @@ def run_merge(recipe: Recipe, options: MergeOptions,
             _verify_pins(plan, known)
             writer.update_metadata(_metadata(plan, _records(plan, used, known), out))
     return MergeResult(out, plan, stats, known)
+
+
+def _adapter_fn(adapters: Mapping[str, AdapterProvider], device: torch.device) -> AdapterFn:
+    def delta(node: Adapter, shape: tuple[int, ...], base: torch.Tensor | None) -> torch.Tensor | None:
+        provider = adapters[node.alias]
+        weight = base if provider.needs_weight(node.key) else None
+        return provider.delta(node.key, shape, weight=weight, device=device)
+    return delta
 
 
 def _sink(writer: SafetensorsWriter, plan: Plan) -> Callable[[str, torch.Tensor], None]:
@@ -226,12 +277,14 @@ class _closing:
 
 
 def execute_in_memory(plan: Plan, readers: Mapping[str, Checkpoint], device: str = "cpu",
-                      keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+                      keys: set[str] | None = None,
+                      adapters: Mapping[str, AdapterProvider] | None = None) -> dict[str, torch.Tensor]:
     """Run a plan into a dict of tensors (for in-memory previews/sweeps); `keys` restricts what is computed."""
     selected = [kp for kp in plan.keys if keys is None or kp.key in keys]
     out: dict[str, torch.Tensor] = {}
     dev = resolve_device(device)
-    run_pipeline(selected, readers, out.__setitem__, lambda: KeyEvaluator(_compute_dtype(plan), dev),
+    fn = _adapter_fn(adapters or {}, dev)
+    run_pipeline(selected, readers, out.__setitem__, lambda: KeyEvaluator(_compute_dtype(plan), dev, adapter_fn=fn),
                  workers=min(2, os.cpu_count() or 1))
     return out
 

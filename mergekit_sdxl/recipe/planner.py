@@ -20,7 +20,7 @@ import hashlib
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,12 +30,13 @@ from mergekit_sdxl.arch.mbw import parse_mbw
 from mergekit_sdxl.arch.tables import ARCH_NAMES, check_arch, is_float_dtype, numel
 from mergekit_sdxl.errors import ArchError, RecipeError
 from mergekit_sdxl.recipe.formula import ZERO_COEFF
-from mergekit_sdxl.recipe.nodes import Call, KeyPlan, Linear, Load, Node, Scalar, loads_of
+from mergekit_sdxl.recipe.nodes import Adapter, Call, KeyPlan, Linear, Load, Node, Scalar, loads_of
 from mergekit_sdxl.recipe.schema import (
     COMPUTE_DTYPES,
     OUTPUT_DTYPES,
     SEED_PARAM,
     FormulaStep,
+    LoraStep,
     MethodStep,
     OutputSpec,
     Param,
@@ -92,13 +93,16 @@ class Plan:
     steps: list[str] = field(default_factory=list)
 
 
-def build_plan(recipe: Recipe, inputs: Mapping[str, InputHeader], *, arch: str) -> Plan:
+def build_plan(recipe: Recipe, inputs: Mapping[str, InputHeader], *, arch: str,
+               adapter_keys: Mapping[str, Collection[str]] | None = None) -> Plan:
     """Plan every output key of `recipe` from the inputs' headers.
 
     Args:
         recipe: a validated recipe.
         inputs: alias -> header, for at least every model the output uses.
         arch: the architecture of the job ("sdxl" or "sd15"); every input must have it.
+        adapter_keys: LoRA step name -> the checkpoint keys its adapters change (read from the adapter files'
+            headers by the caller); those keys get an `Adapter` term, the others pass through.
 
     Returns:
         The Plan.
@@ -108,7 +112,7 @@ def build_plan(recipe: Recipe, inputs: Mapping[str, InputHeader], *, arch: str) 
         RecipeError: keys missing from some inputs (all listed at once, per model), shape mismatches (all at once),
             MBW vectors that do not fit the architecture, a VAE file without VAE keys.
     """
-    return _Planner(recipe, inputs, arch).plan()
+    return _Planner(recipe, inputs, arch, adapter_keys or {}).plan()
 
 
 def derive_seed(seed: int, step: str, key: str) -> int:
@@ -118,8 +122,10 @@ def derive_seed(seed: int, step: str, key: str) -> int:
 
 
 class _Planner:
-    def __init__(self, recipe: Recipe, headers: Mapping[str, InputHeader], arch: str) -> None:
+    def __init__(self, recipe: Recipe, headers: Mapping[str, InputHeader], arch: str,
+                 adapter_keys: Mapping[str, Collection[str]]) -> None:
         self.recipe, self.arch = recipe, check_arch(arch)
+        self.adapter_keys = {name: frozenset(keys) for name, keys in adapter_keys.items()}
         self.used = [name for name in recipe.models if name not in recipe.unused and name != self.vae_only()]
         self.headers = self.check_headers(headers)
         self.primary = self.first_model(recipe.output_step)
@@ -261,6 +267,11 @@ class _Planner:
             return present[0] if present else None
         if isinstance(step, FormulaStep):
             return _linear([(node, c) for node, (_, c) in zip(nodes, step.formula.coeffs)])  # type: ignore[misc]
+        if isinstance(step, LoraStep):  # the weight plus the adapters' delta; the weight stays one term (DoRA)
+            base = nodes[0]
+            if key not in self.adapter_keys.get(step.name, ()):
+                return base
+            return Linear(((base, 1.0), (Adapter(step.name, key, 1.0), 1.0)))  # type: ignore[arg-type]
         return self.call(step, nodes, key)  # type: ignore[arg-type]
 
     def call(self, step: MethodStep, nodes: list[Node], key: str) -> Node:
@@ -317,6 +328,10 @@ class _Planner:
             if isinstance(step, FormulaStep):
                 steps[name] = {"formula": step.formula.text, "kind": step.kind,
                                "coefficients": dict(step.formula.coeffs)}
+            elif isinstance(step, LoraStep):
+                steps[name] = {"model": step.model, "convention": step.convention, "lora": [
+                    {"file": os.path.basename(a.path), "strength": a.strength, "te_strength": a.te_strength,
+                     "blocks": a.blocks} for a in step.adapters]}
             else:
                 steps[name] = {"method": step.method, "inputs": list(step.inputs), "convention": step.convention,
                                "params": {p.name: _param_dict(p, w) for p, w in self.params[name]}}
@@ -339,6 +354,9 @@ class _Planner:
     def describe_step(self, name: str) -> str:
         step = self.recipe.steps[name]
         mark = " (written)" if name == self.recipe.output_step else ""
+        if isinstance(step, LoraStep):
+            files = ", ".join(f"{os.path.basename(a.path)} x{a.strength:g}" for a in step.adapters)
+            return f"step {name}{mark}: {step.model} + LoRA({files})"
         if isinstance(step, FormulaStep):
             terms = " ".join(f"{'-' if c < 0 else '+'} {abs(c):g}*{n}" for n, c in step.formula.coeffs)
             return f"step {name}{mark}: {step.formula.text}  =  {terms.removeprefix('+ ')}  ({step.kind})"

@@ -45,6 +45,7 @@ MAX_LIST = 64  # values in an MBW vector, models of a variadic step
 MAX_RULES = 256  # overrides per parameter, drop patterns
 MAX_PATTERN = 500
 MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 50_000  # far above any real recipe; bounds the time a hostile 1 MB recipe can take
 MAX_METADATA = 256
 MAX_METADATA_VALUE = 65_536
 
@@ -119,7 +120,34 @@ class MethodStep:
         return any(p.block_weighted for p in self.params)
 
 
-Step = FormulaStep | MethodStep
+@dataclass(frozen=True)
+class AdapterRef:
+    """One LoRA/LyCORIS file applied by a LoRA step: path (resolved), strengths and optional block weights."""
+
+    path: str
+    strength: float = 1.0
+    te_strength: float | None = None
+    blocks: Any = None  # raw MBW spec (validated against the architecture by the planner)
+
+
+@dataclass(frozen=True)
+class LoraStep:
+    """A step adding adapters' deltas to a weight: `model` + sum of strength * ΔW (a weight)."""
+
+    name: str
+    model: str
+    adapters: tuple[AdapterRef, ...]
+    convention: str
+    kind: Kind = "weight"
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.model,)
+
+
+Step = FormulaStep | MethodStep | LoraStep
+_LORA_FIELDS = ("lora", "model", "strength", "te_strength", "blocks", "convention")
+_ADAPTER_FIELDS = ("path", "strength", "te_strength", "blocks")
 
 
 @dataclass(frozen=True)
@@ -177,6 +205,8 @@ def load_recipe(path: str | Path, model_paths: Mapping[str, str] | None = None) 
         RecipeError: one line naming the file, step and field, for any problem.
     """
     file = Path(path)
+    if file.exists() and not file.is_file():  # a FIFO would block the read forever; a folder is no recipe
+        raise RecipeError(f"{file}: is not a regular file; give the recipe's YAML file")
     try:
         with file.open("rb") as handle:
             raw = handle.read(MAX_RECIPE_BYTES + 1)
@@ -211,6 +241,7 @@ class _Loader(yaml.SafeLoader):
 
     source = "<recipe>"
     depth = 0
+    nodes = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
@@ -220,6 +251,9 @@ class _Loader(yaml.SafeLoader):
                               "are not allowed in recipes; write the value out")
         if self.depth >= MAX_YAML_DEPTH:
             raise RecipeError(f"{self.source}:{line}: YAML nests deeper than {MAX_YAML_DEPTH} levels")
+        self.nodes += 1
+        if self.nodes > MAX_YAML_NODES:
+            raise RecipeError(f"{self.source}:{line}: more than {MAX_YAML_NODES} YAML values; not a recipe")
         self.depth += 1
         try:
             return super().compose_node(parent, index)
@@ -240,7 +274,10 @@ class _Loader(yaml.SafeLoader):
 
 def load_yaml(text: str, source: str = "<recipe>") -> Any:
     """Parse YAML text safely: no Python objects, no anchors/aliases, no duplicate keys; RecipeError otherwise."""
-    loader = _Loader(text)
+    try:  # the constructor already scans the text: a control character fails here
+        loader = _Loader(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source}: invalid YAML: {str(exc).splitlines()[0]}") from None
     loader.source = source
     try:
         return loader.get_single_data()
@@ -420,13 +457,17 @@ class _Parser:
                 refs = [("formula", t.text) for t in tokenize(formula) if t.kind == "name"]
             except RecipeError as exc:
                 raise _fail(self.where("steps", name, "formula"), str(exc)) from None
+        elif "lora" in entry:
+            refs = [("model", entry.get("model"))]
+            if entry.get("model") is None:
+                raise _fail(self.where("steps", name), "a LoRA step needs `model`: the model or step to apply it to")
         elif "method" in entry:
             spec = self.method_spec(name, entry["method"])
             for field_name in (*spec.inputs, *(["models"] if spec.variadic else [])):
                 ref = entry.get(field_name)
                 refs += [(field_name, r) for r in ref] if isinstance(ref, list) else [(field_name, ref)]
         else:
-            raise _fail(self.where("steps", name), "expected a `formula` or a `method` field")
+            raise _fail(self.where("steps", name), "expected a `formula`, `method` or `lora` field")
         for field_name, ref in refs:
             if ref == name:
                 raise _fail(self.where("steps", name, field_name), f"step {name!r} refers to itself")
@@ -454,7 +495,40 @@ class _Parser:
                 return FormulaStep(name, parse_formula(entry["formula"], kinds))
             except RecipeError as exc:
                 raise _fail(self.where("steps", name, "formula"), str(exc)) from None
+        if "lora" in entry:
+            return self.lora_step(name, entry, kinds, convention)
         return self.method_step(name, entry, kinds, convention, arch)
+
+    def lora_step(self, name: str, entry: dict[str, Any], kinds: dict[str, Kind], convention: str) -> LoraStep:
+        """`{lora: FILE | [FILE | {path, strength, te_strength, blocks}], model: NAME, strength, te_strength, blocks}`;
+        step-level strength/te_strength/blocks are defaults for every adapter of the step."""
+        fields = self.mapping(entry, self.where("steps", name), _LORA_FIELDS)
+        convention = self.choice(fields.get("convention", convention), self.where("steps", name, "convention"),
+                                 CONVENTIONS)
+        model = self.input_name(name, "model", fields.get("model"), kinds)
+        items = fields["lora"] if isinstance(fields["lora"], list) else [fields["lora"]]
+        if not items or len(items) > MAX_LIST:
+            raise _fail(self.where("steps", name, "lora"), f"expected 1 to {MAX_LIST} adapter files")
+        defaults = {k: fields[k] for k in ("strength", "te_strength", "blocks") if k in fields}
+        adapters = tuple(self.adapter(name, i, item, defaults) for i, item in enumerate(items))
+        return LoraStep(name, model, adapters, convention)
+
+    def adapter(self, step: str, index: int, item: Any, defaults: dict[str, Any]) -> AdapterRef:
+        where = self.where("steps", step, f"lora[{index}]")
+        entry = {"path": item} if isinstance(item, str) else self.mapping(item, where, _ADAPTER_FIELDS)
+        merged = {**defaults, **entry}
+        path = merged.get("path")
+        if not isinstance(path, str) or not path.strip():
+            raise _fail(where, f"expected an adapter file path, got {_type_name(path)}")
+        for key in ("strength", "te_strength"):
+            value = merged.get(key)
+            if value is not None and (not _is_number(value) or not math.isfinite(value)):
+                raise _fail(f"{where}.{key}", f"expected a finite number, got {value!r}")
+        given = Path(path).expanduser()
+        resolved = str(given if given.is_absolute() else self.base_dir / given)
+        te = merged.get("te_strength")
+        return AdapterRef(resolved, float(merged.get("strength", 1.0)), None if te is None else float(te),
+                          merged.get("blocks"))
 
     def method_step(self, name: str, entry: dict[str, Any], kinds: dict[str, Kind], convention: str,
                     arch: str | None) -> MethodStep:
@@ -559,6 +633,8 @@ class _Parser:
             return self.where("output", field_name)
 
         path = self.text(fields.get("path"), "output.path")
+        if path is not None and ".." in Path(path).parts:  # a shared recipe must not write outside the folder
+            raise _fail(at("path"), f"{path!r} climbs out of the folder with '..'; give the output with --out")
         dtype = OUTPUT_DTYPES[self.choice(fields.get("dtype", "fp16"), at("dtype"), OUTPUT_DTYPES)]
         fp8_scaled = self.flag(fields, "fp8_scaled")
         if fp8_scaled and not dtype.startswith("F8"):
