@@ -11,6 +11,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 
@@ -30,3 +34,42 @@ def tame_malloc() -> bool:
     ok &= mallopt(_M_TRIM_THRESHOLD, 8 << 20) == 1
     ok &= mallopt(_M_ARENA_MAX, 4) == 1
     return bool(ok)
+
+
+_MADV_HUGEPAGE = 14
+_HUGE_MIN = 4 << 20
+
+
+@functools.cache
+def _madvise() -> object | None:
+    name = ctypes.util.find_library("c")
+    try:
+        fn = ctypes.CDLL(name, use_errno=True).madvise if name else None
+    except (OSError, AttributeError):
+        return None
+    if fn is not None:
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+def empty_bytes(nbytes: int) -> torch.Tensor:
+    """An uninitialised uint8 CPU buffer; large ones are marked for transparent huge pages before first touch.
+
+    A merge fills ~35 GB of fresh buffers (every input tensor, every output): with 4 KiB pages that is ~9 M page
+    faults, which measured 2-3x slower than reading into 2 MiB pages on the development machine.
+    """
+    import torch
+
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    madvise = _madvise()
+    if madvise is not None and nbytes >= _HUGE_MIN:
+        start = (buffer.data_ptr() + 4095) & ~4095
+        stop = (buffer.data_ptr() + nbytes) & ~4095
+        if stop > start:
+            madvise(start, stop - start, _MADV_HUGEPAGE)  # advisory: failure just means normal pages
+    return buffer
+
+
+def empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """`torch.empty(numel, dtype=dtype)` through `empty_bytes` (huge pages for large tensors)."""
+    return empty_bytes(numel * dtype.itemsize).view(dtype)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mergekit_sdxl.engine.evaluate import KeyEvaluator
+from mergekit_sdxl.engine.memory import empty_bytes
 from mergekit_sdxl.io.reader import Checkpoint
 from mergekit_sdxl.recipe.nodes import KeyPlan, loads_of
 
@@ -158,10 +159,12 @@ def _join(threads: list[threading.Thread]) -> None:
 def _read(reader: Checkpoint, key: str, pin_memory: bool) -> torch.Tensor:
     """A fresh tensor; for a CUDA run, in page-locked memory so the host-to-device copy is asynchronous (torch's
     caching host allocator reuses the pinned blocks once their copies have completed)."""
-    if not pin_memory or not hasattr(reader, "read_into"):
+    if not hasattr(reader, "read_into"):
         return reader.read(key)
-    buffer = torch.empty(reader.info(key).nbytes, dtype=torch.uint8, pin_memory=True)
-    return reader.read_into(key, buffer)
+    nbytes = reader.info(key).nbytes
+    if pin_memory:
+        return reader.read_into(key, torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))
+    return reader.read_into(key, empty_bytes(nbytes))
 
 
 def _compute_loop(to_compute: queue.Queue, to_write: queue.Queue, evaluator: KeyEvaluator,
