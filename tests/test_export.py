@@ -177,3 +177,32 @@ def test_cli(tiny_sd15: Path, tmp_path: Path) -> None:
     assert '"arch": "sd15"' in result.output
     again = CliRunner().invoke(cli, ["export", str(tiny_sd15), "-o", str(out)])
     assert again.exit_code != 0
+
+
+def test_markers(make_ckpt: object, tmp_path: Path) -> None:
+    from mergekit_sdxl.errors import CheckpointError
+    from mergekit_sdxl.export.folder import scheduler_config
+
+    config = scheduler_config("sdxl", ("v_pred", "ztsnr"))
+    assert config["prediction_type"] == "v_prediction" and config["rescale_betas_zero_snr"] is True
+    assert config["timestep_spacing"] == "trailing"
+    assert scheduler_config("sd15", ())["_class_name"] == "PNDMScheduler"
+    assert scheduler_config("sd15", ("ztsnr",))["_class_name"] == "EulerDiscreteScheduler"
+    with pytest.raises(CheckpointError, match="EDM"):
+        export_diffusers(make_ckpt("sdxl", seed=0, include_optional=("markers",)), tmp_path / "edm")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scaled_fp8_input(tiny_sd15: Path, tmp_path: Path) -> None:
+    from mergekit_sdxl.cli.convert_cmd import convert_checkpoint
+    from mergekit_sdxl.io.dtypes import dequantize_scaled
+
+    fp8 = tmp_path / "fp8.safetensors"
+    with open_checkpoint(tiny_sd15) as reader:
+        convert_checkpoint(reader, fp8, "fp8_e4m3fn", scaled_fp8=True)
+    report = export_diffusers(fp8, tmp_path / "out", dtype="fp16")
+    assert "scaled_fp8" in report.unmapped
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    with open_checkpoint(fp8) as src, DiffusersFolderReader(tmp_path / "out") as folder:
+        expected = dequantize_scaled(src.read(key), src.read(key.replace(".weight", ".scale_weight")), "F16")
+        assert torch.equal(folder.read(key), expected)
