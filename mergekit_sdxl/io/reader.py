@@ -12,16 +12,18 @@ import importlib.util
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mergekit_sdxl.errors import CheckpointError
 from mergekit_sdxl.io.dtypes import DTYPES, torch_dtype
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so header-only use stays fast
+    import torch
 
 MAX_HEADER = 100 * 1024 * 1024
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -165,10 +167,7 @@ class SafetensorsReader:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        except OSError as exc:
-            raise CheckpointError(f"{self.path}: cannot open: {exc.strerror}") from None
+        self._fd = _open_regular(self.path)
         try:
             self.size = os.fstat(self._fd).st_size
             self.header_len = self._read_header_len()
@@ -231,6 +230,8 @@ class SafetensorsReader:
 
     def read(self, key: str) -> torch.Tensor:
         """The tensor `key` in a fresh CPU buffer, in its stored dtype."""
+        import torch
+
         i = self.info(key)
         return self._fill(i, torch.empty(i.nbytes, dtype=torch.uint8))
 
@@ -240,6 +241,8 @@ class SafetensorsReader:
         Returns:
             A view of `buffer` with the tensor's dtype and shape; valid until the buffer is reused.
         """
+        import torch
+
         i = self.info(key)
         if buffer.dtype != torch.uint8 or buffer.dim() != 1 or not buffer.is_contiguous() or buffer.is_cuda:
             raise ValueError("read_into needs a contiguous 1-D uint8 CPU tensor")
@@ -279,10 +282,35 @@ class SafetensorsReader:
         return f"SafetensorsReader({str(self.path)!r}, {len(self._infos)} tensors)"
 
 
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of a regular file. O_NONBLOCK so a FIFO cannot block the open; anything that is not
+    a regular file (FIFO, socket, device) is refused with a CheckpointError, as is an open that fails."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open: {exc.strerror or exc}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a special file"
+        raise CheckpointError(f"{path}: is {what}, not a checkpoint file")
+    os.set_blocking(fd, True)
+    return fd
+
+
 def sniff(path: Path) -> str:
-    """"safetensors", "torch-zip", "torch-pickle" or "unknown", from the first bytes of a file."""
-    with open(path, "rb") as f:
-        head = f.read(9)
+    """"safetensors", "torch-zip", "torch-pickle" or "unknown", from the first bytes of a file.
+
+    Raises:
+        CheckpointError: the path cannot be opened or is not a regular file (e.g. a FIFO).
+    """
+    fd = _open_regular(path)
+    try:
+        head = os.pread(fd, 9, 0)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:

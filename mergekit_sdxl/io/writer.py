@@ -10,6 +10,12 @@ equal inputs give byte-identical files (and equal AutoV2 hashes).
 Data safety: bytes go to `.<name>.<pid>.mergekit-tmp` in the target folder; commit = fsync, os.replace, fsync of
 the folder. Any exception inside the `with` block (Ctrl-C included) removes the temporary file, so no partial
 output is ever left under the real name. Inputs are never overwritten; an existing output only with overwrite.
+Temporary files of dead processes for the same output name (left by a crash or SIGKILL) are removed when the
+next writer for that name opens (`cleanup_stale_temps`).
+
+Test hook (crash-safety tests only): when the environment variable MERGEKIT_TEST_KILL_AT is set to one of
+`header`, `tensor:N` (after the N-th tensor written, 1-based), `before_fsync`, `after_fsync`, `before_rename`,
+`after_rename`, the process SIGKILLs itself at that point. Unset (always, outside tests) it does nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import math
 import os
 import re
+import signal
 import struct
 import threading
 from collections.abc import Iterable, Mapping
@@ -31,6 +38,13 @@ from mergekit_sdxl.errors import OutputError
 from mergekit_sdxl.io.dtypes import DTYPES, code_of
 
 TEMP_SUFFIX = ".mergekit-tmp"
+KILL_ENV = "MERGEKIT_TEST_KILL_AT"
+
+
+def _test_kill(point: str) -> None:
+    """The crash-test hook (module docstring): SIGKILL this process if MERGEKIT_TEST_KILL_AT names `point`."""
+    if os.environ.get(KILL_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -174,6 +188,7 @@ class SafetensorsWriter:
         self.tmp = temp_path(self.path)
         self._preallocate = preallocate
         self._written: set[str] = set()
+        self._count = 0  # tensors written, for the test hook
         self._lock = threading.Lock()
         self._fd = -1
 
@@ -199,7 +214,11 @@ class SafetensorsWriter:
             self.abort()
 
     def open(self) -> None:
-        """Create the temporary file, reserve its size and write the header."""
+        """Remove stale temporaries of this output, create the temporary file, reserve its size, write the header."""
+        try:
+            cleanup_stale_temps(self.path.parent, self.path.name)
+        except OSError:
+            pass  # an unreadable folder fails just below with a clear message
         try:
             self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         except OSError as exc:
@@ -210,6 +229,7 @@ class SafetensorsWriter:
         except BaseException:
             self.abort()
             raise
+        _test_kill("header")
 
     def _reserve(self) -> None:
         if self._preallocate and hasattr(os, "posix_fallocate") and self.size:
@@ -252,6 +272,10 @@ class SafetensorsWriter:
 
     def _write_view(self, key: str, view: memoryview) -> None:
         self._pwrite(view, self.offsets[key], f"tensor {key!r}")
+        if KILL_ENV in os.environ:
+            with self._lock:
+                self._count += 1
+                _test_kill(f"tensor:{self._count}")
 
     def _pwrite(self, view: memoryview, offset: int, what: str) -> None:
         done = 0
@@ -289,13 +313,17 @@ class SafetensorsWriter:
             self.abort()
             raise OutputError(f"{self.path}: {len(missing)} announced tensors never written, e.g. {missing[0]!r}")
         try:
+            _test_kill("before_fsync")
             os.fsync(self._fd)
+            _test_kill("after_fsync")
             os.close(self._fd)
             self._fd = -1
+            _test_kill("before_rename")
             os.replace(self.tmp, self.path)
         except OSError as exc:
             self.abort()
             raise OutputError(f"{self.path}: finishing the file failed: {exc.strerror}") from None
+        _test_kill("after_rename")
         _fsync_dir(self.path.parent)
 
     def abort(self) -> None:
