@@ -120,7 +120,10 @@ def _compare(arch: str, folder: Path, src: Path, steps: int) -> None:
     ours = _sampler_latents(src, **settings)
     theirs = _diffusers_latents(folder, arch, **settings)
     assert ours.shape == theirs.shape == (1, 4, 8, 8)
-    torch.testing.assert_close(theirs.float(), ours, rtol=1e-4, atol=1e-4)
+    # float32 rounding differs (diffusers: sigmas from float32 alphas at integer t; ours: log-sigma interpolation at
+    # t = 998.9999...): ~1e-6 per step, ~1e-4 after 10 steps
+    tol = 1e-4 if steps <= 2 else 1e-3
+    torch.testing.assert_close(theirs.float(), ours, rtol=tol, atol=tol)
 
 
 def test_merge_takes_exported_folder(exported: dict[str, Path], tiny_sdxl: Path, tmp_path: Path) -> None:
