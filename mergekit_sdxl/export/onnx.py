@@ -147,8 +147,11 @@ def export_part(part: str, module: torch.nn.Module, source: ExportSource, dtype:
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
+        # fp16 traced on the CPU: torch inserts fp32 casts around some matmuls; constant folding would then store
+        # those weights a second time in fp32 (1.6x the text encoders' size), so fp16 graphs are not folded
         torch.onnx.export(wrapper.eval(), args, str(path), input_names=names_in, output_names=names_out,
-                          dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
+                          dynamic_axes=axes, opset_version=opset, do_constant_folding=dtype == torch.float32,
+                          dynamo=False)
     _single_external_file(path)
 
 
