@@ -78,7 +78,7 @@ def kohya_metadata(arch: str, layers: list[LayerFactors], *, rank: int, conv_ran
     """kohya `ss_*` and `modelspec.*` metadata (strings); alpha is "Dynamic" when layers differ."""
     linear_alphas = {lf.alpha for lf in layers if not _is_kxk(lf.module)}
     conv_alphas = {lf.alpha for lf in layers if _is_kxk(lf.module)}
-    ranks = {lf.rank for lf in layers}
+    ranks = {lf.rank for lf in layers if not _is_kxk(lf.module)}
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank) if len(ranks) <= 1 and (not ranks or ranks == {rank}) else "Dynamic",
