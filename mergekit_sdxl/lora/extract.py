@@ -28,7 +28,7 @@ from mergekit_sdxl import __version__
 from mergekit_sdxl.arch.detect import detect_arch
 from mergekit_sdxl.arch.lora_names import PRESETS, LoraModule, lora_modules, select
 from mergekit_sdxl.errors import ArchError, CheckpointError, UsageError
-from mergekit_sdxl.io.dtypes import parse_dtype
+from mergekit_sdxl.io.dtypes import parse_dtype, torch_dtype
 from mergekit_sdxl.io.reader import open_checkpoint
 from mergekit_sdxl.lora.kohya import (
     FORMATS,
@@ -245,7 +245,11 @@ def _extract_one(module: LoraModule, delta: torch.Tensor, weight_norm: float, op
     alpha = options.conv_alpha if kxk else options.alpha
     factors = factorize(delta.reshape(delta.shape[0], -1), rule, options.solver, module.name, options.clamp_quantile)
     row.rank, row.energy, row.kept = factors.rank, factors.energy, True
-    return row, with_alpha(module, factors.up.cpu(), factors.down.cpu(), alpha)
+    layer = with_alpha(module, factors.up, factors.down, alpha)
+    # store in the save dtype right away: fp32 factors of a whole SDXL would hold ~1 GB until the end
+    target = torch_dtype(parse_dtype(options.save_dtype))
+    layer.up, layer.down = layer.up.to("cpu", target), layer.down.to("cpu", target)
+    return row, layer
 
 
 def _metadata(arch: str, layers: list[LayerFactors], report: ExtractReport, options: ExtractOptions, base: Path,
