@@ -746,7 +746,9 @@ if __name__ == "__main__":  # the counts for benchmarks/RESULTS.md
         kind = entry["kind"]
         if kind == "fuzz":
             totals.setdefault("fuzz", {})[entry["target"]] = entry["examples"]  # type: ignore[index]
-        else:
+        if "grown_mb" in entry:
+            totals.setdefault("peak RSS growth, MB", {})[entry["name"]] = entry["grown_mb"]  # type: ignore[index]
+        if kind != "fuzz":
             tried, passed = totals.get(kind, (0, 0))  # type: ignore[misc]
             totals[kind] = (tried + 1, passed + int(entry["passed"]))
     print(json.dumps(totals, indent=2, sort_keys=True))

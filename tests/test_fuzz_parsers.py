@@ -16,6 +16,7 @@ import os
 import struct
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +34,8 @@ from mergekit_sdxl.recipe.formula import parse_formula  # noqa: E402
 from mergekit_sdxl.recipe.schema import load_yaml, parse_recipe  # noqa: E402
 
 HAS_PROMPT = importlib.util.find_spec("mergekit_sdxl.sampler.prompt") is not None
-CI = settings(max_examples=200, deadline=5000, suppress_health_check=list(HealthCheck), derandomize=True)
+CI = settings(max_examples=200, deadline=5000, suppress_health_check=list(HealthCheck), derandomize=True,
+             database=None)
 COUNTS: dict[str, int] = {}
 
 # ------------------------------------------------------------------------------------------------ strategies
@@ -183,6 +185,11 @@ TARGETS: dict[str, tuple[Callable[..., None], tuple]] = {
 }
 
 
+def fresh(fn: Callable[..., None]) -> Callable[..., None]:
+    """A new function object with fn's code: hypothesis marks what it decorates, and a target runs many times."""
+    return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 def _skip_missing(target: str) -> None:
     if target == "prompt" and not HAS_PROMPT:
         pytest.skip("mergekit_sdxl.sampler.prompt (parse_prompt_attention) is not present")
@@ -195,7 +202,7 @@ def test_fuzz_bounded(target):
     start = COUNTS.get(fn.__name__, 0)
     counted = target if target != "recipe-structured" else "recipe"
     before = COUNTS.get(counted, 0)
-    given(*strategies)(CI(fn))()
+    given(*strategies)(CI(fresh(fn)))()
     record("fuzz", target, True, target=target, examples=COUNTS.get(counted, 0) - before)
     del start
 
@@ -210,7 +217,8 @@ def test_fuzz_long(target):
     before = COUNTS.get(counted, 0)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        given(*strategies)(settings(max_examples=2000, deadline=5000, suppress_health_check=list(HealthCheck))(fn))()
+        long = settings(max_examples=2000, deadline=5000, suppress_health_check=list(HealthCheck), database=None)
+        given(*strategies)(long(fresh(fn)))()
     record("fuzz", f"{target} (long)", True, target=f"{target} (long)", examples=COUNTS.get(counted, 0) - before)
 
 
