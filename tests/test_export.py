@@ -121,9 +121,9 @@ def _compare(arch: str, folder: Path, src: Path, steps: int) -> None:
     theirs = _diffusers_latents(folder, arch, **settings)
     assert ours.shape == theirs.shape == (1, 4, 8, 8)
     # float32 rounding differs (diffusers: sigmas from float32 alphas at integer t; ours: log-sigma interpolation at
-    # t = 998.9999...): ~1e-6 per step, ~1e-4 after 10 steps
-    tol = 1e-4 if steps <= 2 else 1e-3
-    torch.testing.assert_close(theirs.float(), ours, rtol=tol, atol=tol)
+    # t = 998.9999...); the tiny random models give latents up to ~130, the differences stay ~6e-6 of that
+    rel = (theirs.float() - ours).abs().max() / ours.abs().max()
+    assert rel < 1e-4, rel
 
 
 def test_merge_takes_exported_folder(exported: dict[str, Path], tiny_sdxl: Path, tmp_path: Path) -> None:
