@@ -78,14 +78,20 @@ def main() -> None:
     make_inputs(work, args.size)
     (work / "formula.yaml").write_text(FORMULA_RECIPE)
     out_bytes = os.path.getsize(work / "beta7.safetensors")
-    results: dict[str, list[dict]] = {"floor": [], "rev2": [], "formula": [], "formula_nohash": [], "mecha": []}
+    results: dict[str, list[dict]] = {"floor": [], "rev2_cold_hashes": [], "rev2": [], "formula": [],
+                                      "formula_nohash": [], "mecha": []}
     for rnd in range(args.rounds):
         results["floor"].append(floor(work, out_bytes))
         emit({"what": "floor", "round": rnd, **results["floor"][-1]})
-        for name, recipe, extra in (("rev2", ROOT / "recipes" / "kohaku_xl_gamma_rev2.yaml", []),
-                                    ("formula", work / "formula.yaml", []),
-                                    ("formula_nohash", work / "formula.yaml", ["--no-input-hashes"])):
-            run = ours_with(work, recipe, args.device, extra)
+        rev2 = ROOT / "recipes" / "kohaku_xl_gamma_rev2.yaml"
+        cold = work / f"hash-cache-{rnd}"
+        shutil.rmtree(cold, ignore_errors=True)
+        for name, recipe, extra, env in (
+                ("rev2_cold_hashes", rev2, [], {"MERGEKIT_SDXL_CACHE_DIR": str(cold)}),  # inputs hashed in-stream
+                ("rev2", rev2, [], {"MERGEKIT_SDXL_CACHE_DIR": str(cold)}),  # hashes now cached
+                ("formula", work / "formula.yaml", [], {"MERGEKIT_SDXL_CACHE_DIR": str(cold)}),
+                ("formula_nohash", work / "formula.yaml", ["--no-input-hashes"], {})):
+            run = ours_with(work, recipe, args.device, extra, env)
             results[name].append(run)
             emit({"what": f"mergekit-sdxl {name}", "round": rnd, "device": args.device, **run})
         if not args.skip_mecha:
@@ -99,11 +105,11 @@ def main() -> None:
         shutil.rmtree(work)
 
 
-def ours_with(work: Path, recipe: Path, device: str, extra: list[str]) -> dict:
+def ours_with(work: Path, recipe: Path, device: str, extra: list[str], env: dict[str, str]) -> dict:
     argv = [sys.executable, "-m", "mergekit_sdxl.cli.main", "--quiet", "merge", str(recipe), "--overwrite",
             "--device", device, "-o", str(work / "ours.safetensors"), *extra]
     argv += [x for a in ALIASES for x in ("-m", f"{a}={work / f'{a}.safetensors'}")]
-    return measured_child(argv, cwd=ROOT)
+    return measured_child(argv, cwd=ROOT, env=env)
 
 
 def report(results: dict[str, list[dict]], args: argparse.Namespace) -> None:

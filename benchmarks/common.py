@@ -16,13 +16,16 @@ def emit(record: dict) -> None:
     print(json.dumps(record, sort_keys=True), flush=True)
 
 
-def measured_child(argv: list[str], cwd: Path | None = None) -> dict:
+def measured_child(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> dict:
     """Like run_child but with a fresh per-child peak RSS: runs the command under a tiny Python wrapper."""
     wrapper = ("import os,resource,subprocess,sys,time,json;t=time.perf_counter();"
                "p=subprocess.run(sys.argv[1:]);w=time.perf_counter()-t;"
                "r=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss;"
                "print(json.dumps({'seconds':w,'peak_rss_mb':r/1024,'rc':p.returncode}),file=sys.stderr)")
-    proc = subprocess.run([sys.executable, "-c", wrapper, *argv], cwd=cwd, capture_output=True, text=True)
+    import os
+
+    proc = subprocess.run([sys.executable, "-c", wrapper, *argv], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     last = proc.stderr.strip().splitlines()[-1]
     result = json.loads(last)
     if result["rc"]:

@@ -12,11 +12,55 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from mergekit_sdxl.engine.pipeline import ByteBudget
 from mergekit_sdxl.io.hashes import FileHashes, cached_hashes, hash_file, legacy_hash, store_cached_hashes
+
+HASH_BUDGET = 256 << 20  # bytes queued for hashing at most: reading never runs far ahead of the digests
+
+
+class _Digests:
+    """sha256 of the whole file and of its data region, each updated on its own thread (hashlib releases the GIL),
+    in submission order, so hashing overlaps reading and computing instead of stalling the reader thread."""
+
+    def __init__(self) -> None:
+        self.full, self.data = hashlib.sha256(), hashlib.sha256()
+        self._threads = (ThreadPoolExecutor(1, thread_name_prefix="mergekit-hash"),
+                         ThreadPoolExecutor(1, thread_name_prefix="mergekit-hash"))
+        self._budget, self._never = ByteBudget(HASH_BUDGET), threading.Event()
+
+    def update(self, view: memoryview, data: bool = True) -> None:
+        """Queue `view` (kept alive until hashed) for the file digest and, with `data`, the data digest."""
+        size = len(view)
+        self._budget.acquire(size, self._never)
+        futures = [self._threads[0].submit(self.full.update, view)]
+        if data:
+            futures.append(self._threads[1].submit(self.data.update, view))
+        remaining = [len(futures)]
+        lock = threading.Lock()
+
+        def done(_: Future) -> None:
+            with lock:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    self._budget.release(size)
+        for future in futures:
+            future.add_done_callback(done)
+
+    def close(self) -> None:
+        """Drop queued work (the run failed): the threads end once their current update returns."""
+        for pool in self._threads:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def hexdigests(self) -> tuple[str, str]:
+        """Wait for the queued updates, stop the threads and return (file digest, data digest)."""
+        for pool in self._threads:
+            pool.shutdown(wait=True)
+        return self.full.hexdigest(), self.data.hexdigest()
 
 
 class StreamHasher:
@@ -25,9 +69,9 @@ class StreamHasher:
     def __init__(self, path: Path, data_start: int) -> None:
         self.path, self.size = path, os.path.getsize(path)
         self.expected, self.broken = data_start, False
-        self._full, self._data = hashlib.sha256(), hashlib.sha256()
+        self._digests = _Digests()
         with open(path, "rb") as f:
-            self._full.update(f.read(data_start))
+            self._digests.update(memoryview(f.read(data_start)), data=False)
         self._lock = threading.Lock()
 
     def feed(self, start: int, tensor: torch.Tensor) -> None:
@@ -41,25 +85,29 @@ class StreamHasher:
             if start > self.expected:
                 self._hash_range(self.expected, start)
             raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-            self._full.update(raw)
-            self._data.update(raw)
+            self._digests.update(raw)
             self.expected += len(raw)
 
     def _hash_range(self, begin: int, end: int) -> None:
         with open(self.path, "rb") as f:
             f.seek(begin)
             while begin < end and (chunk := f.read(min(8 << 20, end - begin))):
-                self._full.update(chunk)
-                self._data.update(chunk)
+                self._digests.update(memoryview(chunk))
                 begin += len(chunk)
         self.expected = begin
+
+    def close(self) -> None:
+        """Stop hashing (the run failed)."""
+        self._digests.close()
 
     def finish(self) -> FileHashes:
         """Hash whatever was not read (or everything, if the stream broke) and return the three hashes."""
         if self.broken:
+            self._digests.hexdigests()
             return hash_file(self.path)
         self._hash_range(self.expected, self.size)
-        return FileHashes(legacy_hash(self.path), self._full.hexdigest(), self._data.hexdigest())
+        full, data = self._digests.hexdigests()
+        return FileHashes(legacy_hash(self.path), full, data)
 
 
 class InputHashes:
@@ -83,6 +131,12 @@ class InputHashes:
         hasher = self.streams.get(alias)
         if hasher is not None:
             hasher.feed(start, tensor)
+
+    def close(self) -> None:
+        """Stop every unfinished stream (a failed run); idempotent."""
+        for hasher in self.streams.values():
+            hasher.close()
+        self.streams.clear()
 
     def finish(self) -> dict[str, FileHashes]:
         """All hashes (cached + streamed); streamed ones are stored in the cache."""

@@ -175,6 +175,7 @@ def run_merge(recipe: Recipe, options: MergeOptions, progress: Callable[[Progres
         plan = plan_recipe(recipe, headers, options.dtype, adapters)
         used = {alias: readers[alias] for alias in plan.inputs}
         hashes = InputHashes({a: Path(r.path) for a, r in used.items()}, _data_starts(used), options.hash_inputs)
+        stack.callback(hashes.close)
         _verify_pins(plan, hashes.known)
         specs = output_specs(plan)
         records = _records(plan, used, hashes.known, placeholder=True)
