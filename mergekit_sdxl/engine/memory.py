@@ -73,3 +73,17 @@ def empty_bytes(nbytes: int) -> torch.Tensor:
 def empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """`torch.empty(numel, dtype=dtype)` through `empty_bytes` (huge pages for large tensors)."""
     return empty_bytes(numel * dtype.itemsize).view(dtype)
+
+
+def limit_arenas(count: int = 1) -> bool:
+    """Cap glibc's malloc arenas for threads created from now on (best effort; glibc only).
+
+    Per-thread arenas keep freed memory of thousands of small tensors apart, so a long job that allocates from
+    several threads grows RSS well past its live data: a whole-SDXL LoRA extraction peaked at 2.15 GB with the
+    default arenas and at 1.42 GB with one.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        return bool(name) and ctypes.CDLL(name).mallopt(_M_ARENA_MAX, count) == 1
+    except (OSError, AttributeError):
+        return False

@@ -27,6 +27,7 @@ import torch
 from mergekit_sdxl import __version__
 from mergekit_sdxl.arch.detect import detect_arch
 from mergekit_sdxl.arch.lora_names import PRESETS, LoraModule, lora_modules, select
+from mergekit_sdxl.engine.memory import limit_arenas
 from mergekit_sdxl.errors import ArchError, CheckpointError, UsageError
 from mergekit_sdxl.io.dtypes import parse_dtype, torch_dtype
 from mergekit_sdxl.io.reader import open_checkpoint
@@ -146,6 +147,7 @@ def extract_lora(base: str | os.PathLike[str], tuned: str | os.PathLike[str], ou
         ArchError: the inputs are of different architectures (or unknown).
         CheckpointError: a selected key is missing or differs in shape between the inputs.
     """
+    limit_arenas(1)  # one malloc arena: bounds RSS fragmentation from the reader thread's many small tensors
     options.check()
     device = torch.device(options.device)
     with open_checkpoint(base) as rb, open_checkpoint(tuned) as rt:
