@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -44,7 +44,6 @@ class RunStats:
     bytes_written: int = 0
     seconds: float = 0.0
     clamped: int = 0
-    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ByteBudget:
@@ -215,14 +214,3 @@ def _drain(q: queue.Queue) -> None:
             pass
     except queue.Empty:
         pass
-
-
-def collect_loads(keys: Sequence[KeyPlan]) -> dict[str, list[str]]:
-    """alias -> keys read from it, in plan order (used for read-order checks and dry runs)."""
-    out: dict[str, list[str]] = {}
-    for kp in keys:
-        for leaf in loads_of(kp.node):
-            out.setdefault(leaf.alias, []).append(leaf.key)
-    return out
-
-

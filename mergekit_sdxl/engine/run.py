@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -85,7 +85,7 @@ def open_inputs(recipe: Recipe, stack: ExitStack) -> dict[str, Checkpoint]:
             reader = open_checkpoint(ref.path)
         except CheckpointError as exc:  # name the alias too: the path alone may not say which input it is
             raise type(exc)(f"model {alias!r}: {exc}") from None
-        readers[alias] = stack.enter_context(_closing(reader))
+        readers[alias] = stack.enter_context(closing(reader))
     return readers
 
 
@@ -262,19 +262,6 @@ def _metadata(plan: Plan, records: list[InputRecord], out: Path) -> dict[str, st
     extra = dict(plan.output.metadata)
     return merge_metadata(arch=plan.arch, recipe=plan.recipe_dict, records=records, summary="; ".join(plan.steps),
                           output_name=out.name, dtype=plan.output.dtype, extra=extra)
-
-
-class _closing:
-    """Context manager closing a checkpoint reader."""
-
-    def __init__(self, reader: Checkpoint) -> None:
-        self.reader = reader
-
-    def __enter__(self) -> Checkpoint:
-        return self.reader
-
-    def __exit__(self, *exc: object) -> None:
-        self.reader.close()
 
 
 def execute_in_memory(plan: Plan, readers: Mapping[str, Checkpoint], device: str = "cpu",
