@@ -19,8 +19,10 @@ from mergekit_sdxl.errors import UsageError
 @click.option("--te-strength", "te_strengths", multiple=True, type=float,
               help="Text-encoder strength per adapter (default: the adapter's strength).")
 @click.option("--blocks", "blocks", multiple=True, metavar="VECTOR",
-              help="LoRA block weights per adapter: the MBW vector (SDXL 20 values BASE,IN00..IN08,M00,OUT00..OUT08; "
-                   "SD1 26), a preset or a named form like 'IN04:1,default:0'. BASE applies to the text encoders.")
+              help="Block weights per adapter: a LoRA Block Weight vector as the lora-block-weight extension reads it "
+                   "(SDXL 12 values BASE,IN04,IN05,IN07,IN08,M00,OUT00..OUT05; SD1 17; 'lbw=' + 20 or 26 values) or "
+                   "one of its presets (ALL, INALL, MIDD, OUTALL, ...), or an MBW vector (SDXL 20 values, SD1 26, an "
+                   "MBW preset, or a named form like 'IN04:1,default:0'). BASE applies to the text encoders.")
 @click.option("--dtype", type=click.Choice(("fp16", "bf16", "fp32")), help="Store changed and float tensors in "
               "this dtype (default: keep each tensor's dtype).")
 @click.option("--ignore-unknown", is_flag=True, help="Skip adapter keys that match no module (listed as a warning).")

@@ -5,7 +5,8 @@
     delta = adapters.delta(key, shape, weight=w)  # fp32 sum over adapters of factor · ΔW, or None
 
 Each adapter's factor for a module is `strength` (or `te_strength` for text-encoder modules) times the block
-weight of the checkpoint key (`blocks`, the same 20 / 26-value vector as checkpoint MBW; text encoders use BASE).
+weight of the checkpoint key (`blocks`: a LoRA Block Weight vector of 12 / 17 values or preset, see `arch.lbw`, or
+the same 20 / 26-value vector as checkpoint MBW; text encoders use BASE).
 Several adapters add up; a DoRA adapter's change is computed against the original weight.
 """
 
@@ -22,10 +23,10 @@ from typing import Any
 import torch
 
 from mergekit_sdxl import __version__
-from mergekit_sdxl.arch.blocks import DEFAULT_CONVENTION, block_of
+from mergekit_sdxl.arch.blocks import DEFAULT_CONVENTION
 from mergekit_sdxl.arch.detect import detect_arch
+from mergekit_sdxl.arch.lbw import BlockScale, adapter_blocks
 from mergekit_sdxl.arch.lora_names import LoraModule, lora_modules
-from mergekit_sdxl.arch.mbw import parse_mbw
 from mergekit_sdxl.errors import CheckpointError
 from mergekit_sdxl.io.dtypes import cast, code_of, parse_dtype, torch_dtype
 from mergekit_sdxl.io.reader import open_checkpoint
@@ -41,7 +42,7 @@ class AdapterSpec:
     path: str
     strength: float = 1.0
     te_strength: float | None = None
-    blocks: Any = None  # an MBW vector in any form arch.mbw.parse_mbw accepts
+    blocks: Any = None  # an LBW or MBW vector in any form arch.lbw.adapter_blocks accepts
 
 
 @dataclass
@@ -79,21 +80,20 @@ class AdapterSet:
             for i, spec in enumerate(self.specs):
                 adapter = Adapter(spec.path, arch, self.modules)
                 self.adapters.append(adapter)
-                weights = parse_mbw(spec.blocks, arch, convention, where=f"{spec.path}: blocks") \
+                scale = adapter_blocks(spec.blocks, arch, convention, where=f"{spec.path}: blocks") \
                     if spec.blocks is not None else None
-                self._map(i, adapter, spec, weights, convention)
+                self._map(i, adapter, spec, scale)
             if self.unconsumed and not ignore_unknown:
                 raise CheckpointError(self._unconsumed_message())
         except BaseException:
             self.close()
             raise
 
-    def _map(self, index: int, adapter: Adapter, spec: AdapterSpec, weights: dict[str, float] | None,
-             convention: str) -> None:
+    def _map(self, index: int, adapter: Adapter, spec: AdapterSpec, scale: BlockScale | None) -> None:
         self.unconsumed += [(str(adapter.path), key) for key in adapter.unknown]
         for layer in adapter.layers.values():
             module = layer.module
-            factor = _factor(module, spec, weights, self.arch, convention)
+            factor = _factor(module, spec, scale)
             has_weight = any(p in layer.keys for p in ("down", "hada_w1_a", "lokr_w1", "lokr_w1_a", "diff", "w_norm"))
             if has_weight:
                 self._by_key.setdefault(module.key, []).append(_Use(index, layer, "weight", factor))
@@ -179,13 +179,9 @@ class AdapterSet:
         self.close()
 
 
-def _factor(module: LoraModule, spec: AdapterSpec, weights: dict[str, float] | None, arch: str,
-            convention: str) -> float:
+def _factor(module: LoraModule, spec: AdapterSpec, scale: BlockScale | None) -> float:
     strength = spec.te_strength if module.is_text and spec.te_strength is not None else spec.strength
-    if weights is None:
-        return strength
-    block = "BASE" if module.is_text else block_of(module.key, arch, convention)
-    return strength * (weights.get(block, 1.0) if block is not None else 1.0)
+    return strength if scale is None else strength * scale.factor(module.key, module.is_text)
 
 
 def bake(checkpoint: str | os.PathLike[str], specs: Sequence[AdapterSpec], output: str | os.PathLike[str], *,

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from mergekit_sdxl.arch.blocks import CONVENTIONS, DEFAULT_CONVENTION
+from mergekit_sdxl.arch.lbw import check_adapter_blocks
 from mergekit_sdxl.arch.mbw import parse_mbw
 from mergekit_sdxl.arch.tables import ARCHS
 from mergekit_sdxl.errors import MergekitError, RecipeError, UsageError
@@ -510,10 +511,10 @@ class _Parser:
         if not items or len(items) > MAX_LIST:
             raise _fail(self.where("steps", name, "lora"), f"expected 1 to {MAX_LIST} adapter files")
         defaults = {k: fields[k] for k in ("strength", "te_strength", "blocks") if k in fields}
-        adapters = tuple(self.adapter(name, i, item, defaults) for i, item in enumerate(items))
+        adapters = tuple(self.adapter(name, i, item, defaults, convention) for i, item in enumerate(items))
         return LoraStep(name, model, adapters, convention)
 
-    def adapter(self, step: str, index: int, item: Any, defaults: dict[str, Any]) -> AdapterRef:
+    def adapter(self, step: str, index: int, item: Any, defaults: dict[str, Any], convention: str) -> AdapterRef:
         where = self.where("steps", step, f"lora[{index}]")
         entry = {"path": item} if isinstance(item, str) else self.mapping(item, where, _ADAPTER_FIELDS)
         merged = {**defaults, **entry}
@@ -524,6 +525,8 @@ class _Parser:
             value = merged.get(key)
             if value is not None and (not _is_number(value) or not math.isfinite(value)):
                 raise _fail(f"{where}.{key}", f"expected a finite number, got {value!r}")
+        if merged.get("blocks") is not None:
+            check_adapter_blocks(merged["blocks"], convention, where=f"{where}.blocks")
         given = Path(path).expanduser()
         resolved = str(given if given.is_absolute() else self.base_dir / given)
         te = merged.get("te_strength")
