@@ -78,3 +78,21 @@ def tiny_sdxl_family(make_ckpt: Callable[..., Path]) -> dict[str, Path]:
         "anxl2": anxl2,
         "anxl3": make_ckpt(seed=3, like=anxl2, delta="noise:0.05"),
     }
+
+
+@pytest.fixture
+def chromium(tmp_path_factory: pytest.TempPathFactory):
+    """A headless Chromium (tests/browser.py) with a fresh profile; `.ci/run` installs Debian's `chromium`.
+
+    Without a browser on PATH the test fails in CI (CI=true) and is skipped on a developer machine, naming the
+    install command."""
+    import os
+
+    from browser import INSTALL_HINT, Chromium, find_chromium
+
+    if find_chromium() is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"chromium is missing; .ci/run installs it ({INSTALL_HINT})")
+        pytest.skip(f"chromium is not installed ({INSTALL_HINT})")
+    with Chromium(tmp_path_factory.mktemp("chromium-profile")) as browser:
+        yield browser
