@@ -1,7 +1,8 @@
 """Exception classes. Each carries the process exit code the CLI returns for it.
 
 Exit codes (documented in README): 1 internal error, 2 usage, 3 recipe, 4 checkpoint / architecture,
-5 device, 6 output (disk full, refusing to overwrite), 130 interrupted.
+5 device, 6 output (disk full, refusing to overwrite), 7 mismatch (`merge --verify-against`),
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -47,3 +48,9 @@ class OutputError(MergekitError):
     """The output cannot be written: exists without --overwrite, equals an input, disk full."""
 
     exit_code = 6
+
+
+class MismatchError(MergekitError):
+    """The merged output does not reproduce the file given with --verify-against (beyond the tolerance)."""
+
+    exit_code = 7

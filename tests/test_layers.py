@@ -21,6 +21,8 @@ ALLOWED: dict[str, set[str]] = {
     "lora": {"errors", "io", "arch", "methods", "engine", "recipe"},
     "sampler": {"errors", "io", "arch", "engine", "recipe", "methods"},
     "export": {"errors", "arch", "io", "engine", "sampler"},
+    "provenance": {"errors", "arch", "io", "methods", "recipe"},
+    "index": {"errors", "arch", "io", "provenance"},
     "cli": {"*"},
     "demo": {"*"},
 }
@@ -29,6 +31,7 @@ FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {
     "arch": {"torch", "numpy", "safetensors", "click", "rich", "diffusers", "transformers"},
     "methods": {"safetensors", "click", "rich", "diffusers", "transformers"},
     "recipe": {"torch", "click", "rich", "diffusers", "transformers"},
+    "index": {"torch", "numpy", "click", "rich", "diffusers", "transformers"},
 }
 UI_ONLY = {"click", "rich"}
 

@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grid": ("grid_cmd", "Render an A/B preview grid across checkpoints or a recipe sweep."),
     "diff": ("diff_cmd", "Per-block relative change and cosine similarity between two checkpoints."),
     "export": ("export_cmd", "Export a checkpoint as a diffusers folder or ONNX."),
+    "recipe-from": ("recipe_from_cmd", "Rebuild the recipe a merged file carries (A1111, SuperMerger, ours)."),
+    "index": ("index_cmd", "Index model folders by sha256/AutoV2/AutoV3/legacy hash (SQLite, incremental)."),
 }
 
 

@@ -21,9 +21,14 @@ from mergekit_sdxl.cli import console
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file (never an input).")
 @click.option("--dry-run", is_flag=True, help="Print the plan without reading any tensor data.")
 @click.option("--no-input-hashes", is_flag=True, help="Do not hash inputs for the lineage metadata.")
+@click.option("--verify-against", "verify_against", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="After merging, compare with this (published) file tensor by tensor; exit 7 past the tolerance.")
+@click.option("--tolerance-ulps", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="With --verify-against: the largest accepted difference, in units in the last place.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def command(recipe: Path, models: tuple[str, ...], out: Path | None, device: str, dtype: str | None,
-            threads: int | None, overwrite: bool, dry_run: bool, no_input_hashes: bool, as_json: bool) -> None:
+            threads: int | None, overwrite: bool, dry_run: bool, no_input_hashes: bool,
+            verify_against: Path | None, tolerance_ulps: float, as_json: bool) -> None:
     """Run RECIPE (YAML) and write the merged checkpoint atomically.
 
     Inputs are read tensor by tensor; memory stays bounded whatever the model size. An error or Ctrl-C leaves
@@ -61,7 +66,13 @@ def command(recipe: Path, models: tuple[str, ...], out: Path | None, device: str
                    "tensor)")
         return
     result = _run(parsed, options, run_merge)
-    _report(result, as_json)
+    verified = _verify(result.path, verify_against, tolerance_ulps) if verify_against else None
+    _report(result, as_json, verified)
+    if verified is not None and not verified.passed:
+        from mergekit_sdxl.errors import MismatchError
+
+        raise MismatchError(f"{result.path} does not reproduce {verify_against} within {tolerance_ulps:g} ulps "
+                            f"(the merged file is kept): {verified.verdict}")
 
 
 def adapter_factory(step, arch, shapes):  # noqa: ANN001, ANN201 - the engine's AdapterFactory
@@ -79,12 +90,26 @@ def _run(parsed, options, run_merge):  # noqa: ANN001, ANN202 - thin glue around
         return run_merge(parsed, options, progress, adapter_factory)
 
 
-def _report(result, as_json: bool) -> None:  # noqa: ANN001
+def _verify(path: Path, published: Path, tolerance: float):  # noqa: ANN202
+    import os
+
+    from mergekit_sdxl.provenance.verify import report_lines, verify
+
+    with console.byte_progress(f"verifying against {published.name}", os.path.getsize(path)) as advance:
+        report = verify(path, published, tolerance, advance)
+    for line in report_lines(report):
+        console.info(line)
+    return report
+
+
+def _report(result, as_json: bool, verified=None) -> None:  # noqa: ANN001
     stats = result.stats
     summary = {"output": str(result.path), "keys": stats.keys, "seconds": round(stats.seconds, 3),
                "bytes_read": stats.bytes_read, "bytes_written": stats.bytes_written, "clamped": stats.clamped,
                "warnings": result.plan.warnings,
                "inputs": {a: h.as_dict() for a, h in result.input_hashes.items()}}
+    if verified is not None:
+        summary["verify"] = verified.as_dict()
     for warning in result.plan.warnings:
         console.info(f"warning: {warning}")
     if stats.clamped:

@@ -1,0 +1,85 @@
+"""Hash -> file through the index: what recipes that name models by `{sha256: ...}`, `{autov2: ...}` or
+`{autov3: ...}` are resolved with.
+
+A match is trusted only if the file is still what was hashed (same size, mtime, inode; otherwise it is hashed
+again). Several files with the same content (copies) are one answer; files with different content matching a short
+hash are an error listing the candidates; no match is an error naming the indexed folders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mergekit_sdxl.errors import RecipeError, UsageError
+from mergekit_sdxl.index.scan import refresh
+from mergekit_sdxl.index.store import Entry, ModelIndex, normalize_hex
+
+# recipe field -> (index column, what it is called, the fewest hex digits accepted)
+HASH_FIELDS: dict[str, tuple[str, str, int]] = {
+    "sha256": ("sha256", "sha256", 8),
+    "autov2": ("sha256", "AutoV2", 8),
+    "autov3": ("autov3", "AutoV3", 8),
+}
+_SHOWN = 6  # candidates listed in an ambiguity error
+
+
+@dataclass(frozen=True)
+class Match:
+    """The file a hash resolved to."""
+
+    entry: Entry
+    copies: int  # further files with identical content
+
+
+def lookup(index: ModelIndex, field: str, value: str, where: str) -> Match:
+    """The indexed file whose `field` ("sha256", "autov2" or "autov3") starts with `value`.
+
+    Raises:
+        RecipeError: naming `where`, for a malformed hash, no match (listing the indexed folders) or an
+            ambiguous one (listing the candidates).
+    """
+    column, label, least = HASH_FIELDS[field]
+    try:
+        prefix = normalize_hex(value)
+    except UsageError as exc:  # re-raised as a recipe error naming the field
+        raise RecipeError(f"{where}: {exc}") from None
+    if len(prefix) < least:
+        raise RecipeError(f"{where}: {label} {value!r} is too short to find a file by; give at least {least} hex "
+                          "digits (AutoV2 has 10, AutoV3 12)")
+    stale = 0
+    current: dict[str, Entry] = {}
+    for _, row in index.find(prefix, (column,)):
+        fresh = refresh(index, row.path)
+        if fresh is None or not (getattr(fresh, column) or "").startswith(prefix):
+            stale += 1
+            continue
+        current[fresh.path] = fresh
+    by_content: dict[str, list[Entry]] = {}
+    for entry in current.values():
+        by_content.setdefault(str(entry.sha256), []).append(entry)
+    if not by_content:
+        raise RecipeError(f"{where}: no indexed file has {label} {prefix}{_stale_note(stale)}; "
+                          f"{_searched(index)}")
+    if len(by_content) > 1:
+        shown = [copies[0] for copies in by_content.values()]
+        listed = "; ".join(f"{e.sha256[:10] if e.sha256 else '?'} (AutoV3 {e.autov3[:12] if e.autov3 else '-'}) "
+                           f"{e.path}" for e in shown[:_SHOWN])
+        more = f"; and {len(shown) - _SHOWN} more" if len(shown) > _SHOWN else ""
+        raise RecipeError(f"{where}: {label} {prefix} is ambiguous: {len(shown)} different files match: {listed}"
+                          f"{more}. Give more digits (or the full sha256)")
+    copies = next(iter(by_content.values()))
+    return Match(copies[0], len(copies) - 1)
+
+
+def _stale_note(stale: int) -> str:
+    return f" ({stale} indexed file(s) that matched have changed or gone since)" if stale else ""
+
+
+def _searched(index: ModelIndex) -> str:
+    roots = index.roots()
+    if not roots:
+        return (f"the index {index.path} has no folders yet: run `mergekit-sdxl index DIR` or pass "
+                "--models-dir DIR")
+    shown = ", ".join(roots[:8]) + (f" and {len(roots) - 8} more" if len(roots) > 8 else "")
+    return (f"indexed folders: {shown} (index {index.path}); index the folder that holds it "
+            "(`mergekit-sdxl index DIR` or --models-dir DIR)")
