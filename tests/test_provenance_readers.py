@@ -218,17 +218,15 @@ def test_hostile_lineage_is_bounded(tmp_path):
 
 
 def test_metadata_json_limits_cost_bounded_time_and_memory():
-    code = ("import resource, time\nfrom mergekit_sdxl.provenance.jsontext import load_metadata_json\n"
+    code = ("import resource\nfrom mergekit_sdxl.provenance.jsontext import load_metadata_json\n"
             "from mergekit_sdxl.errors import CheckpointError\n"
             "texts = ['\"' + '\\\\\"' * 2_000_000, '[' * 1_000_000, '{\"a\":' * 500_000,\n"
             "         '[' + '{},' * 1_300_000 + '{}]']\n"
-            "start = time.time()\n"
             "for t in texts:\n"
             "    try:\n        load_metadata_json(t, 'f: k')\n    except CheckpointError:\n        pass\n"
-            "print(time.time() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
-    seconds, rss_kb = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                                check=True).stdout.split())
-    assert seconds < 10 and rss_kb < 400_000
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    rss_kb = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert rss_kb < 70_000  # 27 MB measured; parsing the 1.3 M objects unchecked takes 110 MB
 
 
 def test_load_metadata_json_accepts_real_values():
