@@ -218,13 +218,14 @@ def test_hostile_lineage_is_bounded(tmp_path):
 
 
 def test_metadata_json_limits_cost_bounded_time_and_memory():
-    code = ("import resource\nfrom mergekit_sdxl.provenance.jsontext import load_metadata_json\n"
+    # VmHWM: this process's own peak (ru_maxrss would include the forked pytest parent's)
+    code = ("from mergekit_sdxl.provenance.jsontext import load_metadata_json\n"
             "from mergekit_sdxl.errors import CheckpointError\n"
             "texts = ['\"' + '\\\\\"' * 2_000_000, '[' * 1_000_000, '{\"a\":' * 500_000,\n"
             "         '[' + '{},' * 1_300_000 + '{}]']\n"
             "for t in texts:\n"
             "    try:\n        load_metadata_json(t, 'f: k')\n    except CheckpointError:\n        pass\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+            "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))\n")
     rss_kb = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert rss_kb < 70_000  # 27 MB measured; parsing the 1.3 M objects unchecked takes 110 MB
 
