@@ -128,7 +128,7 @@ def _compare(arch: str, folder: Path, src: Path, steps: int) -> None:
 
 def test_merge_takes_exported_folder(exported: dict[str, Path], tiny_sdxl: Path, tmp_path: Path) -> None:
     from mergekit_sdxl.engine.run import MergeOptions, run_merge
-    from mergekit_sdxl.recipe.schema import load_recipe
+    from mergekit_sdxl.recipe.load import load_recipe
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("arch: sdxl\nmodels:\n  a: a.safetensors\n  b: b\nsteps:\n  output:\n"

@@ -22,7 +22,8 @@ with atheris.instrument_imports():
     from mergekit_sdxl.errors import CheckpointError, RecipeError, UsageError
     from mergekit_sdxl.io.reader import parse_header
     from mergekit_sdxl.recipe.formula import parse_formula
-    from mergekit_sdxl.recipe.schema import load_yaml, parse_recipe
+    from mergekit_sdxl.recipe.load import load_yaml
+    from mergekit_sdxl.recipe.parser import parse_recipe
 
 TARGET = sys.argv[1]
 KINDS = {"a": "weight", "b": "weight", "c": "weight", "d": "delta"}

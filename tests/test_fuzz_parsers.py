@@ -31,7 +31,8 @@ from mergekit_sdxl.arch.mbw import PRESETS, parse_mbw  # noqa: E402
 from mergekit_sdxl.errors import CheckpointError, MergekitError, RecipeError  # noqa: E402
 from mergekit_sdxl.io.reader import parse_header  # noqa: E402
 from mergekit_sdxl.recipe.formula import parse_formula  # noqa: E402
-from mergekit_sdxl.recipe.schema import load_yaml, parse_recipe  # noqa: E402
+from mergekit_sdxl.recipe.load import load_yaml  # noqa: E402
+from mergekit_sdxl.recipe.parser import parse_recipe  # noqa: E402
 
 HAS_PROMPT = importlib.util.find_spec("mergekit_sdxl.sampler.prompt") is not None
 CI = settings(max_examples=200, deadline=5000, suppress_health_check=list(HealthCheck), derandomize=True,

@@ -11,8 +11,9 @@ import pytest
 from mergekit_sdxl.arch.tables import key_table
 from mergekit_sdxl.errors import ArchError, RecipeError
 from mergekit_sdxl.recipe import InputHeader, build_plan, describe_plan, load_recipe, parse_recipe
+from mergekit_sdxl.recipe.describe import plan_size
 from mergekit_sdxl.recipe.nodes import Call, Linear, Load, loads_of
-from mergekit_sdxl.recipe.planner import derive_seed, plan_size
+from mergekit_sdxl.recipe.planner import derive_seed
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 _CODES = {"float32": "F16", "int64": "I64", "int32": "I32"}
@@ -145,7 +146,7 @@ def test_today_supermerger_convention_merges_time_embed_as_in00():
 
 
 def _yaml(text: str):
-    from mergekit_sdxl.recipe.schema import load_yaml
+    from mergekit_sdxl.recipe.load import load_yaml
 
     return load_yaml(text)
 

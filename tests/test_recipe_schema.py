@@ -1,4 +1,4 @@
-"""Recipe loading and validation (recipe/schema.py): every error is one RecipeError line naming file, step, field."""
+"""Recipe loading and validation (recipe/load.py, parser.py): every error is one line naming file, step, field."""
 
 from __future__ import annotations
 
@@ -8,15 +8,10 @@ from pathlib import Path
 import pytest
 
 from mergekit_sdxl.errors import RecipeError, UsageError
-from mergekit_sdxl.recipe.schema import (
-    MAX_LIST,
-    FormulaStep,
-    MethodStep,
-    load_recipe,
-    load_yaml,
-    parse_model_overrides,
-    parse_recipe,
-)
+from mergekit_sdxl.recipe.fields import MAX_LIST
+from mergekit_sdxl.recipe.load import load_recipe, load_yaml, parse_model_overrides
+from mergekit_sdxl.recipe.parser import parse_recipe
+from mergekit_sdxl.recipe.types import FormulaStep, MethodStep
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -71,7 +71,7 @@ def command(more_models: tuple[Path, ...], models: tuple[Path, ...], recipe: Pat
     seed_list = _seeds(seeds)
     slot = _slot(device, dtype)
     if recipe is not None:
-        from mergekit_sdxl.recipe.schema import parse_model_overrides
+        from mergekit_sdxl.recipe.load import parse_model_overrides
 
         columns = grid_mod.weights_from_recipe(recipe, sweep, parse_model_overrides(model_paths),
                                                device=str(slot.device))

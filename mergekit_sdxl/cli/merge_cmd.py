@@ -36,8 +36,8 @@ def command(recipe: Path, models: tuple[str, ...], out: Path | None, device: str
     """
     from mergekit_sdxl.engine.run import MergeOptions, headers_of, open_inputs, plan_recipe, run_merge
     from mergekit_sdxl.io.dtypes import parse_dtype
-    from mergekit_sdxl.recipe.planner import describe_plan
-    from mergekit_sdxl.recipe.schema import load_recipe, parse_model_overrides
+    from mergekit_sdxl.recipe.describe import describe_plan
+    from mergekit_sdxl.recipe.load import load_recipe, parse_model_overrides
 
     parsed = load_recipe(recipe, parse_model_overrides(models))
     code = parse_dtype(dtype) if dtype else None

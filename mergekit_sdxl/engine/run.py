@@ -33,7 +33,7 @@ from mergekit_sdxl.io.reader import Checkpoint, open_checkpoint
 from mergekit_sdxl.io.writer import SafetensorsWriter, TensorSpec
 from mergekit_sdxl.recipe.nodes import Adapter, KeyPlan
 from mergekit_sdxl.recipe.planner import InputHeader, Plan, build_plan
-from mergekit_sdxl.recipe.schema import LoraStep, Recipe
+from mergekit_sdxl.recipe.types import LoraStep, Recipe
 
 HEADER_SLACK = 16 << 10  # room for the final metadata, which is only known once the inputs are hashed
 

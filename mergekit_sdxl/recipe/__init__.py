@@ -1,8 +1,11 @@
-"""Recipes: YAML -> validated Recipe (schema) -> per-key Plan of frozen nodes (planner). No tensor maths here."""
+"""Recipes: YAML -> validated Recipe (load, parser, types) -> per-key Plan of frozen nodes (planner). No tensors."""
 
+from mergekit_sdxl.recipe.describe import describe_plan
 from mergekit_sdxl.recipe.formula import Formula, parse_formula
-from mergekit_sdxl.recipe.planner import InputHeader, Plan, build_plan, describe_plan
-from mergekit_sdxl.recipe.schema import Recipe, load_recipe, parse_model_overrides, parse_recipe
+from mergekit_sdxl.recipe.load import load_recipe, parse_model_overrides
+from mergekit_sdxl.recipe.parser import parse_recipe
+from mergekit_sdxl.recipe.planner import InputHeader, Plan, build_plan
+from mergekit_sdxl.recipe.types import Recipe
 
 __all__ = [
     "Formula",

@@ -17,9 +17,7 @@ Per key:
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,13 +25,13 @@ from typing import Any
 from mergekit_sdxl.arch.blocks import block_of
 from mergekit_sdxl.arch.detect import MARKERS
 from mergekit_sdxl.arch.mbw import parse_mbw
-from mergekit_sdxl.arch.tables import ARCH_NAMES, check_arch, is_float_dtype, numel
+from mergekit_sdxl.arch.tables import ARCH_NAMES, check_arch, is_float_dtype
 from mergekit_sdxl.errors import ArchError, RecipeError
 from mergekit_sdxl.recipe.formula import ZERO_COEFF
 from mergekit_sdxl.recipe.nodes import Adapter, Call, KeyPlan, Linear, Load, Node, Scalar, loads_of
-from mergekit_sdxl.recipe.schema import (
-    COMPUTE_DTYPES,
-    OUTPUT_DTYPES,
+from mergekit_sdxl.recipe.parser import method_registry
+from mergekit_sdxl.recipe.record import describe_step, resolved_recipe
+from mergekit_sdxl.recipe.types import (
     SEED_PARAM,
     FormulaStep,
     LoraStep,
@@ -41,13 +39,11 @@ from mergekit_sdxl.recipe.schema import (
     OutputSpec,
     Param,
     Recipe,
-    method_registry,
 )
 
 VAE_PREFIX = "first_stage_model."
 EMA_PREFIX = "model_ema."
 _BARE_VAE = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
-_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 _EXAMPLES = 3
 # (method, parameter, value) -> index of the input the result equals exactly (the methods short-circuit these)
 _EXACT: dict[tuple[str, str, float], int] = {
@@ -196,11 +192,12 @@ class _Planner:
             keys=plans,
             inputs={alias: self.recipe.models[alias].path for alias in self.headers},
             output=self.recipe.output,
-            recipe_dict=self.recipe_dict(),
+            recipe_dict=resolved_recipe(self.recipe, self.arch, list(self.headers), self.params),
             warnings=self.warnings,
             sha256={alias: self.recipe.models[alias].sha256 for alias in self.headers
                     if self.recipe.models[alias].sha256},
-            steps=[self.describe_step(name) for name in self.recipe.steps if name not in self.recipe.unused],
+            steps=[describe_step(self.recipe, name, self.params) for name in self.recipe.steps
+                   if name not in self.recipe.unused],
         )
 
     def output_keys(self) -> list[tuple[str, str | None]]:
@@ -318,51 +315,6 @@ class _Planner:
                               "take them from the first model that has them, or drop them with `output.drop`")
         self.warnings.append(f"{taken_first} key(s) taken from the first model that has them: {summary}")
 
-    def recipe_dict(self) -> dict[str, Any]:
-        """The resolved recipe as JSON-able data (file names, not paths: paths are private to the user)."""
-        recipe, out = self.recipe, self.recipe.output
-        steps: dict[str, Any] = {}
-        for name, step in recipe.steps.items():
-            if name in recipe.unused:
-                continue
-            if isinstance(step, FormulaStep):
-                steps[name] = {"formula": step.formula.text, "kind": step.kind,
-                               "coefficients": dict(step.formula.coeffs)}
-            elif isinstance(step, LoraStep):
-                steps[name] = {"model": step.model, "convention": step.convention, "lora": [
-                    {"file": os.path.basename(a.path), "strength": a.strength, "te_strength": a.te_strength,
-                     "blocks": a.blocks} for a in step.adapters]}
-            else:
-                steps[name] = {"method": step.method, "inputs": list(step.inputs), "convention": step.convention,
-                               "params": {p.name: _param_dict(p, w) for p, w in self.params[name]}}
-        names = {code: name for name, code in {**OUTPUT_DTYPES, **COMPUTE_DTYPES}.items()}
-        return {
-            "format": "mergekit-sdxl recipe",
-            "version": 1,
-            "name": recipe.name,
-            "arch": self.arch,
-            "convention": recipe.convention,
-            "models": {alias: {"file": os.path.basename(recipe.models[alias].path),
-                               "sha256": recipe.models[alias].sha256} for alias in self.headers},
-            "steps": steps,
-            "output_step": recipe.output_step,
-            "output": {"dtype": names[out.dtype], "fp8_scaled": out.fp8_scaled, "vae": out.vae,
-                       "prune_ema": out.prune_ema, "drop": list(out.drop), "missing_keys": out.missing_keys,
-                       "compute_dtype": names[out.compute_dtype], "seed": out.seed},
-        }
-
-    def describe_step(self, name: str) -> str:
-        step = self.recipe.steps[name]
-        mark = " (written)" if name == self.recipe.output_step else ""
-        if isinstance(step, LoraStep):
-            files = ", ".join(f"{os.path.basename(a.path)} x{a.strength:g}" for a in step.adapters)
-            return f"step {name}{mark}: {step.model} + LoRA({files})"
-        if isinstance(step, FormulaStep):
-            terms = " ".join(f"{'-' if c < 0 else '+'} {abs(c):g}*{n}" for n, c in step.formula.coeffs)
-            return f"step {name}{mark}: {step.formula.text}  =  {terms.removeprefix('+ ')}  ({step.kind})"
-        params = ", ".join(f"{p.name}={_param_text(p, w)}" for p, w in self.params[name])
-        return f"step {name}{mark}: {step.method}({', '.join(step.inputs)}{'; ' if params else ''}{params})" + (
-            f" [convention {step.convention}]" if step.block_weighted else "")
 
 
 def _linear(terms: list[tuple[Node, float]]) -> Node:
@@ -384,53 +336,3 @@ def _override(param: Param, key: str) -> float | None:
         if re.search(pattern, key):
             value = number
     return value
-
-
-def _param_dict(param: Param, weights: dict[str, float] | None) -> Any:
-    base: Any = param.value if weights is None else {"blocks": weights}
-    if param.overrides:
-        return {"value": base, "overrides": [{"match": m, "value": v} for m, v in param.overrides]}
-    return base
-
-
-def _param_text(param: Param, weights: dict[str, float] | None) -> str:
-    text = f"{param.value!r}" if weights is None else "[" + ",".join(f"{w:g}" for w in weights.values()) + "]"
-    return text + (f" with {len(param.overrides)} override(s)" if param.overrides else "")
-
-
-def describe_plan(plan: Plan) -> list[str]:
-    """Human lines for `--dry-run`: inputs, steps, output size and dtype, keys per kind, warnings."""
-    names = {code: name for name, code in OUTPUT_DTYPES.items()}
-    out = plan.output
-    lines = [f"architecture: {ARCH_NAMES[plan.arch]}"]
-    lines += [f"input {alias}: {path}" + (f" (sha256 {plan.sha256[alias][:12]}... pinned)"
-                                          if alias in plan.sha256 else "") for alias, path in plan.inputs.items()]
-    lines += plan.steps
-    size = plan_size(plan)
-    dtype = names.get(out.dtype, out.dtype) + (" (scaled)" if out.fp8_scaled else "")
-    lines.append(f"output: {out.path or '(path from the command line)'}: {len(plan.keys)} tensors, {dtype}, "
-                 f"{size:,} bytes of tensor data ({size / 1e9:.2f} GB)")
-    kinds = Counter(_node_kind(kp.node) for kp in plan.keys)
-    lines.append("keys: " + ", ".join(f"{count} {kind}" for kind, count in kinds.most_common()))
-    lines += [f"warning: {warning}" for warning in plan.warnings]
-    return lines
-
-
-def plan_size(plan: Plan) -> int:
-    """Bytes of tensor data the output will hold (scaled fp8 adds one float32 scale per float tensor)."""
-    total = 0
-    for kp in plan.keys:
-        total += numel(kp.shape) * _ITEMSIZE.get(kp.dtype, 1)
-        if plan.output.fp8_scaled and kp.dtype == plan.output.dtype:
-            total += 4
-    return total
-
-
-def _node_kind(node: Node) -> str:
-    if isinstance(node, Load):
-        return f"copied from {node.alias}"
-    if isinstance(node, Linear):
-        return "formula (linear)"
-    if isinstance(node, Call):
-        return f"merged by {node.method}"
-    return type(node).__name__.lower()

@@ -95,7 +95,7 @@ def weights_from_recipe(recipe_path: str | Path, sweep: str, model_paths: dict[s
         model_paths: alias -> path overrides (`-m alias=path`).
         device: where the merge arithmetic runs.
     """
-    from mergekit_sdxl.recipe.schema import load_recipe
+    from mergekit_sdxl.recipe.load import load_recipe
 
     recipe = load_recipe(recipe_path, model_paths or {})
     step, param, values = parse_sweep(sweep)

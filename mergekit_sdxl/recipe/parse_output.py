@@ -1,0 +1,85 @@
+"""The recipe's `output:` section: path, dtypes, fp8 scaling, VAE, pruning, dropped keys, seed, metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mergekit_sdxl.recipe.fields import (
+    MAX_RULES,
+    Fields,
+    compile_pattern,
+    fail,
+    suggest,
+    type_name,
+)
+from mergekit_sdxl.recipe.types import COMPUTE_DTYPES, MISSING_POLICIES, OUTPUT_DTYPES, ModelRef, OutputSpec
+
+MAX_METADATA = 256
+MAX_METADATA_VALUE = 65_536
+_OUTPUT_FIELDS = ("path", "dtype", "fp8_scaled", "vae", "prune_ema", "drop", "missing_keys", "compute_dtype",
+                  "seed", "metadata")
+
+
+def parse_output(p: Fields, value: Any, models: dict[str, ModelRef]) -> OutputSpec:
+    """The `output:` mapping (all fields optional) as an OutputSpec."""
+    fields = p.mapping(value if value is not None else {}, p.where("output"), _OUTPUT_FIELDS)
+
+    def at(field_name: str) -> str:
+        return p.where("output", field_name)
+
+    path = p.text(fields.get("path"), "output.path")
+    if path is not None and ".." in Path(path).parts:  # a shared recipe must not write outside the folder
+        raise fail(at("path"), f"{path!r} climbs out of the folder with '..'; give the output with --out")
+    dtype = OUTPUT_DTYPES[p.choice(fields.get("dtype", "fp16"), at("dtype"), OUTPUT_DTYPES)]
+    fp8_scaled = _flag(p, fields, "fp8_scaled")
+    if fp8_scaled and not dtype.startswith("F8"):
+        raise fail(at("fp8_scaled"), "applies only to fp8 output dtypes (fp8_e4m3fn, fp8_e5m2)")
+    vae = fields.get("vae")
+    if vae is not None and vae not in models:
+        raise fail(at("vae"), f"{vae!r} is not a model alias{suggest(str(vae), models)} "
+                              f"(models: {', '.join(models)})")
+    drop = fields.get("drop", [])
+    if isinstance(drop, str):
+        drop = [drop]
+    if not isinstance(drop, list) or len(drop) > MAX_RULES:
+        raise fail(at("drop"), f"expected a list of at most {MAX_RULES} regular expressions")
+    for i, pattern in enumerate(drop):
+        compile_pattern(pattern, f"{at('drop')}[{i}]")
+    seed = fields.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise fail(at("seed"), f"expected a whole number from 0 to 2**64-1, got {seed!r}")
+    return OutputSpec(
+        path=path,
+        dtype=dtype,
+        fp8_scaled=fp8_scaled,
+        vae=vae,
+        prune_ema=_flag(p, fields, "prune_ema"),
+        drop=tuple(drop),
+        missing_keys=p.choice(fields.get("missing_keys", "error"), at("missing_keys"), MISSING_POLICIES),
+        compute_dtype=COMPUTE_DTYPES[p.choice(fields.get("compute_dtype", "fp32"), at("compute_dtype"),
+                                                 COMPUTE_DTYPES)],
+        seed=seed,
+        metadata=_metadata(fields.get("metadata", {}), at("metadata")),
+    )
+
+def _flag(p: Fields, fields: dict[str, Any], name: str) -> bool:
+    value = fields.get(name, False)
+    if not isinstance(value, bool):
+        raise fail(p.where("output", name), f"expected true or false, got {value!r}")
+    return value
+
+def _metadata(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise fail(where, f"expected a mapping of names to strings, got {type_name(value)}")
+    if len(value) > MAX_METADATA:
+        raise fail(where, f"{len(value)} entries; the limit is {MAX_METADATA}")
+    out = []
+    for key, item in value.items():
+        if isinstance(item, (list, dict)) or item is None:
+            raise fail(f"{where}.{key}", f"expected a string, got {type_name(item)}")
+        text = item if isinstance(item, str) else str(item).lower() if isinstance(item, bool) else str(item)
+        if len(text) > MAX_METADATA_VALUE:
+            raise fail(f"{where}.{key}", f"value is longer than {MAX_METADATA_VALUE} characters")
+        out.append((str(key), text))
+    return tuple(out)
