@@ -48,9 +48,9 @@ def summary(values: list[float]) -> dict:
 
 def random_model(device: torch.device, dtype: torch.dtype, size: str = "full") -> Model:
     """An SDXL-shaped model with random weights (built directly on the device: fast on a GPU)."""
+    from mergekit_sdxl.arch.modelconfig import derive_configs
     from mergekit_sdxl.arch.tables import key_table
     from mergekit_sdxl.arch.tiny import tiny_shape
-    from mergekit_sdxl.sampler.modelconfig import derive_configs
 
     shape = (lambda k, i: i.shape) if size == "full" else (lambda k, i: tiny_shape("sdxl", k))
     configs = derive_configs("sdxl", {k: shape(k, i) for k, i in key_table("sdxl").items()})

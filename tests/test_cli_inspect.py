@@ -17,9 +17,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from mergekit_sdxl.analysis.report import SCHEMA
 from mergekit_sdxl.arch.blocks import block_of
 from mergekit_sdxl.arch.tables import key_table
-from mergekit_sdxl.cli.inspect_cmd import SCHEMA
 from mergekit_sdxl.cli.main import cli, main
 
 SDXL_PARAMS = {"unet": 2_567_463_686, "clip_l": 123_060_480, "clip_g": 694_659_841, "vae": 83_653_863}

@@ -197,7 +197,7 @@ def test_markers(make_ckpt: object, tmp_path: Path) -> None:
 
 
 def test_scaled_fp8_input(tiny_sd15: Path, tmp_path: Path) -> None:
-    from mergekit_sdxl.cli.convert_cmd import convert_checkpoint
+    from mergekit_sdxl.engine.convert import convert_checkpoint
     from mergekit_sdxl.io.dtypes import dequantize_scaled
 
     fp8 = tmp_path / "fp8.safetensors"

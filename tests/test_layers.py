@@ -23,6 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "export": {"errors", "arch", "io", "engine", "sampler"},
     "provenance": {"errors", "arch", "io", "methods", "recipe"},
     "index": {"errors", "arch", "io", "provenance"},
+    "analysis": {"errors", "arch", "io"},
     "cli": {"*"},
     "demo": {"*"},
 }

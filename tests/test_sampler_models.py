@@ -84,8 +84,8 @@ def test_sd15_modules_equal_diffusers_converters(sd15, tiny_sd15):
 
 def test_real_shapes_give_the_shipped_configs():
     from mergekit_sdxl.arch.configs import load_config
+    from mergekit_sdxl.arch.modelconfig import derive_configs
     from mergekit_sdxl.arch.tables import key_table
-    from mergekit_sdxl.sampler.modelconfig import derive_configs
 
     for arch in ("sdxl", "sd15"):
         configs = derive_configs(arch, {k: i.shape for k, i in key_table(arch).items()})

@@ -1,188 +1,12 @@
-"""`mergekit-sdxl convert IN OUT --dtype ...`: change a checkpoint's storage dtype, streaming tensor by tensor.
-
-One tensor is read (into a reused buffer), cast and written before the next is read, so peak memory is about
-the largest tensor twice, whatever the model size.
-"""
+"""`mergekit-sdxl convert IN OUT --dtype ...`: change a checkpoint's storage dtype (engine: `engine/convert.py`)."""
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from mergekit_sdxl.cli import console
-from mergekit_sdxl.errors import UsageError
-
-if TYPE_CHECKING:
-    import torch
-
-    from mergekit_sdxl.io.reader import CheckpointReader
-    from mergekit_sdxl.io.writer import SafetensorsWriter, TensorSpec
-
-STALE_HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")  # describe the old bytes; wrong after a dtype change
-EMA_PREFIX = "model_ema."
-
-
-@dataclass
-class ConvertReport:
-    """What a conversion did."""
-
-    tensors: int = 0
-    cast: int = 0
-    scaled: int = 0
-    dequantized: int = 0
-    dropped: list[str] = field(default_factory=list)
-    clamped: dict[str, int] = field(default_factory=dict)
-    bytes_in: int = 0
-    bytes_out: int = 0
-
-
-@dataclass(frozen=True)
-class _Item:
-    key: str
-    dtype: str
-    scaled: bool = False
-    scale_of: str | None = None  # input scale key to dequantize this tensor with
-
-
-def convert_checkpoint(reader: CheckpointReader, dst: Path, dtype: str, *, scaled_fp8: bool = False,
-                       prune_ema: bool = False, drop: tuple[str, ...] = (), overwrite: bool = False,
-                       progress: Callable[[int], None] | None = None) -> ConvertReport:
-    """Convert the opened checkpoint `reader` to `dst` (safetensors) with float tensors stored as `dtype`.
-
-    Args:
-        dtype: any name io.dtypes.parse_dtype accepts (fp16, bf16, fp32, fp8_e4m3fn, fp8_e5m2).
-        scaled_fp8: store matrix/conv weights as scaled fp8 (io.dtypes docstring); needs an fp8 dtype.
-        prune_ema: drop `model_ema.*`.
-        drop: regular expressions; keys matching any (re.search) are dropped.
-        progress: callable(bytes) advanced by the bytes read.
-
-    Raises:
-        UsageError: bad dtype, --scaled-fp8 without fp8, invalid regex. CheckpointError / OutputError from io.
-    """
-    from mergekit_sdxl import __version__
-    from mergekit_sdxl.io.dtypes import SCALED_MARKER, is_fp8, parse_dtype
-    from mergekit_sdxl.io.writer import SafetensorsWriter, cleanup_stale_temps
-
-    code = parse_dtype(dtype)
-    if scaled_fp8 and not is_fp8(code):
-        raise UsageError(f"--scaled-fp8 needs an fp8 --dtype (fp8_e4m3fn or fp8_e5m2), not {dtype}")
-    patterns = _compile(drop)
-    report = ConvertReport()
-    items = _plan(reader, code, scaled_fp8, prune_ema, patterns, report)
-    with_marker = any(i.scaled for i in items)
-    specs = _specs(reader, items, with_marker, code)
-    metadata = {k: v for k, v in reader.metadata.items() if k not in STALE_HASH_KEYS}
-    metadata["mergekit.convert"] = json.dumps({
-        "tool": f"mergekit-sdxl {__version__}", "source": Path(reader.path).name, "dtype": code,
-        "scaled_fp8": scaled_fp8, "prune_ema": prune_ema, "drop": list(drop), "dropped": len(report.dropped),
-        "removed_metadata": sorted(set(reader.metadata) & set(STALE_HASH_KEYS)),
-    }, sort_keys=True)
-    if dst.parent.is_dir():
-        cleanup_stale_temps(dst.parent, dst.name)
-    with SafetensorsWriter(dst, specs, metadata, overwrite=overwrite, inputs=[reader.path]) as writer:
-        if with_marker:
-            writer.write(SCALED_MARKER, _empty(code))
-        _stream(reader, writer, items, report, progress)
-        report.bytes_out = writer.size
-    return report
-
-
-def _compile(drop: tuple[str, ...]) -> list[re.Pattern[str]]:
-    compiled = []
-    for pattern in drop:
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as exc:
-            raise UsageError(f"--drop {pattern!r}: not a valid regular expression ({exc})") from None
-    return compiled
-
-
-def _plan(reader: CheckpointReader, code: str, scaled_fp8: bool, prune_ema: bool, patterns: list[re.Pattern[str]],
-          report: ConvertReport) -> list[_Item]:
-    """Which input tensors go out, in which dtype; input scales and ComfyUI's marker are consumed, not copied."""
-    from mergekit_sdxl.io.dtypes import SCALED_MARKER, is_float, is_scalable, scale_key, scaled_key_of
-
-    keys = reader.keys()
-    present = set(keys)
-    input_scales = {k for k in keys if scaled_key_of(k) in present}
-    items = []
-    for key in keys:
-        if key in input_scales or key == SCALED_MARKER:
-            continue
-        if (prune_ema and key.startswith(EMA_PREFIX)) or any(p.search(key) for p in patterns):
-            report.dropped.append(key)
-            continue
-        info = reader.info(key)
-        scale_of = scale_key(key) if key.endswith(".weight") and scale_key(key) in input_scales else None
-        if not is_float(info.dtype):
-            items.append(_Item(key, info.dtype))
-        else:
-            items.append(_Item(key, code, scaled_fp8 and is_scalable(key, info.shape), scale_of))
-    return items
-
-
-def _specs(reader: CheckpointReader, items: list[_Item], with_marker: bool, code: str) -> list[TensorSpec]:
-    from mergekit_sdxl.io.dtypes import SCALED_MARKER, scale_key
-    from mergekit_sdxl.io.writer import TensorSpec
-
-    specs = []
-    for item in items:
-        shape = reader.info(item.key).shape
-        specs.append(TensorSpec(item.key, item.dtype, shape))
-        if item.scaled:
-            specs.append(TensorSpec(scale_key(item.key), "F32", ()))
-    if with_marker:
-        specs.append(TensorSpec(SCALED_MARKER, code, (0,)))
-    taken = [s.key for s in specs]
-    if len(taken) != len(set(taken)):
-        dup = next(k for k in taken if taken.count(k) > 1)
-        raise UsageError(f"the output would hold {dup!r} twice (the input already has a tensor by that name)")
-    return specs
-
-
-def _empty(code: str) -> torch.Tensor:
-    import torch
-
-    from mergekit_sdxl.io.dtypes import torch_dtype
-
-    return torch.empty(0, dtype=torch_dtype(code))
-
-
-def _stream(reader: CheckpointReader, writer: SafetensorsWriter, items: list[_Item], report: ConvertReport,
-            progress: Callable[[int], None] | None) -> None:
-    """Read, convert and write one tensor at a time, reading into one reused buffer where the reader allows."""
-    import torch
-
-    from mergekit_sdxl.io.dtypes import dequantize_scaled, scale_key, to_storage
-
-    buffer = None
-    if hasattr(reader, "read_into") and items:
-        buffer = torch.empty(max(reader.info(i.key).nbytes for i in items), dtype=torch.uint8)
-    for item in items:
-        info = reader.info(item.key)
-        tensor = reader.read_into(item.key, buffer) if buffer is not None else reader.read(item.key)
-        if item.scale_of is not None:
-            tensor = dequantize_scaled(tensor, reader.read(item.scale_of), "F32")
-            report.dequantized += 1
-        report.bytes_in += info.nbytes
-        stored = to_storage(tensor, item.dtype, scaled=item.scaled)
-        if stored.n_clamped:
-            report.clamped[item.key] = stored.n_clamped
-        report.cast += int(stored.tensor.dtype != tensor.dtype or item.scale_of is not None)
-        writer.write(item.key, stored.tensor)
-        if item.scaled:
-            writer.write(scale_key(item.key), stored.scale)
-            report.scaled += 1
-        report.tensors += 1
-        del tensor, stored
-        if progress is not None:
-            progress(info.nbytes)
 
 
 @click.command("convert")
@@ -205,6 +29,7 @@ def command(src: Path, dst: Path, dtype: str, scaled_fp8: bool, prune_ema: bool,
     counted in a warning. Scaled-fp8 inputs are dequantized first. IN may be .safetensors, .ckpt/.pt/.pth
     (weights only) or a diffusers folder.
     """
+    from mergekit_sdxl.engine.convert import convert_checkpoint
     from mergekit_sdxl.io.reader import open_checkpoint
 
     with open_checkpoint(src) as reader:

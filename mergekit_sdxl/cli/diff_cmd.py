@@ -28,8 +28,8 @@ def command(model_a: Path, model_b: Path, as_json: bool, heatmap: Path | None, n
     Reads one tensor of each file at a time (memory stays small whatever the model size). Prints a table (or
     JSON with --json) and writes a heatmap PNG.
     """
-    from mergekit_sdxl.sampler.blockdiff import diff_checkpoints
-    from mergekit_sdxl.sampler.blockdiff import heatmap as draw_heatmap
+    from mergekit_sdxl.analysis.blockdiff import diff_checkpoints
+    from mergekit_sdxl.analysis.blockdiff import heatmap as draw_heatmap
 
     console.info(f"comparing {model_b.name} against {model_a.name}")
     result = diff_checkpoints(model_a, model_b, convention)

@@ -1,7 +1,7 @@
 """A single-file checkpoint seen as per-component diffusers tensors, read lazily one LDM key at a time.
 
 Shared by the diffusers and ONNX exports. Everything is decided from the header before a tensor is read: the
-architecture, the model configs (derived from the shapes, `sampler/modelconfig.py`), the key map (block numbering
+architecture, the model configs (derived from the shapes, `arch/modelconfig.py`), the key map (block numbering
 from those configs), and a check against the modules diffusers/transformers would build (every weight they need is
 provided or filled by rule, every shape equals theirs), so a bad file fails before any output is written.
 
@@ -20,6 +20,7 @@ import torch
 
 from mergekit_sdxl.arch.detect import detect_arch
 from mergekit_sdxl.arch.keymap import PREFIXES, TEXT_ENCODER, UNET, VAE, KeyMap, Layout, build_keymap
+from mergekit_sdxl.arch.modelconfig import derive_configs, fill_rule
 from mergekit_sdxl.errors import CheckpointError, UsageError
 from mergekit_sdxl.io.dtypes import (
     SCALED_MARKER,
@@ -33,7 +34,6 @@ from mergekit_sdxl.io.dtypes import (
 )
 from mergekit_sdxl.io.keyconvert import to_diffusers_tensor
 from mergekit_sdxl.io.reader import CheckpointReader, open_checkpoint
-from mergekit_sdxl.sampler.modelconfig import derive_configs
 
 EDM_MARKERS = ("edm_vpred.sigma_max", "edm_vpred.sigma_min")
 EXPORT_DTYPES = ("F16", "BF16", "F32")
@@ -141,7 +141,7 @@ class ExportSource:
                         raise CheckpointError(f"{self.path}: {have[key].ldm} gives {component}/{key} shape "
                                               f"{list(have[key].shape)}, the model needs {list(shape)}")
                     continue
-                rule = _fill_rule(self.arch, component, key)
+                rule = fill_rule(self.arch, component, key)
                 if rule is None:
                     missing.append(f"{component}/{key}")
                 else:
@@ -231,13 +231,6 @@ def build_modules(configs: dict[str, dict]) -> dict[str, torch.nn.Module]:
         raise UsageError(f"export needs diffusers and transformers (pip install 'mergekit-sdxl[sampler]'): {exc}") \
             from None
 
-
-def _fill_rule(arch: str, component: str, key: str) -> str | None:
-    if key.endswith("embeddings.position_ids"):
-        return "arange"  # a persistent buffer in old transformers releases; 0..76
-    if arch == "sdxl" and component == TEXT_ENCODER and "final_layer_norm." in key:
-        return "ones" if key.endswith("weight") else "zeros"  # pruned from SDXL files: SDXL never runs it
-    return None
 
 
 def _fill_value(target: Target, dtype: torch.dtype) -> torch.Tensor:

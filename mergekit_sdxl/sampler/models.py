@@ -1,7 +1,7 @@
 """Build diffusers/transformers modules for a single-file SDXL / SD1.5 checkpoint, with no network.
 
 Each module is built on the meta device from a configuration derived from the checkpoint's shapes
-(`modelconfig.py`), then filled through the project's LDM -> diffusers key map: the first time with
+(`arch/modelconfig.py`), then filled through the project's LDM -> diffusers key map: the first time with
 `load_state_dict(strict=True, assign=True)`, afterwards (same shapes) by copying in place, so a grid over several
 checkpoints keeps one set of modules and swaps weights. A key the modules need and the file lacks is an error
 before any tensor is read; nothing is ever left randomly initialised. Every tensor is cast on its own to the
@@ -30,11 +30,11 @@ from mergekit_sdxl.arch.keymap import (
     Layout,
     build_keymap,
 )
+from mergekit_sdxl.arch.modelconfig import derive_configs, fill_rule
 from mergekit_sdxl.errors import CheckpointError
 from mergekit_sdxl.io.dtypes import dequantize_scaled, scaled_key_of, torch_dtype
 from mergekit_sdxl.io.keyconvert import clip_l_style_of, to_diffusers_tensor
 from mergekit_sdxl.io.reader import open_checkpoint
-from mergekit_sdxl.sampler.modelconfig import derive_configs
 
 LATENT_SCALE = {"sdxl": 0.13025, "sd15": 0.18215}
 EDM_MARKERS = ("edm_vpred.sigma_max", "edm_vpred.sigma_min")
@@ -172,7 +172,7 @@ def _check_coverage(arch: str, name: str, keymap: KeyMap, modules: Mapping[str, 
     for component, module in modules.items():
         provided = set(keymap.diffusers_keys(component))
         for key in module.state_dict().keys() - provided:
-            rule = _fill_rule(arch, component, key)
+            rule = fill_rule(arch, component, key)
             if rule is None:
                 missing.append(f"{component}/{key}")
             else:
@@ -182,13 +182,6 @@ def _check_coverage(arch: str, name: str, keymap: KeyMap, modules: Mapping[str, 
         raise CheckpointError(f"{name}: {len(missing)} weight(s) the model needs are missing: {shown}")
     return fills
 
-
-def _fill_rule(arch: str, component: str, key: str) -> str | None:
-    if key.endswith("embeddings.position_ids"):
-        return "arange"
-    if arch == "sdxl" and component == TEXT_ENCODER and "final_layer_norm." in key:
-        return "ones" if key.endswith("weight") else "zeros"
-    return None
 
 
 def _fill(source: WeightSource, plan: _LoadPlan, scales: Mapping[str, str], modules: dict[str, torch.nn.Module],

@@ -226,3 +226,14 @@ def clip_config(arch: str, component: str, dims: dict) -> dict:
                             "CLIP attention head")
         config["num_attention_heads"] = dims["hidden_size"] // HEAD_DIM
     return config
+
+
+def fill_rule(arch: str, component: str, key: str) -> str | None:
+    """How to fill a weight the diffusers/transformers module has but a checkpoint may lack: "arange"
+    (`position_ids`, a persistent buffer in old transformers releases: 0..76), "ones"/"zeros" (SDXL CLIP-L
+    `final_layer_norm`: pruned from SDXL files, since SDXL never runs it), or None (it must be in the file)."""
+    if key.endswith("embeddings.position_ids"):
+        return "arange"
+    if arch == "sdxl" and component == TEXT_ENCODER and "final_layer_norm." in key:
+        return "ones" if key.endswith("weight") else "zeros"
+    return None
