@@ -17,7 +17,8 @@ from mergekit_sdxl.arch.detect import (
     param_counts,
     unknown_keys,
 )
-from mergekit_sdxl.arch.tables import COMPONENTS, KeyInfo, is_float_dtype, key_table, mandatory_keys
+from mergekit_sdxl.arch.tables import COMPONENTS, KeyInfo, key_table, mandatory_keys
+from mergekit_sdxl.dtypes import is_float_dtype
 from mergekit_sdxl.errors import ArchError
 
 ROOT = Path(__file__).resolve().parents[1]

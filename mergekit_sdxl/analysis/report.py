@@ -21,14 +21,17 @@ from mergekit_sdxl.arch.detect import (
     param_counts,
     unknown_keys,
 )
-from mergekit_sdxl.arch.tables import ARCH_NAMES, COMPONENTS, is_float_dtype, key_table, numel
+from mergekit_sdxl.arch.tables import ARCH_NAMES, COMPONENTS, key_table, numel
+from mergekit_sdxl.dtypes import is_float_dtype
 from mergekit_sdxl.errors import ArchError
+from mergekit_sdxl.io.dtypes import SCALE_SUFFIX as _SUFFIX
+from mergekit_sdxl.io.dtypes import SCALED_MARKER
+
+# Scaled fp8: `<prefix>.scale_weight` scales and the empty `scaled_fp8` flag are not parameters, nor unknown keys
+SCALE_SUFFIX = "." + _SUFFIX
 
 SCHEMA = "mergekit-sdxl.inspect/1"
 LINEAGE_KEYS = ("sd_merge_recipe", "sd_merge_models")
-# Scaled fp8 (io.dtypes): `<prefix>.scale_weight` scales and the empty `scaled_fp8` flag are not parameters,
-# and not unknown keys either.
-SCALE_SUFFIX, SCALED_MARKER = ".scale_weight", "scaled_fp8"
 TEXT_LIST_LIMIT = 10
 
 # (label, total bytes) -> a context manager giving `advance(bytes)`; the CLI passes a rich progress bar

@@ -13,11 +13,11 @@ from mergekit_sdxl.arch.tables import (
     ARCH_NAMES,
     COMPONENTS,
     check_arch,
-    is_float_dtype,
     key_table,
     mandatory_keys,
     numel,
 )
+from mergekit_sdxl.dtypes import is_float_dtype
 from mergekit_sdxl.errors import ArchError
 
 # Any one of these keys identifies the architecture. SDXL's `ln_final` is optional in the wild (pruned files

@@ -53,12 +53,6 @@ def mandatory_keys(arch: str) -> frozenset[str]:
     return frozenset(key for key, info in key_table(arch).items() if not info.optional)
 
 
-def is_float_dtype(dtype: str) -> bool:
-    """True for floating-point dtype names in safetensors (`F16`, `BF16`, `F8_E4M3`) or torch style (`float32`)."""
-    name = dtype.upper().removeprefix("TORCH.")
-    return name.startswith(("F", "BF")) or name in {"HALF", "DOUBLE"}
-
-
 def numel(shape: tuple[int, ...] | list[int]) -> int:
     """Number of elements of a tensor of this shape (1 for a scalar)."""
     count = 1

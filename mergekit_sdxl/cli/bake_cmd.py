@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
+from mergekit_sdxl.dtypes import WEIGHTS, choices
 from mergekit_sdxl.errors import UsageError
 
 
@@ -23,7 +24,7 @@ from mergekit_sdxl.errors import UsageError
                    "(SDXL 12 values BASE,IN04,IN05,IN07,IN08,M00,OUT00..OUT05; SD1 17; 'lbw=' + 20 or 26 values) or "
                    "one of its presets (ALL, INALL, MIDD, OUTALL, ...), or an MBW vector (SDXL 20 values, SD1 26, an "
                    "MBW preset, or a named form like 'IN04:1,default:0'). BASE applies to the text encoders.")
-@click.option("--dtype", type=click.Choice(("fp16", "bf16", "fp32")), help="Store changed and float tensors in "
+@click.option("--dtype", type=click.Choice(choices(WEIGHTS)), help="Store changed and float tensors in "
               "this dtype (default: keep each tensor's dtype).")
 @click.option("--ignore-unknown", is_flag=True, help="Skip adapter keys that match no module (listed as a warning).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")

@@ -7,12 +7,13 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
+from mergekit_sdxl.dtypes import CHECKPOINT, choices
 
 
 @click.command("convert")
 @click.argument("src", metavar="IN", type=click.Path(exists=True, path_type=Path))
 @click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
-@click.option("--dtype", required=True, type=click.Choice(("fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2")),
+@click.option("--dtype", required=True, type=click.Choice(choices(CHECKPOINT)),
               help="Storage dtype for float tensors (integer tensors such as position_ids keep theirs).")
 @click.option("--scaled-fp8", is_flag=True,
               help="fp8 with one float32 scale per weight (ComfyUI's scale_weight layout); loaders that ignore "

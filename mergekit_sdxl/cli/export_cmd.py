@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
+from mergekit_sdxl.dtypes import WEIGHTS, choices
 
 
 @click.command("export")
@@ -18,7 +19,7 @@ from mergekit_sdxl.cli import console
               help="diffusers: StableDiffusion(XL)Pipeline.from_pretrained folder; onnx: optimum's "
                    "ORTStableDiffusion(XL)Pipeline folder (needs the [onnx] extra).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--dtype", type=click.Choice(("fp16", "bf16", "fp32")), default=None,
+@click.option("--dtype", type=click.Choice(choices(WEIGHTS)), default=None,
               help="Weight dtype [diffusers: fp16; onnx: fp32 (fp16 is for GPU execution providers)].")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is an earlier export (has model_index.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")

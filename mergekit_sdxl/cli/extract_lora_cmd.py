@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
+from mergekit_sdxl.dtypes import WEIGHTS, choices
 
 
 @click.command("extract-lora")
@@ -36,7 +37,7 @@ from mergekit_sdxl.cli import console
               "Lossy (raised error up to 4x in measurements); off by default.")
 @click.option("--alpha", type=float, help="Alpha written for Linear layers (default: alpha = rank, scale 1).")
 @click.option("--conv-alpha", type=float, help="Alpha for 3x3 conv layers (default: alpha = rank).")
-@click.option("--save-dtype", type=click.Choice(("fp16", "bf16", "fp32")), default="fp16", show_default=True)
+@click.option("--save-dtype", type=click.Choice(choices(WEIGHTS)), default="fp16", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(("kohya", "peft")), default="kohya", show_default=True,
               help="kohya LoRA/LoCon keys (A1111, ComfyUI, diffusers) or diffusers/peft keys.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
@@ -56,8 +57,8 @@ def command(base: Path, tuned: Path, output: Path, rank: int, conv_rank: int, dy
     """
     import warnings
 
+    from mergekit_sdxl.dtypes import parse_dtype
     from mergekit_sdxl.engine.device import resolve_device
-    from mergekit_sdxl.io.dtypes import parse_dtype
     from mergekit_sdxl.lora.extract import ExtractOptions, extract_lora
     from mergekit_sdxl.lora.svd import RankRule, SolverOptions
 

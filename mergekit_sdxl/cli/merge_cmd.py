@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
+from mergekit_sdxl.dtypes import CHECKPOINT, choices
 
 
 @click.command("merge")
@@ -16,7 +17,7 @@ from mergekit_sdxl.cli import console
               help="Override a model path of the recipe (repeatable).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), help="Output file (else output.path).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", help="Output dtype: fp16, bf16, fp32, fp8_e4m3fn, fp8_e5m2 (overrides the recipe).")
+@click.option("--dtype", type=click.Choice(choices(CHECKPOINT)), help="Output dtype (overrides the recipe's).")
 @click.option("--threads", type=click.IntRange(1, 256), help="CPU threads for the arithmetic (default: all).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file (never an input).")
 @click.option("--dry-run", is_flag=True, help="Print the plan without reading any tensor data.")
@@ -34,13 +35,13 @@ def command(recipe: Path, models: tuple[str, ...], out: Path | None, device: str
     Inputs are read tensor by tensor; memory stays bounded whatever the model size. An error or Ctrl-C leaves
     no output file and never touches an input.
     """
+    from mergekit_sdxl.dtypes import parse_dtype
     from mergekit_sdxl.engine.run import MergeOptions, headers_of, open_inputs, plan_recipe, run_merge
-    from mergekit_sdxl.io.dtypes import parse_dtype
     from mergekit_sdxl.recipe.describe import describe_plan
     from mergekit_sdxl.recipe.load import load_recipe, parse_model_overrides
 
     parsed = load_recipe(recipe, parse_model_overrides(models))
-    code = parse_dtype(dtype) if dtype else None
+    code = parse_dtype(dtype, CHECKPOINT, "--dtype") if dtype else None
     options = MergeOptions(out=out, device=device, dtype=code, overwrite=overwrite, threads=threads,
                            hash_inputs=not no_input_hashes)
     if dry_run:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
+from mergekit_sdxl.dtypes import WEIGHTS, choices
 from mergekit_sdxl.errors import UsageError
 
 
@@ -19,14 +20,14 @@ from mergekit_sdxl.errors import UsageError
 @click.option("--conv-dynamic", metavar="MODE:VALUE")
 @click.option("--exact", is_flag=True, help="Exact SVD per layer.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--save-dtype", type=click.Choice(("fp16", "bf16", "fp32")), default="fp16", show_default=True)
+@click.option("--save-dtype", type=click.Choice(choices(WEIGHTS)), default="fp16", show_default=True)
 @click.option("--arch", type=click.Choice(("sdxl", "sd15")), help="When the files do not say.")
 @click.option("--overwrite", is_flag=True)
 def command(adapters: tuple[str, ...], output: Path, rank: int, conv_rank: int, dynamic: str | None,
             conv_dynamic: str | None, exact: bool, seed: int, save_dtype: str, arch: str | None,
             overwrite: bool) -> None:
     """Merge adapters into one: the weighted sum of their ΔW per module, re-factored to the requested rank."""
-    from mergekit_sdxl.io.dtypes import parse_dtype
+    from mergekit_sdxl.dtypes import parse_dtype
     from mergekit_sdxl.lora.resize import ResizeOptions, merge_loras
     from mergekit_sdxl.lora.svd import RankRule, SolverOptions
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
+from mergekit_sdxl.dtypes import WEIGHTS, choices
 
 
 @click.command("resize-lora")
@@ -18,13 +19,13 @@ from mergekit_sdxl.cli import console
 @click.option("--conv-dynamic", metavar="MODE:VALUE", help="Like --dynamic, for 3x3 conv layers.")
 @click.option("--exact", is_flag=True, help="Exact SVD per layer.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--save-dtype", type=click.Choice(("fp16", "bf16", "fp32")), default="fp16", show_default=True)
+@click.option("--save-dtype", type=click.Choice(choices(WEIGHTS)), default="fp16", show_default=True)
 @click.option("--arch", type=click.Choice(("sdxl", "sd15")), help="When the file does not say.")
 @click.option("--overwrite", is_flag=True)
 def command(adapter: Path, output: Path, rank: int, conv_rank: int, dynamic: str | None, conv_dynamic: str | None,
             exact: bool, seed: int, save_dtype: str, arch: str | None, overwrite: bool) -> None:
     """Re-factor an adapter (any readable format) to a new rank or a dynamic rank; writes a kohya LoRA/LoCon."""
-    from mergekit_sdxl.io.dtypes import parse_dtype
+    from mergekit_sdxl.dtypes import parse_dtype
     from mergekit_sdxl.lora.resize import ResizeOptions, resize_lora
     from mergekit_sdxl.lora.svd import RankRule, SolverOptions
 

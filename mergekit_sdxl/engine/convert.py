@@ -63,10 +63,11 @@ def convert_checkpoint(reader: CheckpointReader, dst: Path, dtype: str, *, scale
         UsageError: bad dtype, --scaled-fp8 without fp8, invalid regex. CheckpointError / OutputError from io.
     """
     from mergekit_sdxl import __version__
-    from mergekit_sdxl.io.dtypes import SCALED_MARKER, is_fp8, parse_dtype
+    from mergekit_sdxl.dtypes import CHECKPOINT, parse_dtype
+    from mergekit_sdxl.io.dtypes import SCALED_MARKER, is_fp8
     from mergekit_sdxl.io.writer import SafetensorsWriter, cleanup_stale_temps
 
-    code = parse_dtype(dtype)
+    code = parse_dtype(dtype, CHECKPOINT, "--dtype")
     if scaled_fp8 and not is_fp8(code):
         raise UsageError(f"--scaled-fp8 needs an fp8 --dtype (fp8_e4m3fn or fp8_e5m2), not {dtype}")
     patterns = _compile(drop)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mergekit_sdxl.dtypes import COMPUTE, choices, lookup
 from mergekit_sdxl.errors import DeviceError
-
-COMPUTE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -30,7 +29,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def compute_dtype(name: str) -> torch.dtype:
     """fp32 (default) or fp64 for the arithmetic."""
-    try:
-        return COMPUTE_DTYPES[name.strip().lower()]
-    except KeyError:
-        raise DeviceError(f"unknown compute dtype {name!r}; use fp32 or fp64") from None
+    found = lookup(name)
+    if found is None or COMPUTE not in found.roles:
+        raise DeviceError(f"unknown compute dtype {name!r}; use {' or '.join(choices(COMPUTE))}")
+    return getattr(torch, found.torch_name)

@@ -21,6 +21,7 @@ import torch
 from mergekit_sdxl.arch.detect import detect_arch
 from mergekit_sdxl.arch.keymap import PREFIXES, TEXT_ENCODER, UNET, VAE, KeyMap, Layout, build_keymap
 from mergekit_sdxl.arch.modelconfig import derive_configs, fill_rule
+from mergekit_sdxl.dtypes import WEIGHTS, parse_dtype
 from mergekit_sdxl.errors import CheckpointError, UsageError
 from mergekit_sdxl.io.dtypes import (
     SCALED_MARKER,
@@ -28,7 +29,6 @@ from mergekit_sdxl.io.dtypes import (
     dequantize_scaled,
     is_float,
     is_fp8,
-    parse_dtype,
     scaled_key_of,
     torch_dtype,
 )
@@ -36,7 +36,6 @@ from mergekit_sdxl.io.keyconvert import to_diffusers_tensor
 from mergekit_sdxl.io.reader import CheckpointReader, open_checkpoint
 
 EDM_MARKERS = ("edm_vpred.sigma_max", "edm_vpred.sigma_min")
-EXPORT_DTYPES = ("F16", "BF16", "F32")
 TEXT_MODEL = "text_model."
 
 
@@ -63,11 +62,7 @@ class ExportStats:
 
 def export_dtype(name: str) -> str:
     """The safetensors code of an export dtype (fp16, bf16, fp32); fp8 is refused (no pipeline loads it)."""
-    code = parse_dtype(name)
-    if code not in EXPORT_DTYPES:
-        raise UsageError(f"--dtype {name}: exports are written in fp16, bf16 or fp32 (diffusers and ONNX Runtime "
-                         "pipelines cannot compute in fp8)")
-    return code
+    return parse_dtype(name, WEIGHTS, "--dtype")  # fp8: diffusers and ONNX Runtime pipelines cannot compute in it
 
 
 def diffusers_shape(op: str, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -1,5 +1,5 @@
-"""Every dtype fact in one table: safetensors code, torch name, item size, float-ness, finite range, CLI names,
-and the rank safetensors' own writer sorts tensors by.
+"""Tensor casts between the dtypes of `mergekit_sdxl.dtypes` (the torch-free table of every dtype fact, re-exported
+here), and the scaled-fp8 layout.
 
 Casting rules (`cast`):
 - Only float tensors are cast; integer and bool tensors (e.g. int64 `position_ids`) keep their dtype.
@@ -23,66 +23,33 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mergekit_sdxl.errors import UsageError
+from mergekit_sdxl.dtypes import (
+    CHECKPOINT,
+    DTYPES,
+    DtypeInfo,
+    choices,
+    info,
+    is_float,
+    is_fp8,
+    itemsize,
+    lookup,
+    name_of,
+    parse_dtype,
+)
+
+__all__ = [  # the table's names are re-exported for callers that also cast
+    "CHECKPOINT", "CLI_TARGETS", "DTYPES", "SCALED_MARKER", "SCALE_SUFFIX", "DtypeInfo", "Stored", "amax", "cast",
+    "choices", "code_of", "dequantize_scaled", "info", "is_float", "is_fp8", "is_scalable", "itemsize", "lookup",
+    "name_of", "parse_dtype", "scale_key", "scaled_key_of", "to_scaled_fp8", "to_storage", "torch_dtype",
+]
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so header-only use stays fast
     import torch
 
 
-@dataclass(frozen=True)
-class DtypeInfo:
-    """Facts about one safetensors dtype."""
-
-    code: str  # safetensors header string, e.g. "F16"
-    torch_name: str  # attribute of the torch module, e.g. "float16"
-    itemsize: int
-    is_float: bool
-    rank: int  # position in safetensors' Dtype enum; save_file writes higher ranks first
-    fmax: float | None = None  # largest finite value (floats only)
-    names: tuple[str, ...] = ()  # extra names accepted on the command line
-
-
-DTYPES: dict[str, DtypeInfo] = {d.code: d for d in (
-    DtypeInfo("BOOL", "bool", 1, False, 0),
-    DtypeInfo("U8", "uint8", 1, False, 4),
-    DtypeInfo("I8", "int8", 1, False, 5),
-    DtypeInfo("F8_E5M2", "float8_e5m2", 1, True, 6, 57344.0, ("fp8_e5m2", "e5m2")),
-    DtypeInfo("F8_E4M3", "float8_e4m3fn", 1, True, 7, 448.0, ("fp8_e4m3fn", "fp8_e4m3", "e4m3fn", "fp8")),
-    DtypeInfo("I16", "int16", 2, False, 9),
-    DtypeInfo("U16", "uint16", 2, False, 10),
-    DtypeInfo("F16", "float16", 2, True, 11, 65504.0, ("fp16", "half")),
-    DtypeInfo("BF16", "bfloat16", 2, True, 12, 3.3895313892515355e38, ("bf16",)),
-    DtypeInfo("I32", "int32", 4, False, 13),
-    DtypeInfo("U32", "uint32", 4, False, 14),
-    DtypeInfo("F32", "float32", 4, True, 15, 3.4028234663852886e38, ("fp32", "float")),
-    DtypeInfo("F64", "float64", 8, True, 17, 1.7976931348623157e308, ("fp64", "double")),
-    DtypeInfo("I64", "int64", 8, False, 18),
-    DtypeInfo("U64", "uint64", 8, False, 19),
-)}
-# safetensors' enum also has F4, F6_E2M3, F6_E3M2 (ranks 1-3), F8_E8M0 (8) and C64 (16): no use in SD checkpoints,
-# so the reader refuses them with a clear message rather than guessing a layout.
-
-_BY_NAME: dict[str, str] = {}
-for _d in DTYPES.values():
-    for _n in (_d.code, _d.torch_name, *_d.names):
-        _BY_NAME[_n.lower()] = _d.code
-
 SCALE_SUFFIX = "scale_weight"
 SCALED_MARKER = "scaled_fp8"  # ComfyUI's flag for scaled-fp8 files: an empty tensor in the fp8 dtype
-CLI_TARGETS = ("fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
-
-
-def info(code: str) -> DtypeInfo:
-    """The table row for a safetensors dtype code; KeyError if unknown."""
-    return DTYPES[code]
-
-
-def parse_dtype(name: str) -> str:
-    """A safetensors code from any accepted spelling ("fp16", "float16", "F16", "bf16", "fp8_e4m3fn", ...)."""
-    code = _BY_NAME.get(name.strip().lower())
-    if code is None:
-        raise UsageError(f"unknown dtype {name!r}; use one of {', '.join(CLI_TARGETS)}")
-    return code
+CLI_TARGETS = choices(CHECKPOINT)
 
 
 def torch_dtype(code: str) -> torch.dtype:
@@ -95,20 +62,12 @@ def torch_dtype(code: str) -> torch.dtype:
 def code_of(dtype: torch.dtype) -> str:
     """The safetensors code of a torch dtype; KeyError for dtypes safetensors files cannot hold here."""
     name = str(dtype).removeprefix("torch.")
-    code = _BY_NAME.get(name)
-    if code is None or DTYPES[code].torch_name != name:
+    found = lookup(name)
+    if found is None or found.torch_name != name:
         raise KeyError(f"torch dtype {dtype} has no safetensors code in this tool")
-    return code
+    return found.code
 
 
-def is_float(code: str) -> bool:
-    """True for floating-point codes (the only ones `cast` changes)."""
-    return DTYPES[code].is_float
-
-
-def is_fp8(code: str) -> bool:
-    """True for the two fp8 formats."""
-    return code in ("F8_E4M3", "F8_E5M2")
 
 
 def is_scalable(key: str, shape: tuple[int, ...]) -> bool:

@@ -27,8 +27,9 @@ from mergekit_sdxl.arch.blocks import DEFAULT_CONVENTION
 from mergekit_sdxl.arch.detect import detect_arch
 from mergekit_sdxl.arch.lbw import BlockScale, adapter_blocks
 from mergekit_sdxl.arch.lora_names import LoraModule, lora_modules
+from mergekit_sdxl.dtypes import WEIGHTS, parse_dtype
 from mergekit_sdxl.errors import CheckpointError
-from mergekit_sdxl.io.dtypes import cast, code_of, parse_dtype, torch_dtype
+from mergekit_sdxl.io.dtypes import cast, code_of, torch_dtype
 from mergekit_sdxl.io.reader import open_checkpoint
 from mergekit_sdxl.io.writer import SafetensorsWriter, TensorSpec
 from mergekit_sdxl.lora.formats import Adapter, AdapterLayer, apply_dora
@@ -193,7 +194,7 @@ def bake(checkpoint: str | os.PathLike[str], specs: Sequence[AdapterSpec], outpu
     Untouched tensors are copied byte for byte; changed ones are computed in fp32 and stored in their original
     dtype (or `dtype`). Returns a small summary (keys changed, adapters, unconsumed keys).
     """
-    out_code = parse_dtype(dtype) if dtype else None
+    out_code = parse_dtype(dtype, WEIGHTS, "--dtype") if dtype else None
     with open_checkpoint(checkpoint) as reader:
         keys = reader.keys()
         arch = detect_arch(keys, str(checkpoint))

@@ -27,9 +27,10 @@ import torch
 from mergekit_sdxl import __version__
 from mergekit_sdxl.arch.detect import detect_arch
 from mergekit_sdxl.arch.lora_names import PRESETS, LoraModule, lora_modules, select
+from mergekit_sdxl.dtypes import WEIGHTS, parse_dtype
 from mergekit_sdxl.engine.memory import limit_arenas
 from mergekit_sdxl.errors import ArchError, CheckpointError, UsageError
-from mergekit_sdxl.io.dtypes import parse_dtype, torch_dtype
+from mergekit_sdxl.io.dtypes import torch_dtype
 from mergekit_sdxl.io.reader import open_checkpoint
 from mergekit_sdxl.lora.kohya import (
     FORMATS,
@@ -74,7 +75,7 @@ class ExtractOptions:
             raise UsageError(f"--text-encoders {self.text_encoders!r}: use one of {', '.join(TE_MODES)}")
         if self.fmt not in FORMATS:
             raise UsageError(f"--format {self.fmt!r}: use one of {', '.join(FORMATS)}")
-        parse_dtype(self.save_dtype)
+        parse_dtype(self.save_dtype, WEIGHTS, "--save-dtype")
 
 
 @dataclass

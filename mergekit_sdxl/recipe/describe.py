@@ -5,23 +5,20 @@ from __future__ import annotations
 from collections import Counter
 
 from mergekit_sdxl.arch.tables import ARCH_NAMES, numel
+from mergekit_sdxl.dtypes import DTYPES, name_of
 from mergekit_sdxl.recipe.nodes import Call, Linear, Load, Node
 from mergekit_sdxl.recipe.planner import Plan
-from mergekit_sdxl.recipe.types import OUTPUT_DTYPES
-
-_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 
 
 def describe_plan(plan: Plan) -> list[str]:
     """Human lines for `--dry-run`: inputs, steps, output size and dtype, keys per kind, warnings."""
-    names = {code: name for name, code in OUTPUT_DTYPES.items()}
     out = plan.output
     lines = [f"architecture: {ARCH_NAMES[plan.arch]}"]
     lines += [f"input {alias}: {path}" + (f" (sha256 {plan.sha256[alias][:12]}... pinned)"
                                           if alias in plan.sha256 else "") for alias, path in plan.inputs.items()]
     lines += plan.steps
     size = plan_size(plan)
-    dtype = names.get(out.dtype, out.dtype) + (" (scaled)" if out.fp8_scaled else "")
+    dtype = name_of(out.dtype) + (" (scaled)" if out.fp8_scaled else "")
     lines.append(f"output: {out.path or '(path from the command line)'}: {len(plan.keys)} tensors, {dtype}, "
                  f"{size:,} bytes of tensor data ({size / 1e9:.2f} GB)")
     kinds = Counter(_node_kind(kp.node) for kp in plan.keys)
@@ -34,7 +31,7 @@ def plan_size(plan: Plan) -> int:
     """Bytes of tensor data the output will hold (scaled fp8 adds one float32 scale per float tensor)."""
     total = 0
     for kp in plan.keys:
-        total += numel(kp.shape) * _ITEMSIZE.get(kp.dtype, 1)
+        total += numel(kp.shape) * DTYPES[kp.dtype].itemsize
         if plan.output.fp8_scaled and kp.dtype == plan.output.dtype:
             total += 4
     return total

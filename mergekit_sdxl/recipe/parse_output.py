@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mergekit_sdxl.dtypes import CHECKPOINT, COMPUTE, choices, parse_dtype
 from mergekit_sdxl.recipe.fields import (
     MAX_RULES,
     Fields,
@@ -13,7 +14,7 @@ from mergekit_sdxl.recipe.fields import (
     suggest,
     type_name,
 )
-from mergekit_sdxl.recipe.types import COMPUTE_DTYPES, MISSING_POLICIES, OUTPUT_DTYPES, ModelRef, OutputSpec
+from mergekit_sdxl.recipe.types import MISSING_POLICIES, ModelRef, OutputSpec
 
 MAX_METADATA = 256
 MAX_METADATA_VALUE = 65_536
@@ -31,7 +32,7 @@ def parse_output(p: Fields, value: Any, models: dict[str, ModelRef]) -> OutputSp
     path = p.text(fields.get("path"), "output.path")
     if path is not None and ".." in Path(path).parts:  # a shared recipe must not write outside the folder
         raise fail(at("path"), f"{path!r} climbs out of the folder with '..'; give the output with --out")
-    dtype = OUTPUT_DTYPES[p.choice(fields.get("dtype", "fp16"), at("dtype"), OUTPUT_DTYPES)]
+    dtype = parse_dtype(p.choice(fields.get("dtype", "fp16"), at("dtype"), choices(CHECKPOINT)))
     fp8_scaled = _flag(p, fields, "fp8_scaled")
     if fp8_scaled and not dtype.startswith("F8"):
         raise fail(at("fp8_scaled"), "applies only to fp8 output dtypes (fp8_e4m3fn, fp8_e5m2)")
@@ -57,8 +58,8 @@ def parse_output(p: Fields, value: Any, models: dict[str, ModelRef]) -> OutputSp
         prune_ema=_flag(p, fields, "prune_ema"),
         drop=tuple(drop),
         missing_keys=p.choice(fields.get("missing_keys", "error"), at("missing_keys"), MISSING_POLICIES),
-        compute_dtype=COMPUTE_DTYPES[p.choice(fields.get("compute_dtype", "fp32"), at("compute_dtype"),
-                                                 COMPUTE_DTYPES)],
+        compute_dtype=parse_dtype(p.choice(fields.get("compute_dtype", "fp32"), at("compute_dtype"),
+                                           choices(COMPUTE))),
         seed=seed,
         metadata=_metadata(fields.get("metadata", {}), at("metadata")),
     )

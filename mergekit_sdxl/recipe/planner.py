@@ -25,7 +25,8 @@ from typing import Any
 from mergekit_sdxl.arch.blocks import block_of
 from mergekit_sdxl.arch.detect import MARKERS
 from mergekit_sdxl.arch.mbw import parse_mbw
-from mergekit_sdxl.arch.tables import ARCH_NAMES, check_arch, is_float_dtype
+from mergekit_sdxl.arch.tables import ARCH_NAMES, check_arch
+from mergekit_sdxl.dtypes import is_float_dtype
 from mergekit_sdxl.errors import ArchError, RecipeError
 from mergekit_sdxl.recipe.formula import ZERO_COEFF
 from mergekit_sdxl.recipe.nodes import Adapter, Call, KeyPlan, Linear, Load, Node, Scalar, loads_of

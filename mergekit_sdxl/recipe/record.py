@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from mergekit_sdxl.recipe.types import COMPUTE_DTYPES, OUTPUT_DTYPES, FormulaStep, LoraStep, Param, Recipe
+from mergekit_sdxl.dtypes import name_of
+from mergekit_sdxl.recipe.types import FormulaStep, LoraStep, Param, Recipe
 
 # step name -> its parameters, each with its MBW block weights (None for a constant)
 StepParams = dict[str, list[tuple[Param, "dict[str, float] | None"]]]
@@ -29,7 +30,6 @@ def resolved_recipe(recipe: Recipe, arch: str, aliases: list[str], params: StepP
         else:
             steps[name] = {"method": step.method, "inputs": list(step.inputs), "convention": step.convention,
                            "params": {p.name: _param_dict(p, w) for p, w in params[name]}}
-    names = {code: name for name, code in {**OUTPUT_DTYPES, **COMPUTE_DTYPES}.items()}
     return {
         "format": "mergekit-sdxl recipe",
         "version": 1,
@@ -40,9 +40,9 @@ def resolved_recipe(recipe: Recipe, arch: str, aliases: list[str], params: StepP
                            "sha256": recipe.models[alias].sha256} for alias in aliases},
         "steps": steps,
         "output_step": recipe.output_step,
-        "output": {"dtype": names[out.dtype], "fp8_scaled": out.fp8_scaled, "vae": out.vae,
+        "output": {"dtype": name_of(out.dtype), "fp8_scaled": out.fp8_scaled, "vae": out.vae,
                    "prune_ema": out.prune_ema, "drop": list(out.drop), "missing_keys": out.missing_keys,
-                   "compute_dtype": names[out.compute_dtype], "seed": out.seed},
+                   "compute_dtype": name_of(out.compute_dtype), "seed": out.seed},
     }
 
 

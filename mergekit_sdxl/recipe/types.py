@@ -11,10 +11,6 @@ from typing import Any
 from mergekit_sdxl.arch.blocks import DEFAULT_CONVENTION
 from mergekit_sdxl.recipe.formula import Formula, Kind
 
-OUTPUT_DTYPES: dict[str, str] = {
-    "fp16": "F16", "bf16": "BF16", "fp32": "F32", "fp8_e4m3fn": "F8_E4M3", "fp8_e5m2": "F8_E5M2",
-}
-COMPUTE_DTYPES: dict[str, str] = {"fp32": "F32", "fp64": "F64"}
 MISSING_POLICIES = ("error", "take_first")
 SEED_PARAM = "seed"  # filled per key by the planner; a step may set it to change that step's base seed
 
