@@ -7,15 +7,15 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
+from mergekit_sdxl.dtypes import WEIGHTS, choices
+from mergekit_sdxl.sampler.catalog import SAMPLER_NAMES, SCHEDULE_NAMES
 
 # Animagine XL 3.1 model card: negative prompt, CFG 5-7, under 30 steps, Euler a
 CARD_NEGATIVE = ("nsfw, lowres, (bad), text, error, fewer, extra, missing, worst quality, jpeg artifacts, "
                  "low quality, watermark, unfinished, displeasing, oldest, early, chromatic aberration, signature, "
                  "extra digits, artistic error, username, scan, [abstract]")
 DEFAULT_PROMPT = "1girl, solo, looking at viewer, upper body, masterpiece, best quality, very aesthetic, absurdres"
-SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde")
-SCHEDULES = ("normal", "karras", "exponential", "sgm_uniform")
-DTYPES = ("auto", "fp32", "fp16", "bf16")
+DTYPES = ("auto", *choices(WEIGHTS))
 
 
 @click.command("grid")
@@ -33,8 +33,8 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 @click.option("--seeds", default="1", show_default=True, help="Comma-separated seeds, one row per prompt and seed.")
 @click.option("--steps", type=click.IntRange(1, 500), default=28, show_default=True)
 @click.option("--cfg", type=float, default=6.0, show_default=True, help="CFG scale.")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="euler_a", show_default=True)
-@click.option("--schedule", type=click.Choice(SCHEDULES), default="normal", show_default=True)
+@click.option("--sampler", type=click.Choice(tuple(SAMPLER_NAMES)), default="euler_a", show_default=True)
+@click.option("--schedule", type=click.Choice(tuple(SCHEDULE_NAMES)), default="normal", show_default=True)
 @click.option("--size", help="WIDTHxHEIGHT (multiples of 8) or a bucket name: square, portrait, landscape, "
               "tall, wide, 13:19, ... (default: 1024x1024 SDXL, 512x512 SD1.5).")
 @click.option("--clip-skip", type=click.IntRange(1, 12), default=1, show_default=True, help="SD1.5 only.")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from mergekit_sdxl.sampler.samplers import A1111_NAMES, A1111_SCHEDULES
+from mergekit_sdxl.sampler.catalog import SAMPLER_NAMES, SCHEDULE_NAMES, SamplerName, ScheduleName
 
 RECIPE_CHUNK = "mergekit_recipe"
 
@@ -31,14 +31,18 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
+def _a1111(row: SamplerName | ScheduleName | None, name: str) -> str:
+    return row.a1111 if row is not None else name
+
+
 def parameters_text(prompt: str, negative: str, steps: int, sampler: str, schedule: str, cfg: float, seed: int,
                     width: int, height: int, model_hash: str | None = None, model_name: str | None = None,
                     clip_skip: int = 1, recipe: str | None = None, extra: Mapping[str, object] | None = None,
                     ) -> str:
     """The `parameters` text of one image (sampler and schedule are this package's names)."""
     fields: dict[str, object] = {
-        "Steps": steps, "Sampler": A1111_NAMES.get(sampler, sampler),
-        "Schedule type": A1111_SCHEDULES.get(schedule, schedule), "CFG scale": _number(cfg), "Seed": seed,
+        "Steps": steps, "Sampler": _a1111(SAMPLER_NAMES.get(sampler), sampler),
+        "Schedule type": _a1111(SCHEDULE_NAMES.get(schedule), schedule), "CFG scale": _number(cfg), "Seed": seed,
         "Size": f"{width}x{height}",
     }
     if model_hash:

@@ -130,9 +130,3 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
 }
-# Names A1111 writes into the `parameters` text (Sampler:) and its default schedule ("Automatic").
-A1111_NAMES = {"euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
-               "dpmpp_2m_sde": "DPM++ 2M SDE"}
-A1111_SCHEDULES = {"normal": "Uniform", "karras": "Karras", "exponential": "Exponential",
-                   "sgm_uniform": "SGM Uniform"}
-MODEL_CALLS_PER_STEP = {"heun": 2}

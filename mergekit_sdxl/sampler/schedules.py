@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from mergekit_sdxl.sampler.catalog import SCHEDULE_NAMES
+
 BETA_START, BETA_END, TRAIN_STEPS = 0.00085, 0.012, 1000
 ZTSNR_LAST_ALPHA_BAR = 4.8973451890853435e-08  # A1111 and ComfyUI: keeps the last sigma finite (~4500)
 
@@ -106,7 +108,7 @@ def get_sigmas_exponential(n: int, sigma_min: float, sigma_max: float, device: s
     return append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n).exp()).to(device)
 
 
-SCHEDULES = ("normal", "karras", "exponential", "sgm_uniform")
+SCHEDULES = tuple(SCHEDULE_NAMES)  # the names and their A1111/ComfyUI spellings live in catalog.py
 
 
 def get_sigmas(name: str, n: int, schedule: DiscreteSchedule, device: str = "cpu") -> torch.Tensor:
