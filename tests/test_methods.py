@@ -323,7 +323,7 @@ def _inputs(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0
 
 def test_default_params_cover_every_required_parameter():
     for name, spec in METHODS.items():
-        required = {k for k, v in spec.params.items() if v is None}
+        required = {p.name for p in spec.params if p.required}
         assert required <= set(DEFAULT_PARAMS.get(name, {})), name
 
 

@@ -24,10 +24,10 @@ def test_spec_matches_function_signature(name):
     assert tuple(p.name for p in params if p.kind == kinds.POSITIONAL_OR_KEYWORD) == spec.inputs
     assert any(p.kind == kinds.VAR_POSITIONAL for p in params) == spec.variadic
     keyword = {p.name: p for p in params if p.kind == kinds.KEYWORD_ONLY}
-    assert set(keyword) == set(spec.params) == set(spec.param_types)
+    assert tuple(keyword) == spec.param_names
     for key, p in keyword.items():
-        assert spec.params[key] == (None if p.default is kinds.empty else p.default), key
-        assert hints[key] is spec.param_types[key], key
+        assert spec.param(key).default == (None if p.default is kinds.empty else p.default), key
+        assert hints[key] is spec.param(key).type, key
     assert spec.doc
     assert fn.__doc__ and len(fn.__doc__.strip()) > 20, "every method documents its formula"
 
@@ -100,9 +100,9 @@ def test_call_method_accepts_int_for_float_and_fills_defaults():
 
 def test_call_method_turns_rejected_values_into_recipe_errors():
     x = torch.zeros(4)
-    with pytest.raises(RecipeError, match=r"'ties': density must lie in \[0, 1\], got 1.5"):
+    with pytest.raises(RecipeError, match=r"'ties': parameter 'density' must lie in \[0, 1\], got 1.5"):
         call_method("ties", [x, x], {"density": 1.5})
-    with pytest.raises(RecipeError, match=r"'dare': p must lie in \[0, 1\], got -0.1"):
+    with pytest.raises(RecipeError, match=r"'dare': parameter 'p' must lie in \[0, 1\], got -0.1"):
         call_method("dare", [x, x], {"seed": 0, "p": -0.1})
 
 

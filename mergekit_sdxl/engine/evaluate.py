@@ -15,15 +15,11 @@ import torch
 from mergekit_sdxl.engine.memory import empty
 from mergekit_sdxl.errors import MergekitError
 from mergekit_sdxl.io.dtypes import is_float, scale_key, to_storage, torch_dtype
-from mergekit_sdxl.methods.registry import call_method, check_finite
+from mergekit_sdxl.methods.registry import METHODS, call_method, check_finite
 from mergekit_sdxl.recipe.nodes import Adapter, Call, KeyPlan, Linear, Load, Node
 
 _FUSED_DTYPES = ("F16", "BF16", "F32", "F64")
 CHUNK = 1 << 18  # elements per chunk: two fp32 buffers of 1 MiB each stay in L2
-# Methods whose output element i depends only on the inputs' element i: they can run chunk by chunk, which keeps
-# a worker's memory at its inputs plus one output instead of several full-size fp32 temporaries.
-ELEMENTWISE = frozenset({"weighted_sum", "add_difference", "triple_sum", "sum_twice", "train_difference", "copy",
-                         "keep", "linear"})
 
 # (adapter node, tensor shape, the weight it is applied to or None) -> fp32 delta or None
 AdapterFn = Callable[[Adapter, tuple[int, ...], "torch.Tensor | None"], "torch.Tensor | None"]
@@ -148,26 +144,6 @@ class KeyEvaluator:
         return out.reshape(kp.shape)
 
 
-def _linear_terms(method: str, params: Mapping[str, object]) -> tuple[float, ...] | None:
-    """Coefficients of the linear methods (weighted_sum, add_difference, triple_sum, sum_twice, copy)."""
-    alpha, beta = params.get("alpha"), params.get("beta")
-    if method in ("copy", "keep"):
-        return (1.0,)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        return None
-    if method == "weighted_sum":
-        return (1.0 - alpha, float(alpha))
-    if method == "add_difference":
-        return (1.0, float(alpha), -float(alpha))
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool):
-        return None
-    if method == "triple_sum":
-        return (1.0 - alpha - beta, float(alpha), float(beta))
-    if method == "sum_twice":
-        return ((1.0 - beta) * (1.0 - alpha), (1.0 - beta) * alpha, float(beta))
-    return None
-
-
 def lower(node: Node) -> Node:
     """Rewrite linear method calls as `Linear` nodes and flatten nested Linears into one sum over distinct terms.
 
@@ -177,7 +153,7 @@ def lower(node: Node) -> Node:
     """
     if isinstance(node, Call):
         inputs = tuple(lower(child) for child in node.inputs)
-        coeffs = _linear_terms(node.method, dict(node.params))
+        coeffs = METHODS[node.method].coefficients(dict(node.params))
         if coeffs is None or len(coeffs) != len(inputs):
             return Call(node.method, inputs, node.params)
         return _flatten(tuple(zip(inputs, coeffs)))
@@ -203,13 +179,15 @@ def _flatten(terms: tuple[tuple[Node, float], ...]) -> Node:
 
 
 def _elementwise(node: Node) -> bool:
-    """True when every Call under `node` is an elementwise method (and there are no adapters)."""
+    """True when every Call under `node` is an elementwise method (and there are no adapters): then the tree can
+    run chunk by chunk, keeping a worker's memory at its inputs plus one output instead of several full-size
+    temporaries."""
     if isinstance(node, Load):
         return True
     if isinstance(node, Linear):
         return all(_elementwise(term) for term, _ in node.terms)
     if isinstance(node, Call):
-        return node.method in ELEMENTWISE and all(_elementwise(child) for child in node.inputs)
+        return METHODS[node.method].elementwise and all(_elementwise(child) for child in node.inputs)
     return False
 
 

@@ -1,27 +1,27 @@
-"""The merge-method registry: names -> pure functions with their inputs and parameters.
+"""The merge-method registry: one `MethodSpec` per method (see `methods/spec.py`), and the checked call.
 
-The recipe layer validates steps against `METHODS` (names, input counts, parameter names and types) before
-any tensor is read; the engine runs `call_method` per key. This module does not import torch: each spec's
-`fn` imports its module on first call, so recipes can be checked without paying torch's import time.
-Adding a method: write the function in a module next to this one and add one `_register(...)` entry below
-(tests check every entry against the function's real signature).
+The recipe layer validates steps against `METHODS` (names, input counts, parameter names, types and ranges)
+before any tensor is read; the planner asks a spec for its identity points, the engine for its traits
+(elementwise, linear coefficients); the engine runs `call_method` per key. Torch-free: each `fn` imports its
+module on first call. Adding a method: its function next to this module, one `MethodSpec` row below, tests;
+`tests/test_methods_spec.py` checks every row against its function (signature, coefficients, identities,
+elementwise).
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Union
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from mergekit_sdxl.errors import MergekitError, RecipeError
+from mergekit_sdxl.methods.spec import Identity, LazyFunction, MethodSpec, ParamSpec, Scalar
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-Scalar = Union[float, int, bool, str]
+__all__ = ["METHODS", "MethodSpec", "NonFiniteError", "ParamSpec", "Scalar", "call_method", "check_finite",
+           "check_inputs", "check_params", "get_method"]
 
 
 class NonFiniteError(MergekitError):
@@ -42,123 +42,73 @@ def check_finite(t: Tensor, where: str) -> Tensor:
     )
 
 
-class _LazyFunction:
-    """A function `mergekit_sdxl.methods.<module>.<attr>` imported on first call."""
-
-    def __init__(self, module: str, attr: str) -> None:
-        self.module, self.attr = module, attr
-        self._fn: Callable[..., Any] | None = None
-
-    def resolve(self) -> Callable[..., Any]:
-        if self._fn is None:
-            self._fn = getattr(importlib.import_module(f"mergekit_sdxl.methods.{self.module}"), self.attr)
-        return self._fn
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.resolve()(*args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"<merge method {self.module}.{self.attr}>"
+def _alpha(doc: str = "weight of the second model (0 gives A, 1 gives B)") -> ParamSpec:
+    return ParamSpec("alpha", float, None, doc=doc)
 
 
-@dataclass(frozen=True, eq=False)
-class MethodSpec:
-    """A registered merge method.
+_BETA = ParamSpec("beta", float, None, doc="weight of the third model")
 
-    Attributes:
-        name: the name recipes use.
-        fn: the pure function, called as fn(*tensors, **params).
-        inputs: names of the fixed tensor inputs, in call order.
-        variadic: when True, further tensors follow `inputs` (at least `min_variadic` of them).
-        params: keyword parameters -> default value; None marks a required parameter.
-        doc: one-line description.
-        param_types: keyword parameter -> float, int or bool (bool is never accepted for int/float; int is
-            accepted for float).
-        min_variadic: the least number of variadic tensors (ignored unless `variadic`).
-    """
-
-    name: str
-    fn: Callable[..., Tensor]
-    inputs: tuple[str, ...]
-    variadic: bool
-    params: Mapping[str, Scalar | None]
-    doc: str
-    param_types: Mapping[str, type] = field(default_factory=lambda: MappingProxyType({}))
-    min_variadic: int = 1
-
-    @property
-    def min_inputs(self) -> int:
-        return len(self.inputs) + (self.min_variadic if self.variadic else 0)
-
-    def arity(self) -> str:
-        """The accepted number of input tensors, in words."""
-        return f"at least {self.min_inputs}" if self.variadic else f"exactly {len(self.inputs)}"
-
-
-METHODS: dict[str, MethodSpec] = {}
-
-
-def _register(
-    name: str,
-    target: str,
-    inputs: tuple[str, ...],
-    doc: str,
-    params: Mapping[str, tuple[type, Scalar | None]] = MappingProxyType({}),
-    variadic: bool = False,
-    min_variadic: int = 1,
-) -> None:
-    """Add a spec; `target` is "module.function", `params` maps name -> (type, default or None if required)."""
-    module, attr = target.split(".")
-    defaults = MappingProxyType({k: default for k, (_, default) in params.items()})
-    types = MappingProxyType({k: kind for k, (kind, _) in params.items()})
-    fn = _LazyFunction(module, attr)
-    METHODS[name] = MethodSpec(name, fn, inputs, variadic, defaults, doc, types, min_variadic)
-
-
-_ALPHA = {"alpha": (float, None)}
-_ALPHA_BETA = {"alpha": (float, None), "beta": (float, None)}
-_register("copy", "interpolate.copy", ("a",), "Keep A unchanged.")
-_register("keep", "interpolate.copy", ("a",), "Keep A unchanged (alias of copy).")
-_register("weighted_sum", "interpolate.weighted_sum", ("a", "b"), "(1 - alpha)·A + alpha·B.", _ALPHA)
-_register("add_difference", "interpolate.add_difference", ("a", "b", "c"), "A + alpha·(B - C).", _ALPHA)
-_register(
-    "triple_sum", "interpolate.triple_sum", ("a", "b", "c"), "(1 - alpha - beta)·A + alpha·B + beta·C.", _ALPHA_BETA
-)
-_register(
-    "sum_twice", "interpolate.sum_twice", ("a", "b", "c"), "(1 - beta)·((1 - alpha)·A + alpha·B) + beta·C.", _ALPHA_BETA
-)
-_register(
-    "train_difference",
-    "interpolate.train_difference",
-    ("a", "b", "c"),
-    "SuperMerger trainDifference: A + 1.8·alpha·(B - C)·|B - A| / (|B - A| + |B - C|).",
-    _ALPHA,
-)
-_register("slerp", "interpolate.slerp", ("a", "b"), "Spherical interpolation from A (alpha=0) to B (alpha=1).", _ALPHA)
-_register(
-    "ties",
-    "task_vectors.ties",
-    ("base",),
-    "TIES: trim deltas to top density, elect sign by mass, disjoint mean; base + alpha·merged.",
-    {"alpha": (float, 1.0), "density": (float, 0.2)},
-    variadic=True,
-)
-_register(
-    "dare",
-    "task_vectors.dare",
-    ("base",),
-    "DARE: drop delta entries with probability p, rescale by 1/(1 - p), sum; base + alpha·sum.",
-    {"seed": (int, None), "p": (float, 0.9), "alpha": (float, 1.0), "ties_sign": (bool, False)},
-    variadic=True,
-)
-_register(
-    "model_stock",
-    "task_vectors.model_stock",
-    ("base",),
-    "Model Stock: t·avg(models) + (1 - t)·base, t from the mean pairwise delta cosine.",
-    variadic=True,
-    min_variadic=2,
-)
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
+    MethodSpec(
+        "copy", LazyFunction("interpolate.copy"), ("a",), doc="Keep A unchanged.",
+        elementwise=True, linear=lambda p: (1.0,), identities=(Identity(0),)),
+    MethodSpec(
+        "keep", LazyFunction("interpolate.copy"), ("a",), doc="Keep A unchanged (alias of copy).",
+        elementwise=True, linear=lambda p: (1.0,), identities=(Identity(0),), alias_of="copy"),
+    MethodSpec(
+        "weighted_sum", LazyFunction("interpolate.weighted_sum"), ("a", "b"), (_alpha(),),
+        "(1 - alpha)·A + alpha·B.", elementwise=True,
+        linear=lambda p: (1.0 - p["alpha"], p["alpha"]),
+        identities=(Identity(0, (("alpha", 0.0),)), Identity(1, (("alpha", 1.0),))),
+        peers={"a1111": "Weighted sum", "supermerger": "Weight sum", "sd-mecha": "weighted_sum",
+               "mergekit": "linear"}),
+    MethodSpec(
+        "add_difference", LazyFunction("interpolate.add_difference"), ("a", "b", "c"),
+        (_alpha("weight of the difference B - C"),), "A + alpha·(B - C).", elementwise=True,
+        linear=lambda p: (1.0, p["alpha"], -p["alpha"]), identities=(Identity(0, (("alpha", 0.0),)),),
+        peers={"a1111": "Add difference", "supermerger": "Add difference", "sd-mecha": "add_difference"}),
+    MethodSpec(
+        "triple_sum", LazyFunction("interpolate.triple_sum"), ("a", "b", "c"), (_alpha(), _BETA),
+        "(1 - alpha - beta)·A + alpha·B + beta·C.", elementwise=True,
+        linear=lambda p: (1.0 - p["alpha"] - p["beta"], p["alpha"], p["beta"]),
+        peers={"supermerger": "Triple sum"}),
+    MethodSpec(
+        "sum_twice", LazyFunction("interpolate.sum_twice"), ("a", "b", "c"), (_alpha(), _BETA),
+        "(1 - beta)·((1 - alpha)·A + alpha·B) + beta·C.", elementwise=True,
+        linear=lambda p: ((1.0 - p["beta"]) * (1.0 - p["alpha"]), (1.0 - p["beta"]) * p["alpha"], p["beta"]),
+        identities=(Identity(2, (("beta", 1.0),)), Identity(0, (("alpha", 0.0), ("beta", 0.0))),
+                    Identity(1, (("alpha", 1.0), ("beta", 0.0)))),
+        peers={"supermerger": "sum Twice"}),
+    MethodSpec(
+        "train_difference", LazyFunction("interpolate.train_difference"), ("a", "b", "c"),
+        (_alpha("weight of the scaled difference"),),
+        "SuperMerger trainDifference: A + 1.8·alpha·(B - C)·|B - A| / (|B - A| + |B - C|).",
+        elementwise=True, identities=(Identity(0, (("alpha", 0.0),)),),
+        peers={"supermerger": "trainDifference"}),
+    MethodSpec(
+        "slerp", LazyFunction("interpolate.slerp"), ("a", "b"), (_alpha(),),
+        "Spherical interpolation from A (alpha=0) to B (alpha=1).",
+        identities=(Identity(0, (("alpha", 0.0),)), Identity(1, (("alpha", 1.0),))),
+        peers={"sd-mecha": "slerp", "mergekit": "slerp"}),
+    MethodSpec(
+        "ties", LazyFunction("task_vectors.ties"), ("base",),
+        (ParamSpec("alpha", float, 1.0, doc="weight of the merged delta"),
+         ParamSpec("density", float, 0.2, 0.0, 1.0, "fraction of each delta's entries kept (largest |x|)")),
+        "TIES: trim deltas to top density, elect sign by mass, disjoint mean; base + alpha·merged.",
+        variadic=True, peers={"sd-mecha": "ties_sum", "mergekit": "ties"}),
+    MethodSpec(
+        "dare", LazyFunction("task_vectors.dare"), ("base",),
+        (ParamSpec("seed", int, None, doc="seeds the drop masks (the planner derives one per key)"),
+         ParamSpec("p", float, 0.9, 0.0, 1.0, "drop probability"),
+         ParamSpec("alpha", float, 1.0, doc="weight of the summed deltas"),
+         ParamSpec("ties_sign", bool, False, doc="sum only entries agreeing with the elected sign (dare_ties)")),
+        "DARE: drop delta entries with probability p, rescale by 1/(1 - p), sum; base + alpha·sum.",
+        variadic=True, peers={"mergekit": "dare_linear"}),
+    MethodSpec(
+        "model_stock", LazyFunction("task_vectors.model_stock"), ("base",), (),
+        "Model Stock: t·avg(models) + (1 - t)·base, t from the mean pairwise delta cosine.",
+        variadic=True, min_variadic=2, peers={"sd-mecha": "model_stock", "mergekit": "model_stock"}),
+)}
 
 
 def get_method(name: str) -> MethodSpec:
@@ -172,34 +122,17 @@ def get_method(name: str) -> MethodSpec:
     raise RecipeError(f"Unknown merge method {name!r}.{hint} Known methods: {', '.join(sorted(METHODS))}.")
 
 
-def _accepts(want: type, value: object) -> bool:
-    if want is bool or isinstance(value, bool):
-        return want is bool and isinstance(value, bool)
-    if want is float:
-        return isinstance(value, (int, float))
-    return isinstance(value, want)
-
-
-def _check_value(spec: MethodSpec, key: str, value: object) -> Scalar:
-    want = spec.param_types[key]
-    if not _accepts(want, value):
-        raise RecipeError(
-            f"Method {spec.name!r}: parameter {key!r} must be {want.__name__}, got {value!r} ({type(value).__name__})."
-        )
-    return float(value) if want is float else value
-
-
 def check_params(spec: MethodSpec, params: Mapping[str, object]) -> dict[str, Scalar]:
     """Validate `params` against `spec` and return them with defaults filled in (RecipeError otherwise)."""
-    unknown = [k for k in params if k not in spec.params]
+    unknown = [k for k in params if k not in spec.param_names]
     if unknown:
-        known = ", ".join(spec.params) or "none"
+        known = ", ".join(spec.param_names) or "none"
         raise RecipeError(f"Method {spec.name!r} has no parameter {unknown[0]!r} (its parameters: {known}).")
-    missing = [k for k, default in spec.params.items() if default is None and k not in params]
+    missing = [p.name for p in spec.params if p.required and p.name not in params]
     if missing:
         raise RecipeError(f"Method {spec.name!r}: parameter {missing[0]!r} is required.")
-    merged = {k: v for k, v in spec.params.items() if v is not None}
-    merged.update({k: _check_value(spec, k, v) for k, v in params.items()})
+    merged = spec.defaults
+    merged.update({k: spec.param(k).check(spec.name, v) for k, v in params.items()})
     return merged
 
 

@@ -34,6 +34,8 @@ from mergekit_sdxl.arch.lbw import check_adapter_blocks
 from mergekit_sdxl.arch.mbw import parse_mbw
 from mergekit_sdxl.arch.tables import ARCHS
 from mergekit_sdxl.errors import MergekitError, RecipeError
+from mergekit_sdxl.methods.registry import METHODS
+from mergekit_sdxl.methods.spec import MethodSpec, ParamSpec
 from mergekit_sdxl.recipe.fields import (
     MAX_LIST,
     MAX_RULES,
@@ -197,12 +199,11 @@ class _Parser(Fields):
                             f"(models: {', '.join(models)}; steps: {', '.join(steps)})")
         return [ref for _, ref in refs if isinstance(ref, str)]
 
-    def method_spec(self, step: str, method: Any) -> Any:
-        methods = method_registry()
-        if not isinstance(method, str) or method not in methods:
+    def method_spec(self, step: str, method: Any) -> MethodSpec:
+        if not isinstance(method, str) or method not in METHODS:
             raise fail(self.where("steps", step, "method"), f"unknown method {method!r}"
-                       f"{suggest(str(method), methods)} (known: {', '.join(sorted(methods))})")
-        return methods[method]
+                       f"{suggest(str(method), METHODS)} (known: {', '.join(sorted(METHODS))})")
+        return METHODS[method]
 
     def step(self, name: str, entry: Any, kinds: dict[str, Kind], convention: str,
              arch: str | None) -> Step:
@@ -257,14 +258,14 @@ class _Parser(Fields):
         spec = self.method_spec(name, entry["method"])
         variadic = ("models",) if spec.variadic else ()
         fields = self.mapping(entry, self.where("steps", name),
-                              ("method", "convention", *spec.inputs, *variadic, *spec.params))
+                              ("method", "convention", *spec.inputs, *variadic, *spec.param_names))
         convention = self.choice(fields.get("convention", convention), self.where("steps", name, "convention"),
                                  CONVENTIONS)
         inputs = [self.input_name(name, field_name, fields.get(field_name), kinds) for field_name in spec.inputs]
         if spec.variadic:
             inputs += self.variadic_inputs(name, fields.get("models"), getattr(spec, "min_variadic", 1), kinds)
         params = tuple(self.param(name, param, fields, spec, convention, arch) for param in spec.params
-                       if param in fields or (spec.params[param] is None and param != SEED_PARAM))
+                       if param.name in fields or (param.required and param.name != SEED_PARAM))
         return MethodStep(name, spec.name, tuple(inputs), params, convention)
 
     def input_name(self, step: str, field_name: str, value: Any, kinds: dict[str, Kind]) -> str:
@@ -287,18 +288,22 @@ class _Parser(Fields):
             raise fail(where, f"{len(value)} models; this method takes {least} to {MAX_LIST}")
         return [self.input_name(step, f"models[{i}]", item, kinds) for i, item in enumerate(value)]
 
-    def param(self, step: str, name: str, fields: dict[str, Any], spec: Any, convention: str,
+    def param(self, step: str, spec_param: ParamSpec, fields: dict[str, Any], spec: MethodSpec, convention: str,
               arch: str | None) -> Param:
+        name = spec_param.name
         where = self.where("steps", step, name)
         if name not in fields:
             raise fail(self.where("steps", step), f"method {spec.name!r} needs parameter {name!r}")
         value = fields[name]
-        want = spec.param_types.get(name, float)
+        want = spec_param.type
         if want is not float:
             if not matches_type(value, want):
                 raise fail(where, f"expected {WANT.get(want, want.__name__)}, got {value!r}")
             return Param(name, where, value=value)
-        return self.float_param(name, where, value, convention, arch)
+        param = self.float_param(name, where, value, convention, arch)
+        for number in (param.value, *(v for _, v in param.overrides)):
+            check_range(spec_param, number, where)
+        return param
 
     def float_param(self, name: str, where: str, value: Any, convention: str,
                     arch: str | None) -> Param:
@@ -348,11 +353,12 @@ class _Parser(Fields):
         return tuple(rules)
 
 
-def method_registry() -> Mapping[str, Any]:
-    """The method registry (imported on first use: it pulls in torch, which plain recipe parsing avoids)."""
-    from mergekit_sdxl.methods.registry import METHODS
-
-    return METHODS
+def check_range(spec: ParamSpec, value: float | None, where: str) -> None:
+    """RecipeError naming `where` when a number lies outside the parameter's range (None: not a number)."""
+    if value is None:
+        return
+    if (spec.low is not None and value < spec.low) or (spec.high is not None and value > spec.high):
+        raise fail(where, f"{value:g} is outside {spec.range_text()}, the range of {spec.name!r}")
 
 
 def _order(deps: dict[str, list[str]], models: set[str], where: str) -> list[str]:

@@ -5,9 +5,9 @@ Per key:
 - formula steps become `Linear` over the input nodes (nested formulas are flattened, like terms collected,
   zero coefficients dropped; a single term with coefficient 1 is the node itself);
 - method steps become `Call(method, inputs, params)` with every scalar parameter resolved for the key (MBW block
-  weight under the step's convention, then regex overrides, later ones winning). Exact shortcuts: `weighted_sum`
-  with alpha 0 is its first input and with alpha 1 its second, `add_difference` with alpha 0 its first input,
-  `copy`/`keep` their input: the methods short-circuit those values to copies, so the result is bit-identical;
+  weight under the step's convention, then regex overrides, later ones winning). At a method's identity points
+  (its `MethodSpec.identities`: `weighted_sum` with alpha 0 or 1, `copy`, ...) the node is that input itself:
+  the method would return a bit-exact copy of it;
 - in a block-weighted step, keys the convention keeps from A are the step's first input;
 - non-float keys (int64 `position_ids`) and marker keys (`v_pred`, `ztsnr`, ...) are taken unchanged from the
   first model that has them, in the order: the output's first input (followed down the steps), then the others;
@@ -28,9 +28,10 @@ from mergekit_sdxl.arch.mbw import parse_mbw
 from mergekit_sdxl.arch.tables import ARCH_NAMES, check_arch
 from mergekit_sdxl.dtypes import is_float_dtype
 from mergekit_sdxl.errors import ArchError, RecipeError
+from mergekit_sdxl.methods.registry import METHODS
 from mergekit_sdxl.recipe.formula import ZERO_COEFF
 from mergekit_sdxl.recipe.nodes import Adapter, Call, KeyPlan, Linear, Load, Node, Scalar, loads_of
-from mergekit_sdxl.recipe.parser import method_registry
+from mergekit_sdxl.recipe.parser import check_range
 from mergekit_sdxl.recipe.record import describe_step, resolved_recipe
 from mergekit_sdxl.recipe.types import (
     SEED_PARAM,
@@ -46,13 +47,6 @@ VAE_PREFIX = "first_stage_model."
 EMA_PREFIX = "model_ema."
 _BARE_VAE = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 _EXAMPLES = 3
-# (method, parameter, value) -> index of the input the result equals exactly (the methods short-circuit these)
-_EXACT: dict[tuple[str, str, float], int] = {
-    ("weighted_sum", "alpha", 0.0): 0,
-    ("weighted_sum", "alpha", 1.0): 1,
-    ("add_difference", "alpha", 0.0): 0,
-}
-_IDENTITY_METHODS = ("copy", "keep")
 
 
 @dataclass(frozen=True)
@@ -129,10 +123,8 @@ class _Planner:
         self.order = [self.primary, *(alias for alias in self.used if alias != self.primary)]
         self.params = {name: self.resolve_params(step) for name, step in recipe.steps.items()
                        if isinstance(step, MethodStep) and name not in recipe.unused}
-        specs = method_registry()
-        self.defaults = {name: {k: v for k, v in specs[recipe.steps[name].method].params.items() if v is not None}
-                         for name in self.params}
-        self.seeded = {name for name in self.params if SEED_PARAM in specs[recipe.steps[name].method].params}
+        self.specs = {name: METHODS[step.method] for name, step in recipe.steps.items() if name in self.params
+                      and isinstance(step, MethodStep)}
         self.warnings: list[str] = [f"{'model' if name in recipe.models else 'step'} {name!r} is not used by the "
                                     f"output step {recipe.output_step!r}" for name in recipe.unused]
 
@@ -167,8 +159,14 @@ class _Planner:
         return name
 
     def resolve_params(self, step: MethodStep) -> list[tuple[Param, dict[str, float] | None]]:
-        return [(param, parse_mbw(param.blocks, self.arch, step.convention, where=param.where)
-                 if param.block_weighted else None) for param in step.params]
+        resolved = []
+        for param in step.params:
+            weights = parse_mbw(param.blocks, self.arch, step.convention, where=param.where) \
+                if param.block_weighted else None
+            for value in (weights or {}).values():
+                check_range(METHODS[step.method].param(param.name), value, param.where)
+            resolved.append((param, weights))
+        return resolved
 
     # -------------------------------------------------------------------------------------------------- keys
     def plan(self) -> Plan:
@@ -274,14 +272,14 @@ class _Planner:
 
     def call(self, step: MethodStep, nodes: list[Node], key: str) -> Node:
         params = self.key_params(step, key)
-        if params is None or step.method in _IDENTITY_METHODS:
+        if params is None:
             return nodes[0]
-        for name, value in params.items():
-            index = _EXACT.get((step.method, name, value)) if isinstance(value, float) else None
-            if index is not None:
-                return nodes[index]
-        params = {**self.defaults[step.name], **params}
-        if step.name in self.seeded:
+        spec = self.specs[step.name]
+        index = spec.identity_input(params)  # the method would return a bit-exact copy of that input
+        if index is not None:
+            return nodes[index]
+        params = {**spec.defaults, **params}
+        if spec.seeded:
             base = params.get(SEED_PARAM, self.recipe.output.seed)
             params[SEED_PARAM] = derive_seed(int(base), step.name, key)
         return Call(step.method, tuple(nodes), tuple(sorted(params.items())))
