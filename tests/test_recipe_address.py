@@ -13,7 +13,8 @@ from mergekit_sdxl.arch.mbw import parse_mbw
 from mergekit_sdxl.errors import RecipeError, UsageError
 from mergekit_sdxl.recipe.address import BlockRange, ParamAddress, canonical_block, parse_address
 from mergekit_sdxl.recipe.edit import formula_numbers, parameters_of, set_value
-from mergekit_sdxl.recipe.schema import load_recipe, parse_recipe
+from mergekit_sdxl.recipe.load import load_recipe
+from mergekit_sdxl.recipe.parser import parse_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -25,9 +25,10 @@ from mergekit_sdxl.arch.lbw import BLOCKS26, LBW_PREFIX, check_adapter_blocks, i
 from mergekit_sdxl.arch.mbw import parse_mbw, to_list
 from mergekit_sdxl.arch.tables import ARCHS
 from mergekit_sdxl.errors import MergekitError, RecipeError
+from mergekit_sdxl.methods.registry import METHODS
 from mergekit_sdxl.recipe.address import COEF, BlockRange, ParamAddress
 from mergekit_sdxl.recipe.formula import Token, parse_formula, tokenize
-from mergekit_sdxl.recipe.schema import FormulaStep, LoraStep, MethodStep, Param, Recipe, Step
+from mergekit_sdxl.recipe.types import FormulaStep, LoraStep, MethodStep, Param, Recipe, Step
 
 LORA_PARAMS = ("strength", "te_strength", "blocks")
 
@@ -86,15 +87,13 @@ def _method(step: MethodStep, address: ParamAddress, value: Any, arch: str | Non
 
 def _declared(step: MethodStep, address: ParamAddress) -> Param:
     """A parameter the method declares but the recipe leaves at its default (its value then comes from the value)."""
-    from mergekit_sdxl.recipe.schema import method_registry  # pulls in torch: only for this rare case
-
-    spec = method_registry()[step.method]
-    if address.param not in spec.params:
-        names = ", ".join(spec.params) or "none"
+    spec = METHODS[step.method]
+    if address.param not in spec.param_names:
+        names = ", ".join(spec.param_names) or "none"
         raise RecipeError(f"{address}: step {step.name!r} ({step.method}) has no parameter {address.param!r} "
                           f"(parameters: {names})")
-    kind = spec.param_types.get(address.param, float)
-    default = spec.params[address.param]
+    kind = spec.param(address.param).type
+    default = spec.param(address.param).default
     return Param(address.param, f"{step.name}.{address.param}", value=default if kind is not float else
                  (float(default) if default is not None else None))
 
