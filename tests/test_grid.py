@@ -57,11 +57,12 @@ def test_grid_models_png_metadata_round_trip(tmp_path, tiny_sdxl, variant, monke
                    "--dtype", "fp32", "-o", str(out)])
     grid = Image.open(out / "grid.png")
     assert grid.width > 2 * 64 and grid.height > 2 * 64
-    cells = sorted(p.name for p in out.glob("c*.png"))
-    assert cells == ["c00_p00_s3.png", "c00_p00_s4.png", "c01_p00_s3.png", "c01_p00_s4.png"]
+    cells = sorted(p.name for p in out.glob("z*.png"))  # models are the columns (x), seeds the rows (y)
+    assert cells == ["z00_y00_x00.png", "z00_y00_x01.png", "z00_y01_x00.png", "z00_y01_x01.png"]
     assert "[2/4]" in result.output  # progress per image (stderr is mixed into output)
+    assert result.output.count("s per cell") == 1  # the per-cell time is printed once
 
-    info = ParserManager().parse(out / "c01_p00_s4.png")
+    info = ParserManager().parse(out / "z00_y01_x01.png")
     [sampler] = info.samplers
     assert sampler.name == "Euler a"
     assert sampler.parameters == {"scheduler": "Uniform", "cfg_scale": "5.5", "seed": "4", "steps": "2"}
@@ -70,8 +71,8 @@ def test_grid_models_png_metadata_round_trip(tmp_path, tiny_sdxl, variant, monke
     assert sampler.model.hash == hashes_for(variant).autov2 and sampler.model.name == variant.stem
     assert info.metadata["Size"] == "64x64"
     # columns differ, rows (seeds) differ
-    assert not torch.equal(_pixels(out / "c00_p00_s3.png"), _pixels(out / "c01_p00_s3.png"))
-    assert not torch.equal(_pixels(out / "c00_p00_s3.png"), _pixels(out / "c00_p00_s4.png"))
+    assert not torch.equal(_pixels(out / "z00_y00_x00.png"), _pixels(out / "z00_y00_x01.png"))
+    assert not torch.equal(_pixels(out / "z00_y00_x00.png"), _pixels(out / "z00_y01_x00.png"))
 
 
 def test_grid_recipe_sweep(tmp_path, tiny_sdxl, variant):
@@ -86,11 +87,11 @@ def test_grid_recipe_sweep(tmp_path, tiny_sdxl, variant):
     _run(["grid", "--recipe", str(recipe), "--sweep", "out.alpha=0,1", *common, "-o", str(tmp_path / "s")])
     _run(["grid", "--models", str(tiny_sdxl), str(variant), *common, "-o", str(tmp_path / "m")])
     # alpha=0 is model a and alpha=1 model b: the same pixels as rendering the files
-    for c in ("c00", "c01"):
-        assert torch.equal(_pixels(tmp_path / "s" / f"{c}_p00_s1.png"), _pixels(tmp_path / "m" / f"{c}_p00_s1.png"))
-    image = Image.open(tmp_path / "s" / "c01_p00_s1.png")
-    assert json.loads(image.info["mergekit_recipe"]) == {"recipe": str(recipe), "sweep": "out.alpha=1"}
-    info = ParserManager().parse(tmp_path / "s" / "c01_p00_s1.png")
+    for c in ("x00", "x01"):
+        assert torch.equal(_pixels(tmp_path / "s" / f"z00_y00_{c}.png"), _pixels(tmp_path / "m" / f"z00_y00_{c}.png"))
+    image = Image.open(tmp_path / "s" / "z00_y00_x01.png")
+    assert json.loads(image.info["mergekit_recipe"]) == {"recipe": str(recipe), "settings": {"out.alpha": "1"}}
+    info = ParserManager().parse(tmp_path / "s" / "z00_y00_x01.png")
     assert info.samplers[0].parameters["seed"] == "1" and info.samplers[0].name == "Euler"
     assert "Merge recipe" in image.info["parameters"]
 
