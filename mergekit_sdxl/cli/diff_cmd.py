@@ -25,20 +25,22 @@ def command(model_a: Path, model_b: Path, as_json: bool, heatmap: Path | None, n
             convention: str) -> None:
     """Compare MODEL_B against MODEL_A per MBW block: ||B - A|| / ||A|| and cosine similarity.
 
-    Reads one tensor of each file at a time (memory stays small whatever the model size). Prints a table (or
-    JSON with --json) and writes a heatmap PNG.
+    Streams both files at disk speed, a few tensors at a time (memory stays small whatever the model size).
+    Prints a table (or JSON with --json, which also has one row per part: UNet blocks, CLIP layers, VAE stages)
+    and writes a heatmap PNG naming both files, one row per component, with a colour bar.
     """
     from mergekit_sdxl.analysis.blockdiff import diff_checkpoints
-    from mergekit_sdxl.analysis.blockdiff import heatmap as draw_heatmap
+    from mergekit_sdxl.analysis.diffmap import heatmap as draw_heatmap
 
     console.info(f"comparing {model_b.name} against {model_a.name}")
     result = diff_checkpoints(model_a, model_b, convention)
-    rows = result.rows()
+    console.info(f"read {result.bytes_read / 1e9:.2f} GB in {result.seconds:.1f} s")
+    rows = [r for r in result.rows() if r["kind"] != "part"]
     image = None
     if not no_heatmap:
         image = draw_heatmap(result, heatmap or Path(f"diff-{model_a.stem}-{model_b.stem}.png"))
     if as_json:
-        click.echo(json.dumps({"arch": result.arch, "a": str(model_a), "b": str(model_b), "rows": rows,
+        click.echo(json.dumps({"arch": result.arch, "a": str(model_a), "b": str(model_b), "rows": result.rows(),
                                "only_in_a": result.only_in_a, "only_in_b": result.only_in_b,
                                "shape_mismatch": result.shape_mismatch,
                                "heatmap": str(image) if image else None}, indent=1))

@@ -232,7 +232,7 @@ def _render(plan: Any, params: Any, seed: int, source: Any, out: Path, device: s
 
 def _diffs(models: list[Any]) -> list[Any]:
     """Block diffs of every model file involved against the first one."""
-    from mergekit_sdxl.sampler.blockdiff import diff_checkpoints
+    from mergekit_sdxl.analysis.blockdiff import diff_checkpoints
 
     paths = list(dict.fromkeys(p for m in models for p in m.paths))
     if len(paths) < 2:

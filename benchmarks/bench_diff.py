@@ -1,0 +1,68 @@
+"""Benchmark: `mergekit-sdxl diff A B` of two full-size synthetic SDXL fp16 checkpoints against the disk floor
+(the time `cat A B > /dev/null` takes to read both files), cold (both files dropped from the page cache first,
+with posix_fadvise on these two files only) and warm (both files in the page cache).
+
+    python benchmarks/bench_diff.py --size full --work /work/bench-xy     # 2 x 6.94 GB, written once
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, emit, measured_child  # noqa: E402
+
+
+def evict(*paths: Path) -> None:
+    """Drop the files' pages from the page cache (their own pages only; clean pages, so nothing is lost)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def inputs(work: Path, size: str) -> tuple[Path, Path]:
+    from mergekit_sdxl.synth.checkpoints import write_test_checkpoint
+
+    a, b = work / f"diff_a_{size}.safetensors", work / f"diff_b_{size}.safetensors"
+    if not a.exists():
+        write_test_checkpoint(a, "sdxl", size, seed=1)
+    if not b.exists():
+        write_test_checkpoint(b, seed=2, like=a, delta="noise:0.02")
+    return a, b
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=("tiny", "full"), default="full")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench-out" / "diff")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    a, b = inputs(args.work, args.size)
+    total = os.path.getsize(a) + os.path.getsize(b)
+    cat = ["sh", "-c", 'cat "$1" "$2" > /dev/null', "sh", str(a), str(b)]
+    diff = [sys.executable, "-m", "mergekit_sdxl.cli.main", "--quiet", "diff", str(a), str(b), "--no-heatmap",
+            "--json"]
+    for cache in ("cold", "warm"):
+        for _ in range(args.rounds):
+            if cache == "cold":
+                evict(a, b)
+            floor = measured_child(cat)
+            if cache == "cold":
+                evict(a, b)
+            run = measured_child(diff, cwd=ROOT)
+            emit({"what": f"diff full SDXL ({cache} page cache)" if args.size == "full" else f"diff {args.size}",
+                  "bytes": total, "seconds": run["seconds"], "peak_rss_mb": run["peak_rss_mb"], "rc": run["rc"],
+                  "floor_seconds": floor["seconds"], "ratio_to_floor": run["seconds"] / floor["seconds"],
+                  "floor_gb_per_s": total / floor["seconds"] / 1e9})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""`diff`: streamed sums against float64 references, parts per component, the heatmap's rows and colour bar."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mergekit_sdxl.analysis import blockdiff
+from mergekit_sdxl.analysis.blockdiff import diff_checkpoints, reduce_pair
+from mergekit_sdxl.analysis.diffmap import colour, heatmap
+from mergekit_sdxl.arch.parts import part_of, part_order
+from mergekit_sdxl.arch.tables import key_table
+from mergekit_sdxl.io.reader import open_checkpoint
+
+
+@pytest.mark.parametrize("n", [1, 100, 16_384, 16_385, 4096 * 300 + 7])
+def test_reduce_pair_matches_float64(n):
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(n, generator=g).half()
+    b = (a.float() + 1e-3 * torch.randn(n, generator=g)).half()
+    s = reduce_pair(a, b)
+    a64, b64 = a.double(), b.double()
+    assert s.aa == pytest.approx(float(a64 @ a64), rel=1e-6)
+    assert s.bb == pytest.approx(float(b64 @ b64), rel=1e-6)
+    assert s.dd == pytest.approx(float((b64 - a64) @ (b64 - a64)), rel=1e-6)
+    cosine = float(a64 @ b64) / math.sqrt(float(a64 @ a64) * float(b64 @ b64))
+    assert 1 - s.cosine == pytest.approx(1 - cosine, rel=1e-3)  # 1 - cos ~ 5e-7 here: still 3 digits
+
+
+def test_chunks_add_up(monkeypatch):
+    a, b = torch.randn(10_000), torch.randn(10_000)
+    whole = reduce_pair(a, b)
+    monkeypatch.setattr(blockdiff, "CHUNK", 999)
+    monkeypatch.setattr(blockdiff, "SMALL", 10)
+    monkeypatch.setattr(blockdiff, "ROW", 64)
+    parts = reduce_pair(a, b)
+    assert (parts.aa, parts.bb, parts.dd) == pytest.approx((whole.aa, whole.bb, whole.dd), rel=1e-7)
+    assert torch.equal(a, a.clone()) and parts.numel == 10_000
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+def test_every_key_has_a_part_in_display_order(arch):
+    for key in key_table(arch):
+        component, part = part_of(key, arch)
+        assert part in part_order(component, arch), key
+    assert part_of("conditioner.embedders.1.model.transformer.resblocks.31.mlp.c_fc.weight", "sdxl") == \
+        ("clip_g", "L31")
+    assert part_of("first_stage_model.decoder.up.2.block.0.conv1.weight", arch) == ("vae", "dec.up2")
+    assert part_of("first_stage_model.post_quant_conv.weight", arch) == ("vae", "quant")
+
+
+def test_diff_streams_and_sums_by_part(tiny_sdxl, make_ckpt, tmp_path):
+    variant = make_ckpt(seed=4, like=tiny_sdxl, delta="noise:0.05")
+    result = diff_checkpoints(tiny_sdxl, variant)
+    assert result.bytes_read > 0 and result.seconds > 0
+    with open_checkpoint(tiny_sdxl) as ra, open_checkpoint(variant) as rb:
+        want: dict = {}
+        for key in ra.keys():
+            a, b = ra.read(key), rb.read(key)
+            if a.is_floating_point() and a.numel():
+                entry = want.setdefault(part_of(key, "sdxl"), [0.0, 0.0])
+                entry[0] += float(((b.double() - a.double()) ** 2).sum())
+                entry[1] += float((a.double() ** 2).sum())
+    assert set(result.parts) == set(want)
+    for group, (dd, aa) in want.items():
+        assert result.parts[group].relative_change == pytest.approx(math.sqrt(dd / aa) if aa else 0.0, rel=1e-6)
+    assert result.parts["vae", "dec.up0"].relative_change == 0  # the synthetic delta leaves the VAE alone
+    assert result.parts["clip_g", "L00"].keys == 12 and result.parts["clip_g", "L00"].relative_change > 0.01
+
+
+def test_heatmap_rows_colour_bar_and_names(tiny_sdxl, make_ckpt, tmp_path):
+    variant = make_ckpt(seed=4, like=tiny_sdxl, delta="noise:0.05")
+    result = diff_checkpoints(tiny_sdxl, variant)
+    png = heatmap(result, tmp_path / "heat.png")
+    image = Image.open(png)
+    assert tiny_sdxl.name in image.info["Title"] and variant.name in image.info["Title"]
+    assert "rows: unet, clip_l, clip_g, vae" in image.info["Description"]
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    top = max(s.relative_change for s in result.parts.values())
+    # the colour bar: a run of at least 300 pixels going from colour(0) to colour(1)
+    rows = [y for y in range(pixels.shape[0])
+            if all(np.abs(pixels[y, 8 + i] - np.array(colour(i / 359))).max() <= 2 for i in (2, 100, 200, 300))]
+    assert rows, "no colour bar"
+    # the UNet IN04 cell is drawn in the colour of its value on the shared scale
+    value = result.parts["unet", "IN04"].relative_change / top
+    assert (np.abs(pixels - np.array(colour(value))).max(axis=2) <= 1).sum() > 100
+    assert Image.open(png).width > 600  # 34 CLIP-G parts side by side
