@@ -3,7 +3,8 @@
 1. writes four related tiny SDXL checkpoints named like the Kohaku-XL gamma inputs (base8, beta7, anxl2, anxl3);
 2. runs the shipped `recipes/kohaku_xl_gamma_rev2.yaml` on them (formula step, then the MBW merge);
 3. inspects and hashes the result;
-4. renders a small A/B preview grid (A, B, the merge) when the sampler extras are installed.
+4. renders a small A/B preview grid (A, B, the merge) and an XY grid over the recipe's parameters (a block range
+   of the MBW merge x the formula's base8 coefficient, merged in memory) when the sampler extras are installed.
 Tiny models have random weights: the images are noise-like, which is expected.
 """
 
@@ -64,6 +65,10 @@ def _grid(out: Path, paths: dict[str, Path], merged: Path) -> None:
     _cli("grid", "--models", str(paths["beta7"]), "--models", str(paths["anxl3"]), "--models", str(merged),
          "--prompt", "1girl, solo, masterpiece, best quality", "--seeds", "1,2", "--steps", "4",
          "--size", "64x64", "--device", "cpu", "-o", str(out / "grid"))
+    models = [x for alias, p in paths.items() for x in ("-m", f"{alias}={p}")]
+    _cli("grid", "--recipe", str(RECIPE), *models, "--x", "output.alpha[IN04..IN08]=0,0.5,1",
+         "--y", "rev2.coef[base8]=0.25,0.5", "--prompt", "1girl, solo, masterpiece, best quality", "--steps", "4",
+         "--size", "64x64", "--device", "cpu", "-o", str(out / "xy"))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,13 @@ class _Diff:
         return [{"group": "IN04", "kind": "block", "keys": 10, "params": 1000, "relative_change": 0.05,
                  "cosine": 0.99},
                 {"group": "vae", "kind": "component", "keys": 5, "params": 500, "relative_change": 0.0,
-                 "cosine": 1.0}]
+                 "cosine": 1.0},
+                {"group": "IN04", "kind": "part", "component": "unet", "keys": 10, "params": 1000,
+                 "relative_change": 0.05, "cosine": 0.99},
+                {"group": "L03", "kind": "part", "component": "clip_g", "keys": 12, "params": 100,
+                 "relative_change": 0.01, "cosine": 0.999},
+                {"group": "dec.up0", "kind": "part", "component": "vae", "keys": 5, "params": 500,
+                 "relative_change": 0.0, "cosine": 1.0}]
 
 
 @pytest.fixture
@@ -95,6 +101,8 @@ def test_report_in_chromium(report, chromium):
     assert page.evaluate("document.querySelector('table.grid img').getBoundingClientRect().width") == 256
     heat = page.evaluate("document.getElementById('heatmaps').textContent")
     assert "b.safetensors" in heat and "a.safetensors" in heat and "relative change" in heat
+    rows = page.evaluate("Array.from(document.querySelectorAll('#heatmaps tr')).map(r => r.textContent)")
+    assert rows == ["UNetIN045.0", "CLIP-GL031.0", "VAEdec.up00.0"]  # one row per component, values in %
     assert not page.evaluate("performance.getEntriesByType('resource').some(r => !r.name.startsWith('file:'))")
 
 

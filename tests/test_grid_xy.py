@@ -166,3 +166,13 @@ def test_grid_usage_errors_exit_2(tmp_path, pair, capsys):
         err = capsys.readouterr().err
         assert exc.value.code in (2, 3) and message in " ".join(err.split()), (args, err)
     assert not (tmp_path / "e").exists()
+
+
+def test_value_separators():
+    vector = ",".join(["0.1"] * 20)
+    assert parse_flag(f"out.alpha={vector};")[2] == [vector]  # one whole vector
+    assert parse_flag("out.alpha=GRAD_V;GRAD_A")[2] == ["GRAD_V", "GRAD_A"]
+    assert parse_flag("prompt=1girl, smile;1boy, night")[2] == ["1girl, smile", "1boy, night"]
+    assert parse_flag("negative=;lowres")[2] == ["", "lowres"]
+    assert parse_flag("seed=1, 2,3")[2] == [1, 2, 3]
+    assert parse_flag("model=anxl3=/m/a.safetensors;anxl3=/m/b.safetensors")[2][1] == "anxl3=/m/b.safetensors"

@@ -80,6 +80,8 @@ def parse_flag(text: str, flag: str = "--x") -> tuple[str, ParamAddress | None, 
     if not sep or not kind:
         raise UsageError(f"{flag} {text!r}: expected KIND=V1,V2,... ({_kinds_help()})")
     values = split_values(raw)
+    if kind not in ("prompt", "negative"):  # `V1;` is one vector that holds commas
+        values = [v for v in values if v]
     if not values:
         raise UsageError(f"{flag} {kind}: no values after '='")
     if len(values) > MAX_POINTS:
@@ -93,8 +95,8 @@ def parse_flag(text: str, flag: str = "--x") -> tuple[str, ParamAddress | None, 
 
 
 def split_values(raw: str) -> list[str]:
-    """`;`-separated when the text holds a `;` (values may then hold commas), else `,`-separated; a prompt or
-    negative may be empty only in the `;` form."""
+    """`;`-separated when the text holds a `;` (values may then hold commas), else `,`-separated (empty values
+    dropped); a prompt or negative may be empty only in the `;` form."""
     if ";" in raw:
         return [v.strip() for v in raw.split(";")]
     return [v.strip() for v in raw.split(",") if v.strip()]

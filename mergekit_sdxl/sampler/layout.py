@@ -50,7 +50,8 @@ def _font(size: int) -> Any:
 
 
 def wrap(text: str, font: Any, width: int) -> list[str]:
-    """Greedy word wrap to `width` px; words wider than a line are broken between characters."""
+    """Greedy word wrap to `width` px; a word wider than a line breaks after a `-`, `_`, `/` or `.` where it can,
+    else between characters."""
     lines: list[str] = []
     for paragraph in str(text).split("\n"):
         line = ""
@@ -62,13 +63,20 @@ def wrap(text: str, font: Any, width: int) -> list[str]:
             if line:
                 lines.append(line)
             line = ""
-            for char in word:  # the word alone may be too wide: break it
-                if line and font.getlength(line + char) > width:
-                    lines.append(line)
-                    line = ""
-                line += char
+            while font.getlength(word) > width:
+                cut = _cut(word, font, width)
+                lines.append(word[:cut])
+                word = word[cut:]
+            line = word
         lines.append(line)
     return lines
+
+
+def _cut(word: str, font: Any, width: int) -> int:
+    """Where to break a word too wide for a line: after the last separator that fits, else the last character."""
+    fits = max(1, next((i for i in range(len(word), 0, -1) if font.getlength(word[:i]) <= width), 1))
+    separator = max((word.rfind(c, 0, fits) for c in "-_/."), default=-1)
+    return separator + 1 if separator > 0 else fits
 
 
 def _line_height(font: Any) -> int:
@@ -98,13 +106,13 @@ def _length_for(text: str, font: Any, lines: int) -> int:
     return length
 
 
-def _vertical_label(text: str, font: Any, length: int, thickness: int, centred: bool = False) -> Any:
+def _vertical_label(text: str, font: Any, length: int, thickness: int) -> Any:
     """`text` wrapped to `length` px, drawn on a transparent strip and turned 90 degrees (reads bottom to top)."""
     from PIL import Image, ImageDraw
 
     lines = wrap(text, font, length)
     strip = Image.new("RGBA", (length, max(thickness, _text_block(lines, font)[1])), (255, 255, 255, 0))
-    _draw_lines(ImageDraw.Draw(strip), (0, 0), lines, font, length if centred else None)
+    _draw_lines(ImageDraw.Draw(strip), (0, 0), lines, font)
     return strip.rotate(90, expand=True)
 
 
@@ -128,13 +136,15 @@ def render_page(cells: Sequence[Sequence[Any]], col_labels: Sequence[str], row_l
         header_h = max(_length_for(label, font, across) for label in col_labels) + 2 * pad
     else:
         header_h = max((len(lines) for lines in col_lines), default=1) * line_h + 2 * pad
-    row_w = min(MAX_ROW_LABEL, max((int(font.getlength(label)) for label in row_labels), default=0) + 2 * pad)
-    row_w = max(row_w, 4 * font.size) if any(row_labels) else 0
+    widest = max((int(font.getlength(t)) for t in (*row_labels, y_title)), default=0)
+    row_w = min(MAX_ROW_LABEL, widest + 2 * pad)
+    row_w = max(row_w, 4 * font.size) if any(row_labels) or y_title else 0
     row_lines = [wrap(label, font, row_w - 2 * pad) if row_w else [] for label in row_labels]
-    y_axis_w = line_h + 2 * pad if y_title else 0
+    y_lines = wrap(y_title, font, row_w - 2 * pad) if y_title else []
+    header_h = max(header_h, len(y_lines) * line_h + 2 * pad)
 
     grid_w = n_cols * cw + (n_cols - 1) * GAP
-    width = y_axis_w + row_w + grid_w + pad
+    width = row_w + grid_w + pad
     title_lines = wrap(title, small_title, width - 2 * pad) if title else []
     title_h = _text_block(title_lines, small_title)[1] + 2 * pad if title_lines else 0
     x_lines = wrap(x_title, font, grid_w - 2 * pad) if x_title else []
@@ -149,7 +159,7 @@ def render_page(cells: Sequence[Sequence[Any]], col_labels: Sequence[str], row_l
     if title_lines:
         _draw_lines(draw, (pad, pad), title_lines, small_title)
         layout.title = (pad, pad, width - pad, title_h - pad)
-    left = y_axis_w + row_w
+    left = row_w
     if x_lines:
         _draw_lines(draw, (left + pad, title_h), x_lines, font, grid_w - 2 * pad, MUTED)
         layout.x_title = (left, title_h, left + grid_w, title_h + x_title_h)
@@ -167,8 +177,8 @@ def render_page(cells: Sequence[Sequence[Any]], col_labels: Sequence[str], row_l
     y = top
     for r, (lines, row_h) in enumerate(zip(row_lines, rows_h)):
         if row_w:
-            _draw_lines(draw, (y_axis_w + pad, y + pad), lines, font)
-        layout.rows.append((y_axis_w, y, y_axis_w + row_w, y + row_h))
+            _draw_lines(draw, (pad, y + pad), lines, font)
+        layout.rows.append((0, y, row_w, y + row_h))
         boxes = []
         for c in range(n_cols):
             x = left + c * (cw + GAP)
@@ -178,10 +188,10 @@ def render_page(cells: Sequence[Sequence[Any]], col_labels: Sequence[str], row_l
             boxes.append((x, y, x + cw, y + ch))
         layout.cells.append(boxes)
         y += row_h + GAP
-    if y_title:
-        strip = _vertical_label(y_title, font, max(line_h, sum(rows_h) - 2 * pad), line_h, centred=True)
-        image.paste(strip, (pad // 2, top + pad), strip)
-        layout.y_title = (0, top, y_axis_w, top + strip.height)
+    if y_lines:  # the Y axis title sits over the row values, in the header band, level with the column values
+        y0 = header_top + header_h - pad - len(y_lines) * line_h
+        _draw_lines(draw, (pad, y0), y_lines, font, fill=MUTED)
+        layout.y_title = (0, y0, row_w, header_top + header_h)
     return image, layout
 
 

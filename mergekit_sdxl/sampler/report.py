@@ -35,9 +35,10 @@ def write_report(result: Any, out: str | Path, diffs: Sequence[tuple[Path, Path,
 
 
 def heatmap_data(path_a: Path, path_b: Path, diff: Any) -> dict[str, Any]:
-    """One diff as rows of (group, relative change, cosine), blocks first then components."""
-    rows = [{"group": r["group"], "kind": r["kind"], "relative_change": _finite(r["relative_change"]),
-             "cosine": _finite(r["cosine"]), "params": r["params"]} for r in diff.rows()]
+    """One diff as JSON rows (group, kind, component of a part, relative change, cosine, parameters)."""
+    rows = [{"group": r["group"], "kind": r["kind"], "component": r.get("component"),
+             "relative_change": _finite(r["relative_change"]), "cosine": _finite(r["cosine"]),
+             "params": r["params"]} for r in diff.rows()]
     return {"a": Path(path_a).name, "b": Path(path_b).name, "rows": rows}
 
 
