@@ -105,6 +105,45 @@ def step_overhead(model: Model, params: GenParams, batch: int, repeats: int, dev
          sampler_step_s=summary(ours), overhead=o / b - 1, target="<= 0.05")
 
 
+def vs_diffusers(model: Model, params: GenParams, repeats: int, device: torch.device) -> None:
+    """Wall time per image (text encoding, sampling and VAE decode, batch 1) of `Renderer.render` against a bare
+    diffusers `StableDiffusionXLPipeline` built from the same modules, same size, steps, CFG and Euler a."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+
+    from mergekit_sdxl.sampler import tokens
+
+    m = model.modules
+    scheduler = EulerAncestralDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                timestep_spacing="linspace")
+    pipe = StableDiffusionXLPipeline(vae=m["vae"], text_encoder=m["text_encoder"], text_encoder_2=m["text_encoder_2"],
+                                     tokenizer=tokens.clip_tokenizer(), tokenizer_2=tokens.clip_tokenizer_2(),
+                                     unet=m["unet"], scheduler=scheduler, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def ours() -> None:
+        Renderer(model).render(params, [1])
+
+    def theirs() -> None:
+        pipe(params.prompt, negative_prompt=params.negative, num_inference_steps=params.steps,
+             guidance_scale=params.cfg, height=params.height, width=params.width,
+             generator=torch.Generator(device).manual_seed(1))
+
+    results = {}
+    for name, run in (("mergekit", ours), ("diffusers", theirs)):
+        run()  # warm-up
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            run()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        results[name] = summary(times)
+    emit(measure="image_vs_diffusers", gpu=_gpu_name(device), size=f"{params.width}x{params.height}",
+         steps=params.steps, sampler=params.sampler, mergekit=results["mergekit"], diffusers=results["diffusers"],
+         ratio=results["mergekit"]["median"] / results["diffusers"]["median"])
+
+
 def dataclass_replace(params: GenParams, **changes) -> GenParams:
     import dataclasses
 
@@ -157,6 +196,7 @@ def main() -> None:
         params = GenParams("1girl, solo, masterpiece", "lowres", steps=28, cfg=6.0, sampler="euler_a",
                            width=1024, height=1024)
         step_overhead(model, params, batch=1, repeats=args.repeats, device=device)
+        vs_diffusers(model, params, repeats=args.repeats, device=device)
         del model
         torch.cuda.empty_cache()
         size = "full"

@@ -20,6 +20,10 @@ class UsageError(MergekitError):
     exit_code = 2
 
 
+class PromptError(UsageError):
+    """A prompt A1111 would reject (e.g. a malformed weight `(x:1.2.3)`); the message names the position."""
+
+
 class RecipeError(MergekitError):
     """A recipe (YAML, formula, MBW vector, parameters) is invalid; the message names the step or term."""
 

@@ -114,7 +114,7 @@ def test_parameters_text_quotes_like_a1111():
     text = parameters_text("a", "", 20, "dpmpp_2m", "karras", 7.0, 5, 832, 1216, "0123456789", "m", 2, '{"x": 1}')
     assert text.split("\n") == ["a", 'Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 5, '
                                      'Size: 832x1216, Model hash: 0123456789, Model: m, Clip skip: 2, '
-                                     'Merge recipe: "{\\"x\\": 1}"']
+                                     'RNG: CPU, Merge recipe: "{\\"x\\": 1}"']
 
 
 def test_diff_json_and_heatmap(tmp_path, tiny_sdxl, variant):

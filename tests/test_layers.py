@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "synth": {"errors", "dtypes", "arch", "io"},
     "engine": {"errors", "dtypes", "io", "arch", "methods", "recipe"},
     "lora": {"errors", "dtypes", "io", "arch", "methods", "engine", "recipe"},
-    "sampler": {"errors", "dtypes", "io", "arch", "engine", "recipe", "methods"},
+    "sampler": {"errors", "dtypes", "io", "arch", "engine", "recipe", "methods", "lora"},
     "export": {"errors", "dtypes", "arch", "io", "engine", "sampler"},
     "provenance": {"errors", "dtypes", "arch", "io", "methods", "recipe"},
     "index": {"errors", "dtypes", "arch", "io", "provenance"},

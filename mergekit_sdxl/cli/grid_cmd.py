@@ -9,7 +9,7 @@ import click
 
 from mergekit_sdxl.cli import console
 from mergekit_sdxl.dtypes import WEIGHTS, choices
-from mergekit_sdxl.sampler.catalog import SAMPLER_NAMES, SCHEDULE_NAMES
+from mergekit_sdxl.sampler.catalog import RNG_MODES, SAMPLER_NAMES, SCHEDULE_NAMES
 
 # Animagine XL 3.1 model card: negative prompt, CFG 5-7, under 30 steps, Euler a
 CARD_NEGATIVE = ("nsfw, lowres, (bad), text, error, fewer, extra, missing, worst quality, jpeg artifacts, "
@@ -37,7 +37,9 @@ AXIS_HELP = ("KIND=V1,V2,... (';' between values that hold commas). KIND: model,
 @click.option("--sweep", metavar="STEP.PARAM=V1,V2", hidden=True, help="Old name of --x for a recipe parameter.")
 @click.option("-m", "--model", "model_paths", multiple=True, metavar="ALIAS=PATH",
               help="With --recipe: override a model path of the recipe (repeatable).")
-@click.option("-p", "--prompt", "prompts", multiple=True, help="A prompt (A1111 syntax); several make an axis.")
+@click.option("-p", "--prompt", "prompts", multiple=True,
+              help="A prompt; several make an axis. A1111 >= 1.6 syntax: (x:1.2), [x], [a:b:when], [a|b], AND, "
+                   "BREAK, embedding names, <lora:NAME:TE:UNET>.")
 @click.option("-n", "--negative", default=CARD_NEGATIVE, help="Negative prompt (default: the Animagine XL 3.1 "
               "card's); '' for none (zeros on SDXL, as A1111).")
 @click.option("--seeds", default="1", show_default=True, help="Comma-separated seeds; several make an axis.")
@@ -45,6 +47,13 @@ AXIS_HELP = ("KIND=V1,V2,... (';' between values that hold commas). KIND: model,
 @click.option("--cfg", type=float, default=6.0, show_default=True, help="CFG scale.")
 @click.option("--sampler", type=click.Choice(tuple(SAMPLER_NAMES)), default="euler_a", show_default=True)
 @click.option("--schedule", type=click.Choice(tuple(SCHEDULE_NAMES)), default="normal", show_default=True)
+@click.option("--rng", type=click.Choice(RNG_MODES), default="cpu", show_default=True,
+              help="Noise source as A1111's setting: cpu, gpu (CUDA generator, CUDA only) or nv (the CUDA "
+                   "stream emulated on the CPU: the same noise as A1111's default GPU noise on NVIDIA).")
+@click.option("--embeddings", "embeddings_dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Folder of textual-inversion embeddings, used by file name in prompts (as A1111's embeddings/).")
+@click.option("--lora-dir", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Folder of LoRA files for <lora:NAME:TE:UNET> in prompts (as A1111's models/Lora).")
 @click.option("--size", help="WIDTHxHEIGHT (multiples of 8) or a bucket name: square, portrait, landscape, "
               "tall, wide, 13:19, ... (default: 1024x1024 SDXL, 512x512 SD1.5).")
 @click.option("--clip-skip", type=click.IntRange(1, 12), default=1, show_default=True, help="SD1.5 only.")
@@ -63,8 +72,9 @@ AXIS_HELP = ("KIND=V1,V2,... (';' between values that hold commas). KIND: model,
 def command(more_models: tuple[Path, ...], models: tuple[Path, ...], recipe: Path | None, x_axis: tuple[str, ...],
             y_axis: tuple[str, ...], z_axis: tuple[str, ...], pinpoint: str | None, sweep: str | None,
             model_paths: tuple[str, ...], prompts: tuple[str, ...], negative: str, seeds: str, steps: int,
-            cfg: float, sampler: str, schedule: str, size: str | None, clip_skip: int, device: str, dtype: str,
-            batch_size: int, diff: bool, dry_run: bool, out: Path) -> None:
+            cfg: float, sampler: str, schedule: str, rng: str, embeddings_dir: Path | None, lora_dir: Path | None,
+            size: str | None, clip_skip: int, device: str, dtype: str, batch_size: int, diff: bool, dry_run: bool,
+            out: Path) -> None:
     """Render an XY(Z) preview grid, SuperMerger-style: any recipe parameter, single blocks, models, seeds,
     prompts or sampler settings along --x (columns), --y (rows) and --z (pages).
 
@@ -89,14 +99,23 @@ def command(more_models: tuple[Path, ...], models: tuple[Path, ...], recipe: Pat
     width, height = parse_size(size) if size else (0, 0)
     seed_list = _seeds(seeds)
     params = GenParams(prompts[0] if len(prompts) == 1 else DEFAULT_PROMPT, negative, steps, cfg, sampler,
-                       schedule, width, height, clip_skip)
+                       schedule, width, height, clip_skip, rng)
+    if rng == "gpu" and _device_type(device) != "cuda":
+        raise _usage("--rng gpu draws noise with the CUDA generator and needs --device cuda; use --rng nv for the "
+                     "same noise on the CPU")
     source, arch_blocks = _source(files, recipe, model_paths, device, pinpoint)
     plan = _plan(x_axis, y_axis, z_axis, sweep, pinpoint, arch_blocks, files, prompts, seed_list)
     title = _title(recipe, files, params, seed_list[0], plan)
     if dry_run:
         _dry_run(plan, source, params)
         return
-    _render(plan, params, seed_list[0], source, out, device, dtype, batch_size, title, diff)
+    _render(plan, params, seed_list[0], source, out, device, dtype, batch_size, title, diff, lora_dir, embeddings_dir)
+
+
+def _device_type(device: str) -> str:
+    from mergekit_sdxl.engine.device import resolve_device
+
+    return resolve_device(device).type
 
 
 def _usage(message: str) -> Exception:
@@ -210,7 +229,7 @@ def _dry_run(plan: Any, source: Any, params: Any) -> None:
 
 
 def _render(plan: Any, params: Any, seed: int, source: Any, out: Path, device: str, dtype: str, batch_size: int,
-            title: str, diff: bool) -> None:
+            title: str, diff: bool, lora_dir: Path | None = None, embeddings_dir: Path | None = None) -> None:
     from mergekit_sdxl.sampler.grid import run_grid
     from mergekit_sdxl.sampler.report import write_report
 
@@ -221,7 +240,7 @@ def _render(plan: Any, params: Any, seed: int, source: Any, out: Path, device: s
         console.info(f"[{event.index}/{event.total}] {event.label} -> {event.path.name}")
 
     result = run_grid(plan, params, seed, source, out, _slot(device, dtype), batch_size=batch_size, title=title,
-                      on_cell=report, notify=console.info)
+                      on_cell=report, notify=console.info, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
     console.info(f"{total} cell(s): {result.seconds_per_cell:.1f} s per cell; {result.seconds_loading:.1f} s "
                  f"loading/merging {len(result.models)} model(s)")
     heat = _diffs(result.models) if diff else []

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mergekit_sdxl.errors import PromptError
 from mergekit_sdxl.sampler import tokens
 from mergekit_sdxl.sampler.prompt import Chunk, chunk_prompt
 
@@ -31,9 +32,11 @@ class Cond:
     pooled: torch.Tensor | None = None
 
 
-def chunks_for(prompt: str) -> list[Chunk]:
-    """A1111 chunks of `prompt` (te1 padding: EOS)."""
-    return chunk_prompt(prompt, tokens.tokenize_pieces, tokens.BOS, tokens.EOS, tokens.comma_id())
+def chunks_for(prompt: str, encoder: str = "te1", embeddings: object | None = None) -> list[Chunk]:
+    """A1111 chunks of `prompt` as `encoder` ("te1" or "te2") tokenizes it (te1 padding: EOS)."""
+    find = None if embeddings is None else embeddings.find
+    return chunk_prompt(prompt, lambda pieces: tokens.tokenize_pieces(pieces, encoder), tokens.BOS, tokens.EOS,
+                        tokens.comma_id(), find)
 
 
 def pad_after_first_eos(ids: torch.Tensor, pad: int = TE2_PAD) -> torch.Tensor:
@@ -53,6 +56,17 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (z * (mean_before / z.mean(dim=(1, 2), keepdim=True))).to(dtype)
 
 
+def _place_embeddings(token_embeds: torch.Tensor, fixes: list[list[tuple[int, object]]], key: str) -> torch.Tensor:
+    """Token embeddings with each embedding's vectors after BOS + offset (A1111's EmbeddingsWithFixes)."""
+    out = token_embeds.clone()
+    for row, row_fixes in enumerate(fixes):
+        for offset, embedding in row_fixes:
+            vectors = embedding.vectors_for(key).to(out.device, out.dtype)
+            count = min(out.shape[1] - offset - 1, vectors.shape[0])
+            out[row, offset + 1 : offset + 1 + count] = vectors[:count]
+    return out
+
+
 def _text_model(encoder: torch.nn.Module) -> torch.nn.Module:
     return getattr(encoder, "text_model", encoder)
 
@@ -60,10 +74,11 @@ def _text_model(encoder: torch.nn.Module) -> torch.nn.Module:
 class PromptEncoder:
     """Encodes prompts with one model's text encoders (te2 is None on SD1.5)."""
 
-    def __init__(self, te1: torch.nn.Module, te2: torch.nn.Module | None = None, clip_skip: int = 1) -> None:
+    def __init__(self, te1: torch.nn.Module, te2: torch.nn.Module | None = None, clip_skip: int = 1,
+                 embeddings: object | None = None) -> None:
         if clip_skip < 1:
             raise ValueError("clip_skip counts from 1 (1 = last layer)")
-        self.te1, self.te2, self.clip_skip = te1, te2, clip_skip
+        self.te1, self.te2, self.clip_skip, self.embeddings = te1, te2, clip_skip, embeddings
 
     @property
     def is_sdxl(self) -> bool:
@@ -75,27 +90,52 @@ class PromptEncoder:
         """Encode one prompt; `negative=True` with an empty prompt gives SDXL's zero conditioning."""
         if self.is_sdxl and negative and prompt == "":
             return self._zeros()
-        chunks = chunks_for(prompt)
-        device = next(self.te1.parameters()).device
+        chunks = chunks_for(prompt, "te1", self.embeddings)
+        if not self.is_sdxl:
+            z = apply_emphasis(self._run(self.te1, chunks, "clip_l", self._encode_sd15), self._weights(chunks))
+            return Cond(context=z.reshape(1, -1, z.shape[-1]))
+        chunks2 = chunks_for(prompt, "te2", self.embeddings)
+        if len(chunks2) != len(chunks):
+            raise PromptError(f"prompt {prompt!r}: its HTML entities make CLIP-L and OpenCLIP-bigG split it into "
+                              f"{len(chunks)} and {len(chunks2)} chunks; A1111 cannot encode it either")
+        hidden1 = self._run(self.te1, chunks, "clip_l",
+                            lambda ids: self.te1(ids, output_hidden_states=True).hidden_states[SDXL_CLIP_L_LAYER])
+        z1 = apply_emphasis(hidden1, self._weights(chunks))
+        out2 = self._run(self.te2, chunks2, "clip_g",
+                         lambda ids: self.te2(pad_after_first_eos(ids), output_hidden_states=True))
+        z2 = apply_emphasis(out2.hidden_states[-2], self._weights(chunks2))
+        z = torch.cat([z1, z2.to(z1.dtype)], dim=-1)
+        return Cond(context=z.reshape(1, -1, z.shape[-1]), pooled=out2.text_embeds[:1])
+
+    def embedding_names(self, prompt: str) -> list[str]:
+        """Names of the embeddings `prompt` uses, in order of first use."""
+        if self.embeddings is None:
+            return []
+        found = [e.name for c in chunks_for(prompt, "te1", self.embeddings) for _, e in c.fixes]
+        return list(dict.fromkeys(found))
+
+    def _weights(self, chunks: list[Chunk]) -> torch.Tensor:
+        return torch.tensor([c.weights for c in chunks], device=next(self.te1.parameters()).device)
+
+    def _run(self, encoder: torch.nn.Module, chunks: list[Chunk], key: str, call: object) -> object:
+        """`call(ids)` on `encoder` with the chunks' embedding vectors put in place of their placeholders."""
+        device = next(encoder.parameters()).device
         ids = torch.tensor([c.tokens for c in chunks], device=device)
-        weights = torch.tensor([c.weights for c in chunks], device=device)
-        if self.is_sdxl:
-            return self._encode_sdxl(ids, weights)
-        z = apply_emphasis(self._encode_sd15(ids), weights)
-        return Cond(context=z.reshape(1, -1, z.shape[-1]))
+        fixes = [c.fixes for c in chunks]
+        if not any(fixes):
+            return call(ids)
+        layer = _text_model(encoder).embeddings.token_embedding
+        handle = layer.register_forward_hook(lambda _m, _i, out: _place_embeddings(out, fixes, key))
+        try:
+            return call(ids)
+        finally:
+            handle.remove()
 
     def _encode_sd15(self, ids: torch.Tensor) -> torch.Tensor:
         if self.clip_skip == 1:
             return self.te1(ids).last_hidden_state
         hidden = self.te1(ids, output_hidden_states=True).hidden_states[-self.clip_skip]
         return _text_model(self.te1).final_layer_norm(hidden)
-
-    def _encode_sdxl(self, ids: torch.Tensor, weights: torch.Tensor) -> Cond:
-        z1 = apply_emphasis(self.te1(ids, output_hidden_states=True).hidden_states[SDXL_CLIP_L_LAYER], weights)
-        out2 = self.te2(pad_after_first_eos(ids), output_hidden_states=True)
-        z2 = apply_emphasis(out2.hidden_states[-2], weights)
-        z = torch.cat([z1, z2.to(z1.dtype)], dim=-1)
-        return Cond(context=z.reshape(1, -1, z.shape[-1]), pooled=out2.text_embeds[:1])
 
     def _zeros(self) -> Cond:
         p1 = next(self.te1.parameters())

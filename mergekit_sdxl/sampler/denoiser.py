@@ -13,15 +13,55 @@ import torch
 from mergekit_sdxl.sampler.conditioning import Cond
 from mergekit_sdxl.sampler.schedules import DiscreteSchedule
 
+Schedule = list[tuple[int, Cond]]  # (last model call it is used for, conditioning), as A1111's prompt schedules
+
 
 @dataclass
 class Guidance:
-    """Everything the UNet needs besides x and sigma for one batch: both conditionings, CFG scale, SDXL ids."""
+    """Everything the UNet needs besides x and sigma for one batch: the conditionings, CFG scale, SDXL ids.
 
-    cond: Cond
-    uncond: Cond
+    `conds` holds one (schedule, weight) per `AND` sub-prompt; `uncond` the negative prompt's schedule. Each
+    call of the denoiser uses the entries in force at its call index (counted in `calls`), as A1111 counts steps.
+    A plain `Cond` stands for a schedule of one entry.
+    """
+
+    cond: Cond | Schedule | list[tuple[Schedule, float]]
+    uncond: Cond | Schedule
     scale: float
     time_ids: torch.Tensor | None = None  # [6]: orig h, w, crop top, left, target h, w (SDXL)
+    calls: int = 0
+
+    def __post_init__(self) -> None:
+        self.conds = _as_parts(self.cond)
+        self.uncond_schedule = _as_schedule(self.uncond)
+
+    def at_call(self) -> tuple[list[tuple[Cond, float]], Cond]:
+        """The (cond, weight) pairs and the uncond for the current call; advances the call count."""
+        k = self.calls
+        self.calls += 1
+        return [(_pick(s, k), w) for s, w in self.conds], _pick(self.uncond_schedule, k)
+
+
+def _as_schedule(value: Cond | Schedule) -> Schedule:
+    return [(1 << 30, value)] if isinstance(value, Cond) else value
+
+
+def _as_parts(value: Cond | Schedule | list[tuple[Schedule, float]]) -> list[tuple[Schedule, float]]:
+    if isinstance(value, Cond) or (value and isinstance(value[0][0], int)):
+        return [(_as_schedule(value), 1.0)]
+    return value
+
+
+def _pick(schedule: Schedule, call: int) -> Cond:
+    """A1111's `reconstruct_cond_batch`: the first entry lasting to `call`, else the first entry."""
+    return next((cond for end, cond in schedule if call <= end), schedule[0][1])
+
+
+def _pad_to(context: torch.Tensor, length: int) -> torch.Tensor:
+    """A1111's `stack_conds`: a shorter AND sub-prompt repeats its last vector up to the longest one's length."""
+    if context.shape[1] == length:
+        return context
+    return torch.cat([context, context[:, -1:].expand(-1, length - context.shape[1], -1)], dim=1)
 
 
 def sdxl_time_ids(height: int, width: int) -> torch.Tensor:
@@ -50,17 +90,32 @@ class Denoiser:
         x_in = (x / (sigma.float()[:, None, None, None] ** 2 + 1) ** 0.5).to(self.dtype)
         t = self.schedule.sigma_to_t(sigma)
         n = x.shape[0]
-        if g.scale == 1.0:
-            return self.unet_output(x_in, t, *_rows(g.cond, n), g.time_ids)
-        if g.cond.context.shape == g.uncond.context.shape:
-            (uc, up), (cc, cp) = _rows(g.uncond, n), _rows(g.cond, n)
-            pooled = None if up is None else torch.cat([up, cp])
-            out = self.unet_output(torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([uc, cc]), pooled, g.time_ids)
-            uncond, cond = out.chunk(2)
-        else:  # different chunk counts: two calls (A1111 does the same unless told to pad)
-            uncond = self.unet_output(x_in, t, *_rows(g.uncond, n), g.time_ids)
-            cond = self.unet_output(x_in, t, *_rows(g.cond, n), g.time_ids)
-        return uncond + (cond - uncond) * g.scale
+        conds, uncond_cond = g.at_call()
+        if g.scale == 1.0 and len(conds) == 1 and conds[0][1] == 1.0:
+            return self.unet_output(x_in, t, *_rows(conds[0][0], n), g.time_ids)
+        length = max(c.context.shape[1] for c, _ in conds)
+        rows = [(_pad_to(c.context, length), c.pooled) for c, _ in conds]
+        rows = [_rows(Cond(ctx, pooled), n) for ctx, pooled in rows]
+        outs = self._batched(x_in, t, rows, _rows(uncond_cond, n), g.time_ids)
+        uncond = outs[-1]
+        result = uncond.clone()
+        for out, (_, weight) in zip(outs[:-1], conds):
+            result += (out - uncond) * (weight * g.scale)
+        return result
+
+    def _batched(self, x_in: torch.Tensor, t: torch.Tensor, rows: list, uncond_rows: tuple,
+                 time_ids: torch.Tensor | None) -> list[torch.Tensor]:
+        """UNet outputs for each cond row set and the uncond (last): one call when all contexts have the same
+        length, else the conds together and the uncond alone (as A1111 without its pad option)."""
+        groups = [rows + [uncond_rows]] if rows[0][0].shape[1] == uncond_rows[0].shape[1] else [rows, [uncond_rows]]
+        outs: list[torch.Tensor] = []
+        for group in groups:
+            k = len(group)
+            pooled = None if group[0][1] is None else torch.cat([p for _, p in group])
+            out = self.unet_output(torch.cat([x_in] * k), torch.cat([t] * k), torch.cat([c for c, _ in group]),
+                                   pooled, time_ids)
+            outs += list(out.chunk(k))
+        return outs
 
     def unet_output(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None,
                     time_ids: torch.Tensor | None) -> torch.Tensor:

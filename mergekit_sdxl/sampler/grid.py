@@ -24,6 +24,7 @@ from mergekit_sdxl.sampler.layout import render_page, stack_pages
 from mergekit_sdxl.sampler.models import ModelSlot
 from mergekit_sdxl.sampler.pipeline import GenParams, Renderer, to_pil
 from mergekit_sdxl.sampler.pngmeta import parameters_text, png_info
+from mergekit_sdxl.sampler.prompt_schedule import check_prompt
 from mergekit_sdxl.sampler.sizes import DEFAULT_SIZE, size_warning
 
 GRID_CHUNK = "mergekit_grid"
@@ -73,7 +74,8 @@ class GridResult:
 
 def run_grid(plan: GridPlan, base: GenParams, seed: int, source: ModelSource, out_dir: str | Path,
              slot: ModelSlot, *, batch_size: int = 4, title: str = "",
-             on_cell: Callable[[CellEvent], None] | None = None, notify: Callable[[str], None] = print) -> GridResult:
+             on_cell: Callable[[CellEvent], None] | None = None, notify: Callable[[str], None] = print,
+             lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None) -> GridResult:
     """Render every cell of `plan` and write the cell PNGs and the labelled grid; see the module docstring.
 
     Args:
@@ -84,6 +86,8 @@ def run_grid(plan: GridPlan, base: GenParams, seed: int, source: ModelSource, ou
         out_dir: the folder to write into (created).
         slot: where models are loaded (device, dtypes).
         title: the grid's title line.
+        lora_dir: where `<lora:NAME:...>` in prompts finds NAME.
+        embeddings_dir: textual-inversion embeddings used by name in prompts.
     """
     out = Path(out_dir)
     groups = check_plan(plan, base, source)
@@ -98,7 +102,7 @@ def run_grid(plan: GridPlan, base: GenParams, seed: int, source: ModelSource, ou
         renderer = None  # drop the previous model's references before the next one loads (one model in memory)
         weights = model.weights()
         try:
-            renderer = Renderer(slot.load(weights))
+            renderer = Renderer(slot.load(weights), slot, lora_dir, embeddings_dir)
         finally:
             weights.close()
         loading += time.perf_counter() - start
@@ -107,10 +111,12 @@ def run_grid(plan: GridPlan, base: GenParams, seed: int, source: ModelSource, ou
             params = dataclasses.replace(sized, **render)
             start = time.perf_counter()
             images = renderer.decode(renderer.sample(params, [c.seed(seed) for c in batch]))
+            fields = renderer.cell_fields(params)  # TI hashes, Lora hashes
             rendering += time.perf_counter() - start
             for cell, image in zip(batch, images):
                 done += 1
-                records[cell.index] = _save_cell(to_pil(image), out / cell.file_name, params, cell, seed, model)
+                records[cell.index] = _save_cell(to_pil(image), out / cell.file_name, params, cell, seed, model,
+                                                 fields)
                 if on_cell is not None:
                     on_cell(CellEvent(done, len(plan.cells), cell, _cell_label(plan, cell), records[cell.index].path))
     ordered = [records[c.index] for c in plan.cells]
@@ -130,7 +136,10 @@ def check_plan(plan: GridPlan, base: GenParams, source: ModelSource) -> list[tup
 def _check_render(base: GenParams, cells: Sequence[Cell]) -> None:
     for cell in cells:
         try:
-            dataclasses.replace(base, **cell.render).check()
+            params = dataclasses.replace(base, **cell.render)
+            params.check()
+            check_prompt(params.prompt, 2 * params.steps)  # A1111's syntax errors before anything renders
+            check_prompt(params.negative, 2 * params.steps, negative=True)
         except ValueError as exc:
             raise UsageError(f"{', '.join(f'{k}={v}' for k, v in cell.render.items())}: {exc}") from exc
 
@@ -144,10 +153,11 @@ def _sized(params: GenParams, arch: str, notify: Callable[[str], None] | None) -
     return params
 
 
-def _save_cell(image: Any, path: Path, params: GenParams, cell: Cell, seed: int, model: GridModel) -> CellRecord:
+def _save_cell(image: Any, path: Path, params: GenParams, cell: Cell, seed: int, model: GridModel,
+               fields: dict[str, str] | None = None) -> CellRecord:
     text = parameters_text(params.prompt, params.negative, params.steps, params.sampler, params.schedule,
                            params.cfg, cell.seed(seed), params.width, params.height, model.model_hash, model.name,
-                           params.clip_skip, model.recipe)
+                           params.clip_skip, model.recipe, extra=fields, rng=params.rng)
     image.save(path, pnginfo=png_info(text, model.recipe))
     return CellRecord(cell, path, text, model.label, describe_settings(cell.settings), model.recipe)
 

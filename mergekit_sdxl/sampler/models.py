@@ -136,7 +136,7 @@ class ModelSlot:
                                   clip_l_style=clip_l_style_of(modules[TEXT_ENCODER]))
             fills = _check_coverage(arch, source.name, keymap, modules)
             plan = _LoadPlan(signature, [(k, ms) for k, ms in keymap.by_ldm().items() if ms[0].component in modules],
-                             fills)
+                             fills, {k: tuple(source.shape(k)) for k in weights})
         self._plan = None
         _fill(source, plan, scales, modules, self, assign=not reuse)
         self._plan = plan
@@ -149,6 +149,14 @@ class ModelSlot:
         """Drop the loaded model and its modules."""
         self.model, self._plan = None, None
 
+    def ldm_targets(self) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[KeyMapping, ...]],
+                                   dict[str, dict[str, torch.Tensor]]]:
+        """(LDM key -> shape, LDM key -> its diffusers mappings, component -> diffusers key -> loaded tensor) of the
+        loaded model, for changing weights in place (prompt LoRAs)."""
+        if self.model is None or self._plan is None or self._plan.targets is None:
+            raise CheckpointError("no model is loaded")
+        return self._plan.shapes, dict(self._plan.by_ldm), self._plan.targets
+
 
 @dataclass
 class _LoadPlan:
@@ -157,6 +165,7 @@ class _LoadPlan:
     signature: tuple
     by_ldm: list[tuple[str, tuple[KeyMapping, ...]]]
     fills: dict[str, dict[str, str]]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     targets: dict[str, dict[str, torch.Tensor]] | None = None  # the loaded modules' tensors, by diffusers key
 
 

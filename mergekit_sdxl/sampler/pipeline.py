@@ -10,16 +10,23 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from mergekit_sdxl.arch.keymap import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE
+from mergekit_sdxl.errors import UsageError
+from mergekit_sdxl.sampler.catalog import sampler_name, schedule_name
 from mergekit_sdxl.sampler.conditioning import Cond, PromptEncoder
-from mergekit_sdxl.sampler.denoiser import Denoiser, Guidance, sdxl_time_ids
+from mergekit_sdxl.sampler.denoiser import Denoiser, Guidance, Schedule, sdxl_time_ids
+from mergekit_sdxl.sampler.embeddings import EmbeddingSet
+from mergekit_sdxl.sampler.lora_apply import AppliedAdapters
 from mergekit_sdxl.sampler.models import Model
-from mergekit_sdxl.sampler.noise import ImageNoise
-from mergekit_sdxl.sampler.samplers import SAMPLERS
-from mergekit_sdxl.sampler.schedules import SCHEDULES, DiscreteSchedule, get_sigmas
+from mergekit_sdxl.sampler.noise import ImageNoise, check_rng
+from mergekit_sdxl.sampler.prompt_loras import LoraTag, adapter_specs, extract_lora_tags, lora_hashes
+from mergekit_sdxl.sampler.prompt_schedule import prompt_schedule, split_and
+from mergekit_sdxl.sampler.samplers import sampler_function
+from mergekit_sdxl.sampler.schedules import DiscreteSchedule, get_sigmas
 
 LATENT_FACTOR = 8
 StepCallback = Callable[[int, int], None]  # (step done, total steps)
@@ -38,27 +45,36 @@ class GenParams:
     width: int = 1024
     height: int = 1024
     clip_skip: int = 1  # SD1.5 only ("Clip skip")
+    rng: str = "cpu"  # RNG: cpu, gpu (CUDA generator) or nv (CUDA's stream emulated on the CPU)
 
     def check(self) -> None:
         """ValueError for settings no sampler can run."""
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        sampler_name(self.sampler)
+        schedule_name(self.schedule)
         if self.steps < 1 or self.width % LATENT_FACTOR or self.height % LATENT_FACTOR:
             raise ValueError("steps must be >= 1 and both sides multiples of 8")
 
 
 class Renderer:
-    """Renders images with the model currently loaded (`model`); prompts are encoded once per model."""
+    """Renders images with the model currently loaded (`model`); prompts are encoded once per model and text.
 
-    def __init__(self, model: Model) -> None:
-        self.model = model
+    `slot` (the `ModelSlot` holding `model`) is needed for `<lora:...>` in prompts, found under `lora_dir`;
+    `embeddings_dir` holds textual-inversion embeddings used by name.
+    """
+
+    def __init__(self, model: Model, slot: object | None = None, lora_dir: str | Path | None = None,
+                 embeddings_dir: str | Path | None = None) -> None:
+        self.model, self.slot, self.lora_dir = model, slot, lora_dir
         m = model.modules
         self.schedule = DiscreteSchedule(ztsnr=model.ztsnr)
         self.denoiser = Denoiser(m[UNET], self.schedule, model.prediction)
+        width = sum(m.config.hidden_size for k, m in model.modules.items() if k in (TEXT_ENCODER, TEXT_ENCODER_2))
+        self.embeddings = EmbeddingSet.load(embeddings_dir, width) if embeddings_dir else None
         self._encoders: dict[int, PromptEncoder] = {}
         self._conds: dict[tuple[str, bool, int], Cond] = {}
+        self._adapters: AppliedAdapters | None = None
+        self._lora_key: tuple = ()
+        self._lora_hashes = ""
 
     @property
     def device(self) -> torch.device:
@@ -66,36 +82,84 @@ class Renderer:
         return next(self.model.modules[UNET].parameters()).device
 
     def encode(self, prompt: str, negative: bool = False, clip_skip: int = 1) -> Cond:
-        """Conditioning of `prompt` (cached for this model)."""
+        """Conditioning of `prompt` (cached for this model and its current adapters)."""
         key = (prompt, negative, clip_skip if self.model.arch == "sd15" else 1)
         if key not in self._conds:
             self._conds[key] = self._encoder(key[2]).encode(prompt, negative=negative)
         return self._conds[key]
 
+    def schedule_conds(self, prompt: str, total_steps: int, clip_skip: int = 1, negative: bool = False) -> Schedule:
+        """[(last model call, Cond), ...] of `prompt`'s editing/alternation schedule; each text encoded once."""
+        return [(end, self.encode(text, negative, clip_skip)) for end, text in prompt_schedule(prompt, total_steps)]
+
     def _encoder(self, clip_skip: int) -> PromptEncoder:
         if clip_skip not in self._encoders:
             m = self.model.modules
-            self._encoders[clip_skip] = PromptEncoder(m[TEXT_ENCODER], m.get(TEXT_ENCODER_2), clip_skip)
+            self._encoders[clip_skip] = PromptEncoder(m[TEXT_ENCODER], m.get(TEXT_ENCODER_2), clip_skip,
+                                                      self.embeddings)
         return self._encoders[clip_skip]
+
+    def set_loras(self, tags: Sequence[LoraTag]) -> None:
+        """Apply the adapters of `tags` to the loaded model (taking off the previous ones); cached conds reset."""
+        specs = adapter_specs(tags, self.lora_dir) if tags else []
+        key = tuple((s.path, s.strength, s.te_strength) for s in specs)
+        if key == self._lora_key:
+            return
+        if self.slot is None and specs:
+            raise UsageError("<lora:...> in a prompt needs the model slot the renderer was built from")
+        if self._adapters is not None:
+            self._adapters.restore()
+            self._adapters = None
+        self._conds.clear()
+        self._lora_key, self._lora_hashes = (), ""
+        if specs:
+            self._adapters = AppliedAdapters(self.slot, specs)
+            self._lora_key, self._lora_hashes = key, lora_hashes(tags, specs)
+
+    def cell_fields(self, params: GenParams) -> dict[str, str]:
+        """A1111 `parameters` fields of a cell rendered with `params`: `TI hashes` and `Lora hashes`."""
+        text, tags, _ = extract_lora_tags(params.prompt)
+        fields = {}
+        used = [name for t in (text, params.negative) for name in self._encoder(1).embedding_names(t)]
+        if used and self.embeddings is not None:
+            fields["TI hashes"] = ", ".join(f"{n.replace(':', '').replace(',', '')}: "
+                                            f"{self.embeddings.embeddings[n].shorthash}" for n in dict.fromkeys(used))
+        if tags:
+            self.set_loras(tags)
+            fields["Lora hashes"] = self._lora_hashes
+        return fields
 
     @torch.inference_mode()
     def sample(self, params: GenParams, seeds: Sequence[int], callback: StepCallback | None = None,
                ) -> torch.Tensor:
         """Latents [B, 4, h, w] (float32) of one image per seed."""
         params.check()
-        cond = self.encode(params.prompt, clip_skip=params.clip_skip)
-        uncond = self.encode(params.negative, negative=True, clip_skip=params.clip_skip)
+        info = sampler_name(params.sampler)
+        prompt, tags, ignored = extract_lora_tags(params.prompt)
+        if ignored:
+            warnings.warn(f"extra-network tags other than <lora:...> are ignored: {', '.join(ignored)}",
+                          stacklevel=2)
+        self.set_loras(tags)
+        # A1111 counts prompt-editing steps over twice the steps for samplers that call the model twice a step
+        total_steps = params.steps * (2 if info.second_order else 1)
+        conds = [(self.schedule_conds(text, total_steps, params.clip_skip), weight)
+                 for text, weight in split_and(prompt)]
+        uncond = self.schedule_conds(params.negative, total_steps, params.clip_skip, negative=True)
         sdxl = self.model.arch == "sdxl"
         time_ids = sdxl_time_ids(params.height, params.width).to(self.device) if sdxl else None
-        guidance = Guidance(cond, uncond, params.cfg, time_ids)
+        guidance = Guidance(conds, uncond, params.cfg, time_ids)
         shape = (self.model.configs[UNET]["in_channels"], params.height // LATENT_FACTOR,
                  params.width // LATENT_FACTOR)
-        noise = ImageNoise(list(seeds), shape, self.device)
-        sigmas = get_sigmas(params.schedule, params.steps, self.schedule, self.device)
+        check_rng(params.rng, self.device)
+        noise = ImageNoise(list(seeds), shape, self.device, params.rng)
+        sigmas = get_sigmas(params.schedule, params.steps, self.schedule, self.device, self.model.arch,
+                            discard_penultimate=info.discard_penultimate)
         x = noise.draw() * sigmas[0]
-        step = None if callback is None else (lambda i, _x, _d: callback(i + 1, params.steps))
-        return SAMPLERS[params.sampler](lambda x_, s_: self.denoiser(x_, s_, guidance), x, sigmas,
-                                        noise=noise, callback=step)
+        total = len(sigmas) - 1
+        step = None if callback is None else (lambda i, _x, _d: callback(i + 1, total))
+        sampler_noise = noise.brownian(sigmas) if info.brownian else noise
+        return sampler_function(info.name)(lambda x_, s_: self.denoiser(x_, s_, guidance), x, sigmas,
+                                           noise=sampler_noise, callback=step)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from mergekit_sdxl.sampler.catalog import SAMPLER_NAMES, SCHEDULE_NAMES, SamplerName, ScheduleName
+from mergekit_sdxl.sampler.catalog import RNG_LABELS, sampler_name, schedule_name
 
 RECIPE_CHUNK = "mergekit_recipe"
 
@@ -31,19 +31,18 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def _a1111(row: SamplerName | ScheduleName | None, name: str) -> str:
-    return row.a1111 if row is not None else name
-
-
 def parameters_text(prompt: str, negative: str, steps: int, sampler: str, schedule: str, cfg: float, seed: int,
                     width: int, height: int, model_hash: str | None = None, model_name: str | None = None,
                     clip_skip: int = 1, recipe: str | None = None, extra: Mapping[str, object] | None = None,
-                    ) -> str:
-    """The `parameters` text of one image (sampler and schedule are this package's names)."""
+                    rng: str = "cpu") -> str:
+    """The `parameters` text of one image (sampler and schedule are this package's names).
+
+    A1111 reads back `Sampler`, `Schedule type` (its labels) and `RNG` (written, as A1111 does, only when the
+    noise is not its default GPU noise); `extra` adds fields such as `TI hashes` and `Lora hashes`.
+    """
     fields: dict[str, object] = {
-        "Steps": steps, "Sampler": _a1111(SAMPLER_NAMES.get(sampler), sampler),
-        "Schedule type": _a1111(SCHEDULE_NAMES.get(schedule), schedule), "CFG scale": _number(cfg), "Seed": seed,
-        "Size": f"{width}x{height}",
+        "Steps": steps, "Sampler": sampler_name(sampler).a1111, "Schedule type": schedule_name(schedule).a1111,
+        "CFG scale": _number(cfg), "Seed": seed, "Size": f"{width}x{height}",
     }
     if model_hash:
         fields["Model hash"] = model_hash
@@ -51,6 +50,8 @@ def parameters_text(prompt: str, negative: str, steps: int, sampler: str, schedu
         fields["Model"] = model_name
     if clip_skip > 1:
         fields["Clip skip"] = clip_skip
+    if rng != "gpu":
+        fields["RNG"] = RNG_LABELS[rng]
     fields.update(extra or {})
     if recipe:
         fields["Merge recipe"] = recipe

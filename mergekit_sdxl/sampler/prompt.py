@@ -3,12 +3,15 @@
 Behaviour follows AUTOMATIC1111's `parse_prompt_attention` and `tokenize_line` (same weights to the last float
 bit, same chunk boundaries), written independently here:
 
-- `(x)` multiplies x's weight by 1.1, `[x]` divides it by 1.1, `(x:w)` multiplies it by w;
+- `(x)` multiplies x's weight by 1.1, `[x]` divides it by 1.1, `(x:w)` multiplies it by w (spaces allowed around
+  w, as since A1111 1.6: `(x: 1.5 )`); a weight that is not a number (`(x:1.2.3)`) is an error naming its position;
 - `\\(`, `\\)`, `\\[`, `\\]`, `\\\\` are literal characters; a lone backslash is dropped;
 - brackets left open at the end close there;
 - `BREAK` (a word of its own) ends the current 75-token chunk;
 - chunks are BOS + 75 tokens + EOS; a chunk that fills up moves the text after its last comma to the next chunk
-  when that comma is within `COMMA_BACKTRACK` tokens of the end.
+  when that comma is within `COMMA_BACKTRACK` tokens of the end;
+- a textual-inversion embedding whose name's tokens appear in the text takes that many placeholder positions
+  (moved whole to the next chunk when it does not fit), its vectors put in place when encoding.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mergekit_sdxl.errors import PromptError
+
 ROUND, SQUARE = 1.1, 1 / 1.1
 BREAK_WEIGHT = -1.0  # marks a BREAK segment, as A1111 does
 CHUNK_LENGTH = 75
 COMMA_BACKTRACK = 20  # A1111's default `comma_padding_backtrack`
 
-_TOKEN = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:([+-]?[.\d]+)\)|\)|]|[^\\()\[\]:]+|:")
+_TOKEN = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
@@ -49,7 +54,7 @@ def parse_prompt_attention(text: str) -> list[list]:
         elif piece == "[":
             open_square.append(len(out))
         elif number is not None and open_round:
-            scale(open_round.pop(), _number(number))
+            scale(open_round.pop(), _number(number, text, match.start()))
         elif piece == ")" and open_round:
             scale(open_round.pop(), ROUND)
         elif piece == "]" and open_square:
@@ -66,11 +71,11 @@ def parse_prompt_attention(text: str) -> list[list]:
     return _merge_equal_neighbours(out) if out else [["", 1.0]]
 
 
-def _number(text: str) -> float:
+def _number(number: str, text: str, at: int) -> float:
     try:
-        return float(text)
-    except ValueError:
-        return ROUND  # "(x:1.2.3)": A1111 crashes; treat it as a plain "(x)"
+        return float(number)
+    except ValueError:  # A1111 stops with "could not convert string to float"
+        raise PromptError(f"prompt {text!r}: weight {number!r} at character {at} is not a number") from None
 
 
 def _merge_equal_neighbours(items: list[list]) -> list[list]:
@@ -85,20 +90,26 @@ def _merge_equal_neighbours(items: list[list]) -> list[list]:
 
 @dataclass
 class Chunk:
-    """One encoder call: BOS + 75 token ids + EOS (77) and one weight per position."""
+    """One encoder call: BOS + 75 token ids + EOS (77), one weight per position, and embedding placements
+    (offset among the 75, embedding object) whose vectors replace the token embeddings there."""
 
     tokens: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    fixes: list[tuple[int, object]] = field(default_factory=list)
 
 
 Tokenize = Callable[[list[str]], list[list[int]]]
+# (tokens, position) -> (embedding, number of name tokens it covers) or None
+FindEmbedding = Callable[[list[int], int], "tuple[object, int] | None"]
+PLACEHOLDER = 0  # token id under an embedding's positions (A1111 writes 0 there)
 
 
-def chunk_prompt(text: str, tokenize: Tokenize, bos: int, eos: int, comma: int) -> list[Chunk]:
+def chunk_prompt(text: str, tokenize: Tokenize, bos: int, eos: int, comma: int,
+                 find_embedding: FindEmbedding | None = None) -> list[Chunk]:
     """Tokenize `text` into 77-token chunks with per-token weights, as A1111's `tokenize_line` does.
 
     `tokenize(list_of_strings)` returns the token ids of each string without special tokens. Padding inside a
-    chunk uses `eos` (callers re-pad for encoders that pad differently).
+    chunk uses `eos` (callers re-pad for encoders that pad differently). `find_embedding` spots embedding names.
     """
     parsed = parse_prompt_attention(text)
     token_lists = tokenize([piece for piece, _ in parsed])
@@ -107,8 +118,16 @@ def chunk_prompt(text: str, tokenize: Tokenize, bos: int, eos: int, comma: int) 
         if weight == BREAK_WEIGHT and piece == "BREAK":
             builder.close()
             continue
-        for token in ids:
-            builder.add(token, weight)
+        position = 0
+        while position < len(ids):
+            builder.before_token(ids[position])
+            found = find_embedding(ids, position) if find_embedding is not None else None
+            if found is None:
+                builder.append(ids[position], weight)
+                position += 1
+            else:
+                builder.embed(found[0], weight)
+                position += found[1]
     return builder.finish()
 
 
@@ -121,21 +140,33 @@ class _ChunkBuilder:
         self.current = Chunk()
         self.last_comma = -1
 
-    def add(self, token: int, weight: float) -> None:
+    def before_token(self, token: int) -> None:
+        """Comma bookkeeping and chunk breaks that happen before `token` is placed."""
         current = self.current
         if token == self.comma:
             self.last_comma = len(current.tokens)
         elif (len(current.tokens) == CHUNK_LENGTH and self.last_comma != -1
               and len(current.tokens) - self.last_comma <= COMMA_BACKTRACK):
             cut = self.last_comma + 1
-            moved = Chunk(current.tokens[cut:], current.weights[cut:])
+            moved = Chunk(current.tokens[cut:], current.weights[cut:])  # embedding placements stay (as in A1111)
             del current.tokens[cut:], current.weights[cut:]
             self.close()
             self.current = moved
         if len(self.current.tokens) == CHUNK_LENGTH:
             self.close()
+
+    def append(self, token: int, weight: float) -> None:
         self.current.tokens.append(token)
         self.current.weights.append(weight)
+
+    def embed(self, embedding: object, weight: float) -> None:
+        """Place an embedding's vectors, starting a new chunk when they do not fit in this one."""
+        length = int(embedding.vectors)
+        if len(self.current.tokens) + length > CHUNK_LENGTH:
+            self.close()
+        self.current.fixes.append((len(self.current.tokens), embedding))
+        self.current.tokens += [PLACEHOLDER] * length
+        self.current.weights += [weight] * length
 
     def close(self) -> None:
         chunk = self.current

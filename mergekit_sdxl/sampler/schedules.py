@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from mergekit_sdxl.sampler.catalog import SCHEDULE_NAMES
+from mergekit_sdxl.sampler.catalog import schedule_name
 
 BETA_START, BETA_END, TRAIN_STEPS = 0.00085, 0.012, 1000
 ZTSNR_LAST_ALPHA_BAR = 4.8973451890853435e-08  # A1111 and ComfyUI: keeps the last sigma finite (~4500)
@@ -108,19 +109,97 @@ def get_sigmas_exponential(n: int, sigma_min: float, sigma_max: float, device: s
     return append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n).exp()).to(device)
 
 
-SCHEDULES = tuple(SCHEDULE_NAMES)  # the names and their A1111/ComfyUI spellings live in catalog.py
+def get_sigmas_polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0,
+                               device: str = "cpu") -> torch.Tensor:
+    """log sigma a polynomial (degree rho) of the step; rho = 1 is the exponential schedule."""
+    ramp = torch.linspace(1, 0, n) ** rho
+    return append_zero(torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))).to(device)
 
 
-def get_sigmas(name: str, n: int, schedule: DiscreteSchedule, device: str = "cpu") -> torch.Tensor:
-    """Sigmas (n + 1 values ending in 0) of schedule `name` for an n-step run."""
+def get_sigmas_simple(n: int, schedule: DiscreteSchedule, device: str = "cpu") -> torch.Tensor:
+    """Every (1000 / n)-th training sigma counted from the top (A1111 "Simple", ComfyUI `simple`)."""
+    stride = len(schedule.sigmas) / n
+    picked = [float(schedule.sigmas[-(1 + int(k * stride))]) for k in range(n)]
+    return torch.tensor([*picked, 0.0], dtype=torch.float32, device=device)
+
+
+def get_sigmas_ddim(n: int, schedule: DiscreteSchedule, device: str = "cpu") -> torch.Tensor:
+    """Training sigmas at timesteps 1, 1 + k, 1 + 2k, ... (k = 1000 // n), highest first, then 0.
+
+    As A1111's "DDIM" schedule (ComfyUI `ddim_uniform`): when k does not divide 999 evenly this gives more than
+    n steps (28 steps -> 29), and A1111 samples them all.
+    """
+    stride = max(len(schedule.sigmas) // n, 1)
+    picked = [float(schedule.sigmas[t]) for t in range(1, len(schedule.sigmas), stride)]
+    return torch.tensor([*picked[::-1], 0.0], dtype=torch.float32, device=device)
+
+
+def get_sigmas_kl_optimal(n: int, sigma_min: float, sigma_max: float, device: str = "cpu") -> torch.Tensor:
+    """KL-optimal schedule (Sabour et al. 2024): even in arctan(sigma). A1111's form: n + 1 values from sigma_max
+    down to sigma_min, with no final 0, so sampling stops at sigma_min."""
+    a_min, a_max = torch.arctan(torch.tensor(sigma_min)), torch.arctan(torch.tensor(sigma_max))
+    k = torch.arange(n + 1)
+    return torch.tan(k / n * a_min + (1.0 - k / n) * a_max).to(device)
+
+
+# NVIDIA's Align Your Steps 10-step schedules (11 sigmas), as A1111 ships them
+AYS_SIGMAS = {
+    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+    "sd15": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+}
+
+
+def get_sigmas_align_your_steps(n: int, arch: str, device: str = "cpu") -> torch.Tensor:
+    """Align Your Steps (Sabour et al. 2024): the published table for `arch`, log-linearly resampled to n sigmas
+    (used as is for n = 11), then 0, as A1111 does."""
+    table = np.array(AYS_SIGMAS["sdxl" if arch == "sdxl" else "sd15"], dtype=np.float64)
+    if n == len(table):
+        values = table
+    else:
+        log_increasing = np.log(table[::-1])
+        values = np.exp(np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(table)), log_increasing))[::-1]
+    return torch.tensor([*values.tolist(), 0.0], dtype=torch.float32, device=device)
+
+
+BETA_ALPHA, BETA_BETA = 0.6, 0.6  # A1111's defaults (`beta_dist_alpha`, `beta_dist_beta`)
+
+
+def get_sigmas_beta(n: int, sigma_min: float, sigma_max: float, device: str = "cpu") -> torch.Tensor:
+    """Beta schedule (Lee et al. 2024), A1111's form: sigma_min + ppf(u) (sigma_max - sigma_min) for u from 1
+    down to 0 with the Beta(0.6, 0.6) quantile function, then 0. (ComfyUI's `beta` picks training sigmas at
+    those quantiles instead.)"""
+    from scipy import stats
+
+    quantiles = [float(stats.beta.ppf(u, BETA_ALPHA, BETA_BETA)) for u in 1 - np.linspace(0, 1, n)]
+    return torch.tensor([*(sigma_min + q * (sigma_max - sigma_min) for q in quantiles), 0.0],
+                        dtype=torch.float32, device=device)
+
+
+def get_sigmas(name: str, n: int, schedule: DiscreteSchedule, device: str = "cpu", arch: str = "sdxl",
+               discard_penultimate: bool = False) -> torch.Tensor:
+    """Sigmas of schedule `name` (or an alias) for an n-step run, as A1111 computes them.
+
+    `discard_penultimate` (A1111's DPM2 / DPM2 a / DPM++ 3M SDE): ask for n + 1 steps and drop the next-to-last
+    sigma. Most schedules give n + 1 values ending in 0; `kl_optimal` ends at sigma_min, `ddim` may give more.
+    """
     if n < 1:
         raise ValueError("steps must be at least 1")
-    if name == "normal":
-        return get_sigmas_normal(n, schedule, device)
-    if name == "sgm_uniform":
-        return get_sigmas_sgm_uniform(n, schedule, device)
-    if name == "karras":
-        return get_sigmas_karras(n, schedule.sigma_min, schedule.sigma_max, device=device)
-    if name == "exponential":
-        return get_sigmas_exponential(n, schedule.sigma_min, schedule.sigma_max, device=device)
-    raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    canonical = schedule_name(name).name
+    steps = n + 1 if discard_penultimate else n
+    lo, hi = schedule.sigma_min, schedule.sigma_max
+    builders = {
+        "normal": lambda: get_sigmas_normal(steps, schedule),
+        "sgm_uniform": lambda: get_sigmas_sgm_uniform(steps, schedule),
+        "karras": lambda: get_sigmas_karras(steps, lo, hi),
+        "exponential": lambda: get_sigmas_exponential(steps, lo, hi),
+        "polyexponential": lambda: get_sigmas_polyexponential(steps, lo, hi),
+        "simple": lambda: get_sigmas_simple(steps, schedule),
+        "ddim": lambda: get_sigmas_ddim(steps, schedule),
+        "kl_optimal": lambda: get_sigmas_kl_optimal(steps, lo, hi),
+        "align_your_steps": lambda: get_sigmas_align_your_steps(steps, arch),
+        "beta": lambda: get_sigmas_beta(steps, lo, hi),
+    }
+    sigmas = builders[canonical]()
+    if discard_penultimate:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    return sigmas.to(device)

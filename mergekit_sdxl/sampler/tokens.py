@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import html
+import re
 from pathlib import Path
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
@@ -32,8 +34,21 @@ def comma_id() -> int:
     return clip_tokenizer().convert_tokens_to_ids(",</w>")
 
 
-def tokenize_pieces(pieces: list[str]) -> list[list[int]]:
-    """Token ids of each string, without BOS/EOS and without truncation."""
+def normalize(text: str, encoder: str = "te1") -> str:
+    """Text as the CLIP tokenizers see it: `ftfy.fix_text` (full-width forms, HTML entities, curly quotes,
+    ligatures, BOMs ...), whitespace runs to one space, lower case. OpenCLIP's tokenizer (SDXL's te2) also
+    unescapes HTML twice and strips the ends."""
+    import ftfy
+
+    text = ftfy.fix_text(text)
+    if encoder == "te2":
+        text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def tokenize_pieces(pieces: list[str], encoder: str = "te1") -> list[list[int]]:
+    """Token ids of each string (normalized for `encoder`), without BOS/EOS and without truncation."""
     if not pieces:
         return []
-    return clip_tokenizer()(pieces, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    texts = [normalize(p, encoder) for p in pieces]
+    return clip_tokenizer()(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
