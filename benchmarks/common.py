@@ -30,6 +30,7 @@ def measured_child(argv: list[str], cwd: Path | None = None, env: dict[str, str]
     result = json.loads(last)
     if result["rc"]:
         result["stderr_tail"] = proc.stderr[-600:]
+    result["stdout"] = proc.stdout
     return result
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from mergekit_sdxl import __version__
-from mergekit_sdxl.errors import CheckpointError
+from mergekit_sdxl.arch.blocks import block_names
+from mergekit_sdxl.errors import CheckpointError, MergekitError
 from mergekit_sdxl.io.metadata import merge_metadata
 from mergekit_sdxl.methods.registry import METHODS
 from mergekit_sdxl.provenance.published import Fields, InputRef, PublishedFile, Reconstruction
@@ -44,7 +45,7 @@ def reconstruct(recorded: Any, pub: PublishedFile) -> Reconstruction:
         data["models"][alias] = entry
         inputs.append(ref)
     steps = Fields(f.get("steps", (dict,)), f"{f.where}.steps")
-    data["steps"] = {name: _step(name, steps, data["convention"]) for name in steps.data}
+    data["steps"] = {name: _step(name, steps, data["arch"], data["convention"]) for name in steps.data}
     output_step = f.get("output_step", (str,))
     if output_step not in data["steps"]:
         raise CheckpointError(f"{f.where}.output_step: {output_step!r} is not one of the recorded steps")
@@ -76,7 +77,7 @@ def _model(alias: str, model: Fields, recorded: Any, where: str) -> tuple[Any, I
                        f"-m {alias}=PATH"), ref
 
 
-def _step(name: str, steps: Fields, convention: str) -> Any:
+def _step(name: str, steps: Fields, arch: str, convention: str) -> Any:
     where = f"{steps.where}.{name}"
     step = Fields(steps.get(name, (dict,)), where)
     if "formula" in step.data:
@@ -108,26 +109,45 @@ def _step(name: str, steps: Fields, convention: str) -> Any:
     out = {"method": method, **dict(zip(spec.inputs, inputs))}
     if spec.variadic:
         out["models"] = list(inputs[len(spec.inputs):])
-    _convention(out, step, convention)
+    own = _convention(out, step, convention)
     params = Fields(step.get("params", (dict,), {}), f"{where}.params")
     for param in params.data:
-        out[param] = _param(params.get(param, (int, float, bool, str, dict)))
+        out[param] = _param(params.get(param, (int, float, bool, str, dict)), arch, own)
     return out
 
 
-def _convention(out: dict[str, Any], step: Fields, convention: str) -> None:
+def _convention(out: dict[str, Any], step: Fields, convention: str) -> str:
     own = step.get("convention", (str,), convention)
     if own != convention:
         out["convention"] = own
+    return str(own)
 
 
-def _param(value: Any) -> Any:
-    """A recorded parameter: a constant, {"blocks": {BLOCK: w}}, or {"value": ..., "overrides": [...]}."""
+def _param(value: Any, arch: str, convention: str) -> Any:
+    """A recorded parameter: a constant, {"blocks": {BLOCK: w}} (written as the vector in block order when it
+    covers exactly the blocks of the architecture), or {"value": ..., "overrides": [...]}."""
     if isinstance(value, dict) and "overrides" in value:
-        return {"value": _param(value.get("value")), "overrides": value["overrides"]}
+        return {"value": _param(value.get("value"), arch, convention), "overrides": value["overrides"]}
     if isinstance(value, dict) and "blocks" in value:
-        return Flow(dict(value["blocks"]))
+        blocks = dict(value["blocks"])
+        try:
+            order = list(block_names(arch, convention))
+        except MergekitError:
+            order = []
+        return Noted(list(blocks.values()), ", ".join(_spans(order))) if list(blocks) == order else Flow(blocks)
     return value
+
+
+def _spans(order: list[str]) -> list[str]:
+    """`BASE, IN00..IN08, M00, OUT00..OUT08` for a block list."""
+    out: list[str] = []
+    for name in order:
+        prefix = name.rstrip("0123456789")
+        if out and out[-1].split("..")[0].rstrip("0123456789") == prefix and prefix in ("IN", "OUT"):
+            out[-1] = f"{out[-1].split('..')[0]}..{name}"
+        else:
+            out.append(name)
+    return out
 
 
 def _output(out: Fields, pub: PublishedFile, arch: str) -> dict[str, Any]:
