@@ -7,7 +7,8 @@ Roles:
 - `checkpoint`: storage dtype of a written checkpoint's float tensors (merge output, convert, test checkpoints):
   fp16, bf16, fp32, fp8_e4m3fn, fp8_e5m2.
 - `weights`: dtype of adapter factors and of weights handed to diffusers/ONNX or baked: fp16, bf16, fp32.
-- `compute`: the merge arithmetic: fp32, fp64.
+- `compute`: the merge arithmetic: fp32, fp64; fp16 and bf16 round every operation to that dtype, which is how
+  A1111 and SuperMerger compute on fp16 inputs (for reproducing their files exactly).
 
 Tensor casts (clamping, scaled fp8) live in `mergekit_sdxl.io.dtypes`, which reads this table.
 """
@@ -54,8 +55,8 @@ DTYPES: dict[str, DtypeInfo] = {d.code: d for d in (
     _row("F8_E4M3", "fp8_e4m3fn", "float8_e4m3fn", 1, 7, 448.0, ("fp8_e4m3", "e4m3fn", "fp8"), (CHECKPOINT,)),
     _row("I16", "int16", "int16", 2, 9),
     _row("U16", "uint16", "uint16", 2, 10),
-    _row("F16", "fp16", "float16", 2, 11, 65504.0, ("half",), (CHECKPOINT, WEIGHTS)),
-    _row("BF16", "bf16", "bfloat16", 2, 12, 3.3895313892515355e38, (), (CHECKPOINT, WEIGHTS)),
+    _row("F16", "fp16", "float16", 2, 11, 65504.0, ("half",), (CHECKPOINT, WEIGHTS, COMPUTE)),
+    _row("BF16", "bf16", "bfloat16", 2, 12, 3.3895313892515355e38, (), (CHECKPOINT, WEIGHTS, COMPUTE)),
     _row("I32", "int32", "int32", 4, 13),
     _row("U32", "uint32", "uint32", 4, 14),
     _row("F32", "fp32", "float32", 4, 15, 3.4028234663852886e38, ("float",), (CHECKPOINT, WEIGHTS, COMPUTE)),

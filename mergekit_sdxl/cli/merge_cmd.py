@@ -22,6 +22,10 @@ from mergekit_sdxl.dtypes import CHECKPOINT, choices
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file (never an input).")
 @click.option("--dry-run", is_flag=True, help="Print the plan without reading any tensor data.")
 @click.option("--no-input-hashes", is_flag=True, help="Do not hash inputs for the lineage metadata.")
+@click.option("--models-dir", "models_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Index this folder first (incremental) and find models named by hash there (repeatable).")
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path),
+              help="Model index for models named by hash (default: the one `mergekit-sdxl index` uses).")
 @click.option("--verify-against", "verify_against", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="After merging, compare with this (published) file tensor by tensor; exit 7 past the tolerance.")
 @click.option("--tolerance-ulps", type=click.FloatRange(0), default=1.0, show_default=True,
@@ -29,7 +33,8 @@ from mergekit_sdxl.dtypes import CHECKPOINT, choices
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def command(recipe: Path, models: tuple[str, ...], out: Path | None, device: str, dtype: str | None,
             threads: int | None, overwrite: bool, dry_run: bool, no_input_hashes: bool,
-            verify_against: Path | None, tolerance_ulps: float, as_json: bool) -> None:
+            models_dirs: tuple[Path, ...], db: Path | None, verify_against: Path | None, tolerance_ulps: float,
+            as_json: bool) -> None:
     """Run RECIPE (YAML) and write the merged checkpoint atomically.
 
     Inputs are read tensor by tensor; memory stays bounded whatever the model size. An error or Ctrl-C leaves
@@ -40,7 +45,7 @@ def command(recipe: Path, models: tuple[str, ...], out: Path | None, device: str
     from mergekit_sdxl.recipe.describe import describe_plan
     from mergekit_sdxl.recipe.load import load_recipe, parse_model_overrides
 
-    parsed = load_recipe(recipe, parse_model_overrides(models))
+    parsed = _by_hash(load_recipe(recipe, parse_model_overrides(models)), models_dirs, db)
     code = parse_dtype(dtype, CHECKPOINT, "--dtype") if dtype else None
     options = MergeOptions(out=out, device=device, dtype=code, overwrite=overwrite, threads=threads,
                            hash_inputs=not no_input_hashes)
@@ -89,6 +94,29 @@ def _run(parsed, options, run_merge):  # noqa: ANN001, ANN202 - thin glue around
         def progress(event) -> None:  # noqa: ANN001
             update(event.keys_done, event.keys_total, event.bytes_read + event.bytes_written)
         return run_merge(parsed, options, progress, adapter_factory)
+
+
+def _by_hash(recipe, dirs: tuple[Path, ...], db: Path | None):  # noqa: ANN001, ANN202 - a Recipe
+    """The recipe with models named by hash resolved through the model index (after indexing `dirs`)."""
+    import os
+
+    hashed = [ref for ref in recipe.models.values()
+              if ref.autov2 or ref.autov3 or (ref.sha256 and (ref.path is None or not os.path.exists(ref.path)))]
+    if not hashed and not dirs:
+        return recipe
+    from mergekit_sdxl.index.resolve import resolve_models
+    from mergekit_sdxl.index.scan import plan_scan, run_scan
+    from mergekit_sdxl.index.store import ModelIndex
+
+    with ModelIndex(db) as index:
+        if dirs:
+            plan = plan_scan(index, dirs)
+            with console.byte_progress(f"indexing {len(plan.todo)} new or changed file(s)", plan.bytes_to_hash) \
+                    as advance:
+                report = run_scan(index, plan, advance)
+            for message in report.failed:
+                console.info(f"warning: {message}")
+        return resolve_models(recipe, index)
 
 
 def _verify(path: Path, published: Path, tolerance: float):  # noqa: ANN202

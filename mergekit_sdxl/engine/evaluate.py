@@ -3,6 +3,10 @@
 Formulas (`Linear` nodes) are the hot path: they are computed in cache-sized chunks with two preallocated
 buffers and exactly-rounded in-place ops (`copy_`, `mul_`, `add_`), never a fused multiply-add, so every element
 is rounded the same way whatever the thread count or vector width: outputs are bit-reproducible.
+
+With a reduced compute dtype (fp16/bf16: every operation rounded to it, which is how A1111 and SuperMerger
+compute on fp16 inputs), method calls are evaluated as written, operation by operation: folding them into one
+linear sum (`lower`) would round differently from the tool being reproduced.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from mergekit_sdxl.methods.registry import METHODS, call_method, check_finite
 from mergekit_sdxl.recipe.nodes import Adapter, Call, KeyPlan, Linear, Load, Node
 
 _FUSED_DTYPES = ("F16", "BF16", "F32", "F64")
+REDUCED = (torch.float16, torch.bfloat16)  # compute dtypes whose arithmetic is reproduced operation by operation
 CHUNK = 1 << 18  # elements per chunk: two fp32 buffers of 1 MiB each stay in L2
 
 # (adapter node, tensor shape, the weight it is applied to or None) -> fp32 delta or None
@@ -41,7 +46,7 @@ class KeyEvaluator:
 
     def evaluate(self, kp: KeyPlan, loaded: Mapping[Load, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Output tensors for `kp`: {kp.key: tensor} plus a `<key>.scale_weight` entry for scaled fp8."""
-        node = lower(kp.node)
+        node = kp.node if self.compute_dtype in REDUCED else lower(kp.node)
         if isinstance(node, Load) and loaded[node].dtype == torch_dtype(kp.dtype) and not self.scaled(kp):
             return {kp.key: loaded[node]}  # pass-through: the stored bytes, untouched
         if not is_float(kp.dtype):

@@ -79,6 +79,10 @@ def open_inputs(recipe: Recipe, stack: ExitStack) -> dict[str, Checkpoint]:
     """Open every model of the recipe (header only); errors name the alias and file."""
     readers: dict[str, Checkpoint] = {}
     for alias, ref in recipe.models.items():
+        if ref.path is None:
+            named = ", ".join(f"{kind} {value}" for kind, value in ref.hashes.items())
+            raise RecipeError(f"model {alias!r} is named by hash only ({named}); find it through the model index "
+                              f"(merge --models-dir DIR) or give it with -m {alias}=PATH")
         if not Path(ref.path).exists():
             raise CheckpointError(f"model {alias!r}: {ref.path}: no such file")
         try:
@@ -217,7 +221,7 @@ def _sink(writer: SafetensorsWriter, plan: Plan) -> Callable[[str, torch.Tensor]
 
 
 def _compute_dtype(plan: Plan) -> torch.dtype:
-    return torch.float64 if plan.output.compute_dtype == "F64" else torch.float32
+    return torch_dtype(plan.output.compute_dtype)
 
 
 def _data_starts(readers: Mapping[str, Checkpoint]) -> dict[str, int]:

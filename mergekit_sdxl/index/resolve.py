@@ -8,11 +8,13 @@ hash are an error listing the candidates; no match is an error naming the indexe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 from mergekit_sdxl.errors import RecipeError, UsageError
 from mergekit_sdxl.index.scan import refresh
 from mergekit_sdxl.index.store import Entry, ModelIndex, normalize_hex
+from mergekit_sdxl.recipe.types import ModelRef, Recipe
 
 # recipe field -> (index column, what it is called, the fewest hex digits accepted)
 HASH_FIELDS: dict[str, tuple[str, str, int]] = {
@@ -83,3 +85,45 @@ def _searched(index: ModelIndex) -> str:
     shown = ", ".join(roots[:8]) + (f" and {len(roots) - 8} more" if len(roots) > 8 else "")
     return (f"indexed folders: {shown} (index {index.path}); index the folder that holds it "
             "(`mergekit-sdxl index DIR` or --models-dir DIR)")
+
+
+def resolve_models(recipe: Recipe, index: ModelIndex) -> Recipe:
+    """`recipe` with every model named by hash given the path of its file.
+
+    A model with a path that exists keeps it (its AutoV2/AutoV3, if given, must match the file; the sha256 pin is
+    checked by the merge as before); otherwise the most specific hash given (sha256, then AutoV3, then AutoV2)
+    finds the file in the index, and every other hash given must match it.
+
+    Raises:
+        RecipeError: naming `models.ALIAS`, for no match, an ambiguous one, or hashes that disagree.
+    """
+    models = {alias: _resolve(ref, index, f"{recipe.source}: models.{alias}") for alias, ref in recipe.models.items()}
+    return replace(recipe, models=models)
+
+
+def _resolve(ref: ModelRef, index: ModelIndex, where: str) -> ModelRef:
+    given = ref.hashes
+    if not given:
+        return ref
+    if ref.path is not None and os.path.exists(ref.path):
+        locators = {kind: value for kind, value in given.items() if kind != "sha256"}
+        if locators:
+            entry = refresh(index, os.path.realpath(ref.path))
+            if entry is None:
+                raise RecipeError(f"{where}: cannot hash {ref.path} to check its {', '.join(locators)}")
+            _agree(entry, locators, where, f"{ref.path}")
+        return ref
+    kind = next(k for k in ("sha256", "autov3", "autov2") if k in given)
+    entry = lookup(index, kind, given[kind], where).entry
+    _agree(entry, given, where, f"the file found by {HASH_FIELDS[kind][1]} ({entry.path})")
+    return replace(ref, path=entry.path)
+
+
+def _agree(entry: Entry, given: dict[str, str], where: str, what: str) -> None:
+    for kind, value in given.items():
+        column, label, _ = HASH_FIELDS[kind]
+        actual = getattr(entry, column) or ""
+        if not actual.startswith(value):
+            shown = actual[:len(value)] if actual else "none"
+            raise RecipeError(f"{where}: {what} has {label} {shown}, not {value}: the hashes in the recipe "
+                              "name different files")

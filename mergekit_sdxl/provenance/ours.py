@@ -8,6 +8,7 @@ overrides), conventions and output options are written out in full; metadata the
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from mergekit_sdxl import __version__
@@ -15,10 +16,12 @@ from mergekit_sdxl.arch.blocks import block_names
 from mergekit_sdxl.errors import CheckpointError, MergekitError
 from mergekit_sdxl.io.metadata import merge_metadata
 from mergekit_sdxl.methods.registry import METHODS
+from mergekit_sdxl.provenance.jsontext import load_metadata_json
 from mergekit_sdxl.provenance.published import Fields, InputRef, PublishedFile, Reconstruction
 from mergekit_sdxl.provenance.recipe_text import Flow, Noted
 
 KEY = "mergekit_sdxl.recipe"
+_STEP_LINE = re.compile(r"(?:^|; )step ([A-Za-z_][A-Za-z0-9_]*)(?: \(written\))?: ")
 TOOL = "mergekit-sdxl"
 DERIVED = frozenset({KEY, "sd_merge_recipe", "sd_merge_models", "mergekit_sdxl.version"})
 _OUTPUT_FIELDS = ("dtype", "fp8_scaled", "vae", "prune_ema", "drop", "missing_keys", "compute_dtype", "seed")
@@ -49,6 +52,7 @@ def reconstruct(recorded: Any, pub: PublishedFile) -> Reconstruction:
     output_step = f.get("output_step", (str,))
     if output_step not in data["steps"]:
         raise CheckpointError(f"{f.where}.output_step: {output_step!r} is not one of the recorded steps")
+    data["steps"] = _in_recorded_order(data["steps"], output_step, pub)
     data["output"] = _output(Fields(f.get("output", (dict,)), f"{f.where}.output"), pub, data["arch"])
     made_with = pub.metadata.get("mergekit_sdxl.version", "?")
     header = [f"Reconstructed by `mergekit-sdxl recipe-from` from {pub.name}: the recipe mergekit-sdxl {made_with} "
@@ -57,6 +61,23 @@ def reconstruct(recorded: Any, pub: PublishedFile) -> Reconstruction:
         f"{pub.name} was made with mergekit-sdxl {made_with}, this is {__version__}: the tensors should match, the "
         "recorded version (and so the file's bytes) will differ"]
     return Reconstruction(TOOL, data, header, inputs, warnings)
+
+
+def _in_recorded_order(steps: dict[str, Any], output_step: str, pub: PublishedFile) -> dict[str, Any]:
+    """Steps in the order the original recipe listed them (its step lines in `sd_merge_recipe.interp_method`; the
+    recorded recipe itself has sorted keys): that order decides the output step (the last one) and the order of
+    the step lines this merge records. Without those lines, sorted by name with the output step last."""
+    recorded: list[str] = []
+    try:
+        summary = load_metadata_json(pub.metadata.get("sd_merge_recipe", "{}"), pub.where("sd_merge_recipe"))
+    except MergekitError:
+        summary = None
+    if isinstance(summary, dict) and isinstance(summary.get("interp_method"), str):
+        recorded = _STEP_LINE.findall(summary["interp_method"])
+    names = [n for n in recorded if n in steps] + sorted(n for n in steps if n not in recorded)
+    if output_step != "output":
+        names = [n for n in names if n != output_step] + [output_step]
+    return {name: steps[name] for name in dict.fromkeys(names)}
 
 
 def _model(alias: str, model: Fields, recorded: Any, where: str) -> tuple[Any, InputRef]:

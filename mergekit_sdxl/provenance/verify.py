@@ -198,11 +198,22 @@ def _group(key: str, arch: str | None) -> str:
     return _COMPONENT_LABELS.get(component, component)
 
 
+def _group_order(name: str) -> tuple[int, int, str]:
+    """Components first (text encoders, VAE), then UNet blocks in MBW order (IN, M, OUT), then the rest."""
+    head = ("CLIP", "CLIP-L", "CLIP-G", "VAE", "EMA")
+    if name in head:
+        return (0, head.index(name), name)
+    prefix, digits = name.rstrip("0123456789"), name[len(name.rstrip("0123456789")):]
+    if prefix in ("IN", "M", "OUT") and digits:
+        return (1, ("IN", "M", "OUT").index(prefix) * 100 + int(digits), name)
+    return (2, 0, name)
+
+
 def report_lines(report: VerifyReport) -> list[str]:
     """Human lines: a table per group, then key differences, AutoV3 and the verdict."""
     lines = [f"verify against {report.published} (distance in {report.unit}; tolerance {report.tolerance:g})",
              f"{'group':<12} {'keys':>6} {'max ulps':>10} {'over tol.':>10}"]
-    for name, g in report.groups.items():
+    for name, g in sorted(report.groups.items(), key=lambda item: _group_order(item[0])):
         lines.append(f"{name:<12} {g.keys:>6} {_ulps(g.max_ulps):>10} {g.over:>10}")
     for label, keys in (("only in ours", report.only_ours), ("only in the published file", report.only_published),
                         ("shape differs", report.shape_mismatch), ("dtype differs", report.dtype_mismatch)):

@@ -7,6 +7,7 @@ A recipe::
     models:
       beta7: models/kxl-beta7.safetensors          # path, relative to the recipe file
       anxl3: {path: models/anxl3.safetensors, sha256: 0123...}  # optional pinned hash (the engine checks it)
+      anxl2: {autov2: 86bea8223d}                  # by hash: found through the model index (cli/api resolve it)
     steps:
       rev2: "beta7 + 1.0 * (anxl3 - anxl2) + 0.25 * (base8 - beta7)"   # a formula (see formula.py)
       final: {method: weighted_sum, a: rev2, b: anxl3, alpha: [0, 0.1, ...]}
@@ -65,10 +66,11 @@ from mergekit_sdxl.recipe.types import (
 MAX_MODELS = 64
 MAX_STEPS = 256
 _TOP_FIELDS = ("version", "name", "description", "arch", "convention", "models", "steps", "output")
-_MODEL_FIELDS = ("path", "sha256")
+_MODEL_FIELDS = ("path", "sha256", "autov2", "autov3")
 _LORA_FIELDS = ("lora", "model", "strength", "te_strength", "blocks", "convention")
 _ADAPTER_FIELDS = ("path", "strength", "te_strength", "blocks")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+_HEX_PREFIX = re.compile(r"^[0-9a-fA-F]{8,64}$")  # AutoV2 / AutoV3 (at least 8 hex digits)
 
 
 def parse_recipe(data: Any, *, source: str = "<recipe>", base_dir: str | Path = ".",
@@ -122,24 +124,43 @@ class _Parser(Fields):
         return models
 
     def model(self, alias: str, entry: Any, override: str | None) -> ModelRef:
+        """A path, or `{path, sha256, autov2, autov3}`: a model named by hash needs no path (it is found in the
+        model index before planning); with both, the path is used when the file exists."""
         where = self.where("models", alias)
         if isinstance(entry, str) or entry is None:
             entry = {"path": entry}
         fields = self.mapping(entry, where, _MODEL_FIELDS)
-        path, sha = fields.get("path"), fields.get("sha256")
+        path = fields.get("path")
         if path is not None and (not isinstance(path, str) or not path.strip()):
             raise fail(self.where("models", alias, "path"), f"expected a file path, got {type_name(path)}")
-        if sha is not None and (not isinstance(sha, str) or not _SHA256.match(sha)):
-            raise fail(self.where("models", alias, "sha256"),
-                       f"{sha!r} is not a sha256 (64 hex digits, as `sha256sum` prints)")
+        sha = self.hash_field(alias, "sha256", fields.get("sha256"), _SHA256, "a sha256 (64 hex digits, as "
+                                                                              "`sha256sum` prints)")
+        autov2 = self.hash_field(alias, "autov2", fields.get("autov2"), _HEX_PREFIX, "an AutoV2 hash (10 hex "
+                                                                                    "digits; at least 8)")
+        autov3 = self.hash_field(alias, "autov3", fields.get("autov3"), _HEX_PREFIX, "an AutoV3 hash (12 hex "
+                                                                                    "digits; at least 8)")
         if override is not None:
-            resolved = str(Path(override).expanduser())
+            resolved: str | None = str(Path(override).expanduser())
         elif path is None:
-            raise fail(where, f"no path; give one in the recipe or on the command line with -m {alias}=PATH")
+            if not (sha or autov2 or autov3):
+                raise fail(where, f"no path; give one in the recipe or on the command line with -m {alias}=PATH, "
+                                  "or name the model by hash ({sha256: ...}, {autov2: ...} or {autov3: ...})")
+            resolved = None
         else:
             given = Path(path).expanduser()
             resolved = str(given if given.is_absolute() else self.base_dir / given)
-        return ModelRef(alias, resolved, sha.lower() if sha else None)
+        return ModelRef(alias, resolved, sha, autov2, autov3)
+
+    def hash_field(self, alias: str, name: str, value: Any, pattern: re.Pattern[str], what: str) -> str | None:
+        """A hash given in a model entry, lower-cased; YAML may have read an unquoted one as a number."""
+        if value is None:
+            return None
+        where = self.where("models", alias, name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise fail(where, f"YAML read {value!r} as a number: quote the hash ({name}: '...')")
+        if not isinstance(value, str) or not pattern.match(value.strip()):
+            raise fail(where, f"{value!r} is not {what}")
+        return value.strip().lower()
 
     # steps -------------------------------------------------------------------------------------------------
 

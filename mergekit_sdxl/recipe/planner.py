@@ -189,7 +189,7 @@ class _Planner:
         return Plan(
             arch=self.arch,
             keys=plans,
-            inputs={alias: self.recipe.models[alias].path for alias in self.headers},
+            inputs={alias: self.recipe.models[alias].path or self.headers[alias].path for alias in self.headers},
             output=self.recipe.output,
             recipe_dict=resolved_recipe(self.recipe, self.arch, list(self.headers), self.params),
             warnings=self.warnings,

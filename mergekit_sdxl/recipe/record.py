@@ -36,7 +36,7 @@ def resolved_recipe(recipe: Recipe, arch: str, aliases: list[str], params: StepP
         "name": recipe.name,
         "arch": arch,
         "convention": recipe.convention,
-        "models": {alias: {"file": os.path.basename(recipe.models[alias].path),
+        "models": {alias: {"file": os.path.basename(recipe.models[alias].path or ""),
                            "sha256": recipe.models[alias].sha256} for alias in aliases},
         "steps": steps,
         "output_step": recipe.output_step,

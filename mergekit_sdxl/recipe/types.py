@@ -17,11 +17,23 @@ SEED_PARAM = "seed"  # filled per key by the planner; a step may set it to chang
 
 @dataclass(frozen=True)
 class ModelRef:
-    """An input model: its alias, path (resolved) and optional pinned sha256 (lowercase hex)."""
+    """An input model: its alias, path (resolved; None for a model named only by hash until the model index
+    resolves it), optional pinned sha256, and optional AutoV2 / AutoV3 locators (lowercase hex prefixes).
+
+    The sha256 pin is part of the recipe (recorded, and checked once the merge has hashed the file); AutoV2 and
+    AutoV3 only say how to find the file (checked when it is resolved, not recorded)."""
 
     alias: str
-    path: str
+    path: str | None
     sha256: str | None = None
+    autov2: str | None = None
+    autov3: str | None = None
+
+    @property
+    def hashes(self) -> dict[str, str]:
+        """The hashes given for this model: {"sha256"|"autov2"|"autov3": hex}."""
+        found = {"sha256": self.sha256, "autov2": self.autov2, "autov3": self.autov3}
+        return {kind: value for kind, value in found.items() if value}
 
 
 @dataclass(frozen=True)
