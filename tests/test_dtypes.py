@@ -18,7 +18,7 @@ from mergekit_sdxl.recipe.parser import parse_recipe
 def test_roles_are_exactly_the_promised_lists():
     assert choices(CHECKPOINT) == ("fp8_e5m2", "fp8_e4m3fn", "fp16", "bf16", "fp32")
     assert choices(WEIGHTS) == ("fp16", "bf16", "fp32")
-    assert choices(COMPUTE) == ("fp32", "fp64")
+    assert choices(COMPUTE) == ("fp16", "bf16", "fp32", "fp64")  # fp16/bf16: per-operation rounding (reproduce)
 
 
 @pytest.mark.parametrize("role", dtypes.ROLES)
@@ -30,7 +30,7 @@ def test_every_choice_round_trips(role):
 
 
 @pytest.mark.parametrize("name,role", [("int8", CHECKPOINT), ("fp64", CHECKPOINT), ("fp8_e4m3fn", WEIGHTS),
-                                       ("fp16", COMPUTE), ("fp99", None)])
+                                       ("fp8_e5m2", COMPUTE), ("fp99", None)])
 def test_outside_the_role_is_a_usage_error_naming_the_option(name, role):
     with pytest.raises(UsageError, match=rf"^--dtype: .*{name}.*use one of"):
         parse_dtype(name, role, "--dtype")
@@ -72,7 +72,7 @@ def test_every_command_takes_its_dtypes_from_the_table():
 RECIPE = {"models": {"a": "a.safetensors", "b": "b.safetensors"}, "steps": {"out": "0.5 * a + 0.5 * b"}}
 
 
-@pytest.mark.parametrize("field,value", [("dtype", "int8"), ("dtype", "fp64"), ("compute_dtype", "fp16")])
+@pytest.mark.parametrize("field,value", [("dtype", "int8"), ("dtype", "fp64"), ("compute_dtype", "fp8_e4m3fn")])
 def test_recipe_rejects_dtypes_outside_the_role(field, value):
     with pytest.raises(RecipeError, match=rf"output\.{field}: '{value}' is not one of"):
         parse_recipe({**RECIPE, "output": {field: value}})

@@ -72,10 +72,10 @@ def test_scan_records_hashes_and_header_facts(tmp_path, models):
 
 def test_second_run_hashes_nothing_and_changes_are_noticed(tmp_path, models, monkeypatch):
     calls: list[str] = []
-    import mergekit_sdxl.index.scan as scan_module
+    import mergekit_sdxl.io.hashes as hashes_module
 
-    real = scan_module.hashes_for
-    monkeypatch.setattr(scan_module, "hashes_for", lambda p, progress=None: calls.append(p) or real(p, progress))
+    real = hashes_module.hashes_for
+    monkeypatch.setattr(hashes_module, "hashes_for", lambda p, progress=None: calls.append(p) or real(p, progress))
     with ModelIndex(tmp_path / "db") as index:
         scan(index, [models])
         assert len(calls) == 2
@@ -98,9 +98,9 @@ def test_rename_keeps_hashes_and_vanished_files_are_forgotten(tmp_path, models, 
         scan(index, [models])
         old = os.path.realpath(models / "sub" / "b.safetensors")
         sha = index.get(old).sha256
-        import mergekit_sdxl.index.scan as scan_module
+        import mergekit_sdxl.io.hashes as hashes_module
 
-        monkeypatch.setattr(scan_module, "hashes_for", lambda *a, **k: pytest.fail("a rename must not re-hash"))
+        monkeypatch.setattr(hashes_module, "hashes_for", lambda *a, **k: pytest.fail("a rename must not re-hash"))
         os.rename(old, models / "b-renamed.safetensors")
         report = scan(index, [models])
         assert (report.renamed, report.removed) == (1, 1)
@@ -249,3 +249,36 @@ def test_cli_index_list_find_json(tmp_path, models, capsys):
 def test_default_database_lives_in_the_cache_folder(tmp_path, models, capsys):
     code, out, _ = run_cli(capsys, "index", models)
     assert code == 0 and (tmp_path / "cache" / "index.sqlite3").exists()
+
+
+def _recipe(tmp_path: Path, models_yaml: str):
+    from mergekit_sdxl.recipe.load import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(f"models:\n{models_yaml}steps:\n  s: 0.5 * a + 0.5 * b\n")
+    return load_recipe(path)
+
+
+def test_resolve_models_by_each_hash_and_path_checks(tmp_path, models):
+    from mergekit_sdxl.index.resolve import resolve_models
+
+    with ModelIndex(tmp_path / "db") as index:
+        scan(index, [models])
+        a = index.get(os.path.realpath(models / "a.safetensors"))
+        b = index.get(os.path.realpath(models / "sub" / "b.safetensors"))
+        recipe = _recipe(tmp_path, f"  a: {{autov3: '{a.autov3[:12]}', autov2: '{a.autov2}'}}\n"
+                                   f"  b: {{path: gone.safetensors, sha256: {b.sha256}}}\n")
+        resolved = resolve_models(recipe, index)
+        assert resolved.models["a"].path == a.path and resolved.models["b"].path == b.path
+        assert resolved.models["b"].sha256 == b.sha256  # the pin stays: the merge checks it again
+        # a path that exists wins, but its locators must describe it
+        ok = _recipe(tmp_path, f"  a: {{path: {models / 'a.safetensors'}, autov2: '{a.autov2}'}}\n  b: x\n")
+        assert resolve_models(ok, index).models["a"].path == str(models / "a.safetensors")
+        wrong = _recipe(tmp_path, f"  a: {{path: {models / 'a.safetensors'}, autov2: '{b.autov2}'}}\n  b: x\n")
+        with pytest.raises(RecipeError, match=r"models\.a: .*a\.safetensors has AutoV2 .* not " + b.autov2):
+            resolve_models(wrong, index)
+        mixed = _recipe(tmp_path, f"  a: {{sha256: {a.sha256}, autov3: '{b.autov3[:12]}'}}\n  b: x\n")
+        with pytest.raises(RecipeError, match="name different files"):
+            resolve_models(mixed, index)
+        plain = _recipe(tmp_path, "  a: x.safetensors\n  b: y.safetensors\n")
+        assert resolve_models(plain, index) == plain  # nothing named by hash: untouched

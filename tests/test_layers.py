@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "sampler": {"errors", "dtypes", "io", "arch", "engine", "recipe", "methods", "lora"},
     "export": {"errors", "dtypes", "arch", "io", "engine", "sampler"},
     "provenance": {"errors", "dtypes", "arch", "io", "methods", "recipe"},
-    "index": {"errors", "dtypes", "arch", "io", "provenance"},
+    "index": {"errors", "dtypes", "arch", "io", "recipe", "provenance"},
     "analysis": {"errors", "dtypes", "arch", "io"},
     "cli": {"*"},
     "demo": {"*"},

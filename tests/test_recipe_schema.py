@@ -91,12 +91,33 @@ def test_paths_resolve_against_recipe_folder_and_cli_overrides(tmp_path):
         load_recipe(path, {"zz": "/x.safetensors"})
 
 
-def test_model_without_path_needs_cli_override(tmp_path):
+def test_model_without_path_needs_cli_override_or_a_hash(tmp_path):
     text = "models:\n  a: {sha256: " + "AB" * 32 + "}\n  b: null\nsteps:\n  s: 0.5 * a + 0.5 * b\n"
-    with pytest.raises(RecipeError, match=r"models\.a: no path; .* -m a=PATH"):
+    with pytest.raises(RecipeError, match=r"models\.b: no path; .* -m b=PATH, or name the model by hash"):
         load_recipe(write(tmp_path, text))
+    recipe = load_recipe(write(tmp_path, text), {"b": "y.safetensors"})
+    assert recipe.models["a"].path is None and recipe.models["a"].sha256 == "ab" * 32  # found by hash later
     recipe = load_recipe(write(tmp_path, text), {"a": "x.safetensors", "b": "y.safetensors"})
-    assert recipe.models["a"].sha256 == "ab" * 32
+    assert recipe.models["a"].sha256 == "ab" * 32 and recipe.models["a"].path == "x.safetensors"
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ("{autov2: 86BEA8223D}", None),
+    ("{autov3: 3c94e8d1b2a0, autov2: '0123456789'}", None),
+    ("{autov2: 1234567890}", "YAML read 1234567890 as a number: quote the hash"),
+    ("{autov2: abc}", "'abc' is not an AutoV2 hash"),
+    ("{autov3: xyz12345}", "'xyz12345' is not an AutoV3 hash"),
+    ("{sha256: 86bea8223d}", "is not a sha256"),
+    ("{md5: 86bea8223d}", "unknown field 'md5'"),
+])
+def test_models_by_hash(tmp_path, entry, message):
+    text = f"models:\n  a: {entry}\n  b: y.safetensors\nsteps:\n  s: 0.5 * a + 0.5 * b\n"
+    if message:
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(write(tmp_path, text))
+        return
+    ref = load_recipe(write(tmp_path, text)).models["a"]
+    assert ref.path is None and ref.hashes and all(v == v.lower() for v in ref.hashes.values())
 
 
 def test_parse_model_overrides():
@@ -233,7 +254,7 @@ def test_huge_vector_is_refused_before_parsing(tmp_path):
     ("models: {a: x}\nsteps: {s: a}\noutput: {fp8_scaled: true}\n", r"output\.fp8_scaled: applies only to fp8"),
     ("models: {a: x}\nsteps: {s: a}\noutput: {vae: v}\n", r"output\.vae: 'v' is not a model alias"),
     ("models: {a: x}\nsteps: {s: a}\noutput: {missing_keys: skip}\n", r"output\.missing_keys: 'skip' is not one of"),
-    ("models: {a: x}\nsteps: {s: a}\noutput: {compute_dtype: fp16}\n", r"output\.compute_dtype: 'fp16'"),
+    ("models: {a: x}\nsteps: {s: a}\noutput: {compute_dtype: fp8_e4m3fn}\n", r"output\.compute_dtype: 'fp8_e4m3fn'"),
     ("models: {a: x}\nsteps: {s: a}\noutput: {seed: -1}\n", r"output\.seed: expected a whole number"),
     ("models: {a: x}\nsteps: {s: a}\noutput: {drop: ['[']}\n", r"output\.drop\[0\]: invalid regular expression"),
     ("models: {a: x}\nsteps: {s: a}\noutput: {prune_ema: 1}\n", r"output\.prune_ema: expected true or false"),

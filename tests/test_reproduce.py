@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from published_tools import a1111_merge, supermerger_merge
 from safetensors.torch import load_file
 
 from mergekit_sdxl.cli.main import main
 from mergekit_sdxl.index.store import ModelIndex
 from mergekit_sdxl.provenance.verify import distance
-from published_tools import a1111_merge, supermerger_merge
 
 KOHAKU_MBW = "0,0.1,0.1,0,0.1,0.1,0,0.1,0.1,0,0,0,0,0,0.05,0.05,0.05,0.05,0.05,0.05"
 ADD_MBW = "0.5,1,1,0.8,1,1,0.6,1,1,0,0.5,0.5,0.5,0.5,0.25,0.5,1,0.5,0.5,0.2"
@@ -133,8 +133,8 @@ def test_ambiguous_short_hash_in_a_recipe(tmp_path, capsys, models):
         index.put(replace(rows["tuned-b.safetensors"], sha256="feedc0ffee" + rows["tuned-b.safetensors"].sha256[10:]))
         index.put(replace(rows["tuned-c.safetensors"], sha256="feedc0ffee" + rows["tuned-c.safetensors"].sha256[10:]))
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("models:\n  a: {autov2: 'feedc0ffee'}\n  b: {path: %s}\nsteps:\n  m: {method: weighted_sum, "
-                      "a: a, b: b, alpha: 0.5}\n" % models["a"])
+    recipe.write_text("models:\n  a: {autov2: 'feedc0ffee'}\n  b: {path: " + str(models["a"]) + "}\n"
+                      "steps:\n  m: {method: weighted_sum, a: a, b: b, alpha: 0.5}\n")
     code, _, err = run(capsys, "merge", recipe, "--db", db, "-o", tmp_path / "o.safetensors")
     assert code == 3 and "ambiguous" in err and "tuned-b.safetensors" in err and "tuned-c.safetensors" in err
 
@@ -148,8 +148,18 @@ models:
   c: %(c)s
 steps:
   delta: "b - c"
-  mid: {method: weighted_sum, a: a, b: b, alpha: [0, 0.1, 0.1, 0, 0.1, 0.1, 0, 0.1, 0.1, 0, 0, 0, 0, 0, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05]}
-  tw: {method: add_difference, a: mid, b: b, c: c, convention: sd-mecha, alpha: {value: {IN04: 0.3, default: 0.1}, overrides: [{match: "attn2", value: 0.0}]}}
+  mid:
+    method: weighted_sum
+    a: a
+    b: b
+    alpha: [0, 0.1, 0.1, 0, 0.1, 0.1, 0, 0.1, 0.1, 0, 0, 0, 0, 0, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05]
+  tw:
+    method: add_difference
+    a: mid
+    b: b
+    c: c
+    convention: sd-mecha
+    alpha: {value: {IN04: 0.3, default: 0.1}, overrides: [{match: "attn2", value: 0.0}]}
   out: "tw + 0.5 * delta"
 output: {dtype: bf16, seed: 7, metadata: {modelspec.author: someone, modelspec.title: Custom Title}}
 """

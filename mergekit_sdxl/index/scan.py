@@ -15,9 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mergekit_sdxl.errors import MergekitError, UsageError
-from mergekit_sdxl.index.describe import describe
 from mergekit_sdxl.index.store import Entry, Identity, ModelIndex
-from mergekit_sdxl.io.hashes import hashes_for
 
 SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth")
 
@@ -128,6 +126,10 @@ def refresh(index: ModelIndex, path: str) -> Entry | None:
 
 def _index_one(path: str, before: os.stat_result, progress: Callable[[int], None] | None) -> Entry | str:
     """The new row for `path`, or a one-line reason it could not be indexed."""
+    # imported here: an incremental run with nothing to hash never needs the header reader or the hasher
+    from mergekit_sdxl.index.describe import describe
+    from mergekit_sdxl.io.hashes import hashes_for
+
     try:
         hashes = hashes_for(path, progress)
     except MergekitError as exc:

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_sdxl.arch.detect import detect_arch
+from mergekit_sdxl.dtypes import CHECKPOINT, DTYPES
 from mergekit_sdxl.errors import ArchError, CheckpointError
 from mergekit_sdxl.io.reader import SafetensorsReader, sniff
 from mergekit_sdxl.provenance.jsontext import load_metadata_json
 
-DTYPE_NAMES = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2"}
+DTYPE_NAMES = {d.code: d.name for d in DTYPES.values() if CHECKPOINT in d.roles}  # float dtypes a merge saves in
 _DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})")
 _MISSING = object()
 

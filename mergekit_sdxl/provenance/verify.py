@@ -19,16 +19,13 @@ import torch
 
 from mergekit_sdxl.arch.blocks import block_of
 from mergekit_sdxl.arch.detect import component_of, detect_arch
+from mergekit_sdxl.dtypes import is_float, name_of
 from mergekit_sdxl.errors import ArchError
+from mergekit_sdxl.io.dtypes import torch_dtype
 from mergekit_sdxl.io.hashes import hashes_for
 from mergekit_sdxl.io.reader import SafetensorsReader
 
 CHUNK = 1 << 20
-# dtype code -> (explicit mantissa bits, smallest normal exponent): the ulp at |x| is 2^(max(e, emin) - bits)
-FLOAT_FORMATS: dict[str, tuple[int, int]] = {
-    "F64": (52, -1022), "F32": (23, -126), "F16": (10, -14), "BF16": (7, -126), "F8_E4M3": (3, -6),
-    "F8_E5M2": (2, -14),
-}
 _COMPONENT_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "vae": "VAE", "ema": "EMA", "other": "other"}
 
 
@@ -75,6 +72,9 @@ class VerifyReport:
 
     @property
     def verdict(self) -> str:
+        if self.identical and self.dtype_mismatch:
+            return (f"every value equals the published file's ({len(self.dtype_mismatch)} key(s) stored in another "
+                    "dtype)")
         if self.identical:
             return "every tensor is bit-identical to the published file"
         if self.passed:
@@ -145,11 +145,11 @@ def distance(a: torch.Tensor, b: torch.Tensor, dtype: str, tolerance: float) -> 
     Non-float tensors: 0 if equal, else inf. NaN equals NaN; infinities equal only themselves.
     """
     fa, fb = a.reshape(-1), b.reshape(-1)
-    if dtype not in FLOAT_FORMATS:
+    if not is_float(dtype):
         same = torch.equal(fa.to(torch.int64) if not fa.is_floating_point() else fa,
                            fb.to(torch.int64) if not fb.is_floating_point() else fb)
         return (0.0, 0) if same else (math.inf, int((fa != fb).sum()))
-    bits, emin = FLOAT_FORMATS[dtype]
+    bits, emin = _format(dtype)
     worst, over = 0.0, 0
     for start in range(0, fa.numel(), CHUNK):
         x = fa[start:start + CHUNK].double()
@@ -167,17 +167,24 @@ def distance(a: torch.Tensor, b: torch.Tensor, dtype: str, tolerance: float) -> 
     return worst, over
 
 
+def _format(dtype: str) -> tuple[int, int]:
+    """(explicit mantissa bits, exponent of the smallest normal) of a float dtype: the ulp at |x| is
+    2^(max(floor(log2 |x|), emin) - bits)."""
+    finfo = torch.finfo(torch_dtype(dtype))
+    return round(-math.log2(finfo.eps)), round(math.log2(finfo.smallest_normal))
+
+
 def _raw(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
 def _unit(reader: SafetensorsReader) -> str:
     weights: dict[str, int] = {}
-    for info in reader.infos():
-        if info.dtype in FLOAT_FORMATS:
-            weights[info.dtype] = weights.get(info.dtype, 0) + info.nbytes
+    for entry in reader.infos():
+        if is_float(entry.dtype):
+            weights[entry.dtype] = weights.get(entry.dtype, 0) + entry.nbytes
     main = max(weights, key=weights.__getitem__) if weights else "F16"
-    return {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F64": "fp64"}.get(main, main.lower()) + " ulps"
+    return f"{name_of(main)} ulps"
 
 
 def _arch(reader: SafetensorsReader) -> str | None:
