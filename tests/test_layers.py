@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "provenance": {"errors", "dtypes", "arch", "io", "methods", "recipe"},
     "index": {"errors", "dtypes", "arch", "io", "recipe", "provenance"},
     "analysis": {"errors", "dtypes", "arch", "io"},
+    "search": {"errors", "dtypes", "arch", "io", "engine", "recipe", "methods", "lora", "sampler"},
     "cli": {"*"},
     "demo": {"*"},
 }

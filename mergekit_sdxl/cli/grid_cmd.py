@@ -269,26 +269,9 @@ def _merge_device(device: str) -> str:
 def _slot(device: str, dtype: str) -> object:
     import torch
 
-    from mergekit_sdxl.engine.device import resolve_device
-    from mergekit_sdxl.sampler.models import ModelSlot
+    from mergekit_sdxl.sampler.slots import make_slot
 
-    dev = resolve_device(device)
-    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    cuda = dev.type == "cuda"
-    auto = torch.float16 if cuda else (torch.bfloat16 if _cpu_has_bf16() else torch.float32)
-    compute = names[dtype] if dtype != "auto" else auto
-    if compute == torch.float16 and not cuda:
+    slot = make_slot(device, dtype)
+    if slot.dtype == torch.float16 and slot.device.type != "cuda":
         console.info("warning: fp16 on the CPU is slow; bf16 or fp32 are better there")
-    vae = torch.bfloat16 if cuda and compute != torch.float32 else torch.float32
-    return ModelSlot(dev, compute, vae)
-
-
-def _cpu_has_bf16() -> bool:
-    """Native bf16 on this CPU (AVX512-BF16 or AMX): there bf16 matmuls measured 2.6x and 3x3 convs 1.8x faster than
-    fp32 on the development machine; without it bf16 is emulated and slower, so auto stays fp32."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    return slot

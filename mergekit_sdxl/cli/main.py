@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export_cmd", "Export a checkpoint as a diffusers folder or ONNX."),
     "recipe-from": ("recipe_from_cmd", "Rebuild the recipe a merged file carries (A1111, SuperMerger, ours)."),
     "index": ("index_cmd", "Index model folders by sha256/AutoV2/AutoV3/legacy hash (SQLite, incremental)."),
+    "optimize": ("optimize_cmd", "Search a recipe's parameters (Optuna; Ray for many GPUs): best recipe + report."),
 }
 
 

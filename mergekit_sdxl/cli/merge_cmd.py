@@ -42,6 +42,7 @@ def command(recipe: Path, models: tuple[str, ...], out: Path | None, device: str
     """
     from mergekit_sdxl.dtypes import parse_dtype
     from mergekit_sdxl.engine.run import MergeOptions, headers_of, open_inputs, plan_recipe, run_merge
+    from mergekit_sdxl.lora.bake import step_adapters
     from mergekit_sdxl.recipe.describe import describe_plan
     from mergekit_sdxl.recipe.load import load_recipe, parse_model_overrides
 
@@ -58,7 +59,7 @@ def command(recipe: Path, models: tuple[str, ...], out: Path | None, device: str
         with ExitStack() as stack:
             readers = open_inputs(parsed, stack)
             headers = headers_of(parsed, readers)
-            adapters = open_adapters(parsed, headers, adapter_factory, stack)
+            adapters = open_adapters(parsed, headers, step_adapters, stack)
             plan = plan_recipe(parsed, headers, code, adapters)
             memory = estimate_memory(plan, readers, options)
         for line in describe_plan(plan):
@@ -81,19 +82,13 @@ def command(recipe: Path, models: tuple[str, ...], out: Path | None, device: str
                             f"(the merged file is kept): {verified.verdict}")
 
 
-def adapter_factory(step, arch, shapes):  # noqa: ANN001, ANN201 - the engine's AdapterFactory
-    """Open a LoRA step's adapters with mergekit_sdxl.lora (the engine cannot import the lora layer)."""
-    from mergekit_sdxl.lora.bake import AdapterSet, AdapterSpec
-
-    specs = [AdapterSpec(a.path, a.strength, a.te_strength, a.blocks) for a in step.adapters]
-    return AdapterSet(specs, arch, shapes, convention=step.convention)
-
-
 def _run(parsed, options, run_merge):  # noqa: ANN001, ANN202 - thin glue around the progress bar
+    from mergekit_sdxl.lora.bake import step_adapters
+
     with console.key_progress("merging") as update:
         def progress(event) -> None:  # noqa: ANN001
             update(event.keys_done, event.keys_total, event.bytes_read + event.bytes_written)
-        return run_merge(parsed, options, progress, adapter_factory)
+        return run_merge(parsed, options, progress, step_adapters)
 
 
 def _by_hash(recipe, dirs: tuple[Path, ...], db: Path | None):  # noqa: ANN001, ANN202 - a Recipe

@@ -54,6 +54,12 @@ class _Use:
     factor: float
 
 
+def step_adapters(step: Any, arch: str, shapes: Mapping[str, Sequence[int]]) -> AdapterSet:
+    """The engine's `AdapterFactory`: open a recipe LoRA step's adapters (`merge`, searches, previews)."""
+    specs = [AdapterSpec(a.path, a.strength, a.te_strength, a.blocks) for a in step.adapters]
+    return AdapterSet(specs, arch, shapes, convention=step.convention)
+
+
 class AdapterSet:
     """Adapters opened and mapped to checkpoint keys up front.
 
