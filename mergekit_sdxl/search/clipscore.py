@@ -60,6 +60,7 @@ class ClipModel:
             model: Any = CLIPVisionModelWithProjection(config)
         else:
             config = CLIPConfig(**raw)
+            config.vision_config.projection_dim = config.projection_dim  # the image tower alone keeps the width
             model = CLIPModel(config) if text else CLIPVisionModelWithProjection(config.vision_config)
         _load_strict(model, load_weights(weights), weights)
         self.model = model.eval().requires_grad_(False).to(device)
@@ -182,7 +183,11 @@ def _clip_files(location: Path) -> tuple[Path, Path]:
 
 def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
     """Load every weight the model needs; extra keys are allowed only for the other tower of a full CLIP."""
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches: the weights are of another CLIP than the config says
+        raise CheckpointError(f"{where}: weights do not fit the CLIP of its config.json: "
+                              f"{str(exc).splitlines()[-1].strip()}") from None
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     other = ("text_model.", "text_projection.", "logit_scale", "vision_model.", "visual_projection.")
     unexpected = [k for k in result.unexpected_keys if not k.startswith(other) and not k.endswith("position_ids")]
