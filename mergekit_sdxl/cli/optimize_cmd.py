@@ -34,8 +34,8 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
               help="Stop trials whose first images score below the median of earlier trials.")
 @click.option("--workers", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Trials in parallel on Ray workers (one per GPU, or per CPU process without GPUs).")
-@click.option("--ray-address", metavar="ADDR", help="Join a running Ray cluster (default: a local Ray when "
-              "--workers > 1).")
+@click.option("--ray-address", metavar="ADDR", help="Join a running Ray cluster; `local` starts a private local "
+              "Ray even for one worker (default: a local Ray when --workers > 1).")
 @click.option("--device", default="auto", show_default=True, help="Where each worker merges and renders.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="Render dtype.")
 @click.option("--threads", type=click.IntRange(1, 1024), help="CPU threads per worker (default: the cores shared "

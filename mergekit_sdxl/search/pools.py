@@ -54,7 +54,7 @@ class RayPool:
         self._started = False
         if not ray.is_initialized():
             _start_ray(ray, size, address)
-            self._started = address is None
+            self._started = address in (None, "local")
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if gpus and gpus < size:
             raise UsageError(f"--workers {size}: the Ray cluster has {gpus} GPU(s); one trial runs per GPU")
@@ -108,7 +108,7 @@ class _RayWorker:
 
 
 def _start_ray(ray: Any, size: int, address: str | None) -> None:
-    if address:
+    if address and address != "local":
         ray.init(address=address, log_to_driver=False)
         return
     # a private local Ray: as many CPU slots as workers, no dashboard, a small object store, quiet logs
