@@ -135,7 +135,7 @@ def test_seed_changes_the_suggestions():
         assert points(algorithm, 1) != points(algorithm, 2)
 
 
-def test_outputs_record_every_trial_and_report_offline(tmp_path, pair, monkeypatch):
+def test_outputs_record_every_trial_and_report_offline(tmp_path, pair, monkeypatch, chromium):
     from mergekit_sdxl.search.optimize import optimize
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
@@ -159,6 +159,9 @@ def test_outputs_record_every_trial_and_report_offline(tmp_path, pair, monkeypat
     page = result.outputs["report"].read_text()
     assert "Optimisation history" in page and "Parallel coordinates" in page and "plotly" in page.lower()
     assert not re.search(r"<script[^>]+src=", page), "the report must not load scripts from the network"
+    view = chromium.open(result.outputs["report"].resolve().as_uri())  # plotly inlined: the plots draw from file://
+    view.wait_for("document.querySelectorAll('.plotly-graph-div .main-svg').length >= 2", timeout=60)
+    view.wait_for("Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).length === 2")
     assert sorted(p.name for p in (out / "topk").iterdir()) == [
         f"rank01_trial{study.best_trial.number:05d}.png", f"rank02_trial{_second(study):05d}.png"]
 

@@ -67,7 +67,7 @@ class Dimension:
         """JSON-able description (recorded in the study, compared on resume)."""
         return {"name": self.name, "targets": [str(t) for t in self.targets], "low": self.low, "high": self.high,
                 "step": self.step, "log": self.log,
-                "choices": None if self.choices is None else [_jsonable(c) for c in self.choices]}
+                "choices": None if self.choices is None else list(self.choices)}
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def apply_values(recipe: Any, dims: Sequence[Dimension], values: Mapping[str, An
     for dim in dims:
         value = values[dim.name]
         for target in dim.targets:
-            recipe = set_value(recipe, target, list(value) if isinstance(value, tuple) else value, arch=arch)
+            recipe = set_value(recipe, target, value, arch=arch)
     return recipe
 
 
@@ -259,7 +259,7 @@ def _range(value: Any, where: str) -> dict[str, Any]:
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices or set(spec) - {"choices"}:
             raise UsageError(f"{where}: `choices` is a non-empty list and takes no low/high/step")
-        return {"choices": tuple(tuple(c) if isinstance(c, list) else c for c in choices)}
+        return {"choices": tuple(_choice(c, where) for c in choices)}
     if "low" not in spec or "high" not in spec:
         raise UsageError(f"{where}: give [low, high], {{low: .., high: ..}} or {{choices: [...]}}")
     low, high = _float(spec["low"], f"{where}.low"), _float(spec["high"], f"{where}.high")
@@ -273,6 +273,17 @@ def _range(value: Any, where: str) -> dict[str, Any]:
         raise UsageError(f"{where}: a log range needs low > 0")
     return {"low": low, "high": high, "step": step, "log": log,
             **{k: bool(spec[k]) for k in ("each_block", "mirror") if k in spec}}
+
+
+def _choice(value: Any, where: str) -> Any:
+    """A choice as Optuna stores it: a number, a string (preset, named form), or a vector as "v1,v2,..." text."""
+    if isinstance(value, list):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise UsageError(f"{where}: a vector choice is a list of numbers, got {value!r}")
+        return ",".join(repr(float(v)) for v in value)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UsageError(f"{where}: a choice is a number, a preset name or a list of numbers, got {value!r}")
+    return float(value) if isinstance(value, int) else value
 
 
 def _tie_group(group: Any, where: str) -> tuple[ParamAddress, ...]:
@@ -322,6 +333,3 @@ def _size(value: Any, where: str) -> tuple[int, int]:
     except UsageError as exc:
         raise UsageError(f"{where}: {exc}") from None
 
-
-def _jsonable(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
