@@ -68,6 +68,7 @@ def test_manual_rating_page(tmp_path, make_ckpt, chromium):
         urllib.request.urlopen(urls[0].split("?")[0] + "state", timeout=5)
 
 
+@pytest.mark.slow  # the rating page runs in the default suite; this one adds the A/B layout
 def test_manual_ab_page_bradley_terry(tmp_path, make_ckpt, chromium):
     import optuna
 

@@ -102,8 +102,12 @@ def optimize(request: OptimizeRequest, on_event: Callable[[TrialEvent], None] | 
 def _search(study: Any, options: StudyOptions, request: OptimizeRequest, recipe_path: str,
             model_paths: Mapping[str, str], space: SearchSpace, dims: Sequence[Any], scorers: Sequence[ScorerSpec],
             on_event: Callable[[TrialEvent], None] | None, notify: Callable[[str], None]) -> int:
+    from optuna.trial import TrialState
+
     from mergekit_sdxl.search.pools import LocalPool, RayPool
 
+    if sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) >= options.trials:
+        return 0  # nothing to run: no worker is started
     setup = WorkerSetup(recipe_path, dict(model_paths), space, tuple(scorers), request.device, request.dtype,
                         request.threads)
     driver = _driver_scorers(scorers, options.out_dir, notify)
