@@ -69,7 +69,7 @@ class RayPool:
         self._pending: dict[Any, int] = {}
         try:
             self.workers = ray.get([a.name.remote() for a in self.actors])
-        except ray.exceptions.RayTaskError as exc:  # a worker could not start (missing files, bad space ...)
+        except ray.exceptions.RayError as exc:  # a worker could not start (missing files, bad space ...)
             self.close()
             raise _cause(exc) from None
 
@@ -126,5 +126,9 @@ def _local_gpus() -> int:
 
 
 def _cause(exc: Any) -> BaseException:
+    """The exception a worker raised (Ray wraps it), else a one-line RuntimeError naming what Ray said."""
     cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else RuntimeError(str(exc).splitlines()[0])
+    if isinstance(cause, BaseException):
+        return cause
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return RuntimeError(f"Ray worker failed: {lines[-1] if lines else type(exc).__name__}")

@@ -70,6 +70,7 @@ class TrialWorker:
         from mergekit_sdxl.sampler.slots import make_slot
 
         start = time.perf_counter()
+        self._threads = torch.get_num_threads()  # restored by close(): the process may do other work after
         if setup.threads:
             torch.set_num_threads(setup.threads)
         self.setup = setup
@@ -87,9 +88,12 @@ class TrialWorker:
         self._state: dict[str, Any] | None = None
 
     def close(self) -> None:
-        """Close the input files."""
+        """Close the input files and give the process its thread count back."""
+        import torch
+
         self._state = None
         self._stack.close()
+        torch.set_num_threads(self._threads)
 
     def begin(self, number: int, values: Mapping[str, Any], prune: bool) -> TrialOutput:
         """Merge the trial's variant, load it and render the first batch; with `prune`, score those images."""
