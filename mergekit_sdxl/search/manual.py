@@ -13,7 +13,6 @@ from __future__ import annotations
 import http.server
 import json
 import math
-import os
 import queue
 import secrets
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_sdxl.errors import UsageError
+from mergekit_sdxl.search.files import atomic_write
 
 MODES = ("rating", "ab")
 PAGE = Path(__file__).with_name("manual.html")
@@ -135,9 +135,7 @@ class ManualScorer:
 
     def _remember(self, number: int, images: list[str], rating: float | None) -> None:
         self.memory["trials"][str(number)] = {"images": images, "rating": rating}
-        temp = self.state_file.with_name(f".{self.state_file.name}.tmp")
-        temp.write_text(json.dumps(self.memory, indent=1), encoding="utf-8")
-        os.replace(temp, self.state_file)
+        atomic_write(self.state_file, json.dumps(self.memory, indent=1))
 
     def _load(self) -> dict[str, Any]:
         if self.state_file.exists():

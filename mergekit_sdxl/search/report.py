@@ -9,12 +9,12 @@ import csv
 import html
 import io
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mergekit_sdxl.search.best import best_recipe_text, values_header
+from mergekit_sdxl.search.files import atomic_write
 from mergekit_sdxl.search.space import Dimension, Payload, apply_values
 
 TIMINGS = ("merge", "load", "render", "score")
@@ -25,7 +25,7 @@ def write_outputs(study: Any, recipe: Any, recipe_path: str, dims: Sequence[Dime
     """Write every output of the study into `out_dir`; returns name -> path of what was written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = trial_rows(study, dims)
-    outputs = {"csv": _atomic_text(out_dir / "results.csv", _csv(rows))}
+    outputs = {"csv": atomic_write(out_dir / "results.csv", _csv(rows))}
     parquet = _parquet(rows, out_dir / "results.parquet")
     if parquet is not None:
         outputs["parquet"] = parquet
@@ -34,9 +34,9 @@ def write_outputs(study: Any, recipe: Any, recipe_path: str, dims: Sequence[Dime
         variant = apply_values(recipe, dims, best.params, arch)
         header = values_header(study.study_name, best.number, best.value, best.params,
                                best.user_attrs.get("scores", {}))
-        outputs["best"] = _atomic_text(out_dir / "best.yaml", best_recipe_text(recipe_path, variant, dims, header))
+        outputs["best"] = atomic_write(out_dir / "best.yaml", best_recipe_text(recipe_path, variant, dims, header))
     grids = _top_grids(study, out_dir, top_k, payload)
-    outputs["report"] = _atomic_text(out_dir / "report.html", _html(study, rows, grids, out_dir))
+    outputs["report"] = atomic_write(out_dir / "report.html", _html(study, rows, grids, out_dir))
     return outputs
 
 
@@ -77,10 +77,9 @@ def _parquet(rows: list[dict[str, Any]], path: Path) -> Path | None:
         return None
     table = pa.Table.from_pylist([{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()}
                                   for r in rows])
-    temp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, temp)
-    os.replace(temp, path)
-    return path
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    return atomic_write(path, buffer.getvalue().to_pybytes())
 
 
 def _best(study: Any) -> Any:
@@ -110,10 +109,14 @@ def _top_grids(study: Any, out_dir: Path, top_k: int, payload: Payload) -> list[
         grid = compose_grid(rows, [_short(p) for p in payload.prompts], [f"seed {s}" for s in payload.seeds])
         folder.mkdir(exist_ok=True)
         name = f"rank{rank:02d}_trial{trial.number:05d}.png"
-        temp = folder / f".{name}.tmp.png"
-        grid.save(temp)
-        os.replace(temp, folder / name)
+        encoded = io.BytesIO()
+        grid.save(encoded, format="PNG")
+        atomic_write(folder / name, encoded.getvalue())
         out.append((trial, f"topk/{name}"))
+    kept = {Path(path).name for _, path in out}
+    for stale in folder.glob("rank*_trial*.png") if folder.is_dir() else ():  # an earlier report's ranking
+        if stale.name not in kept:
+            stale.unlink()
     return out
 
 
@@ -187,9 +190,3 @@ def _params_text(params: dict[str, Any]) -> str:
 def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
-
-def _atomic_text(path: Path, text: str) -> Path:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
-    return path

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_sdxl.errors import UsageError
+from mergekit_sdxl.search.files import atomic_write
 from mergekit_sdxl.search.scoring import ScorerSpec, combine
 from mergekit_sdxl.search.space import Dimension, fingerprint
 from mergekit_sdxl.search.worker import TrialImage, TrialOutput
@@ -259,9 +260,7 @@ def _save(out_dir: Path, number: int, images: Sequence[TrialImage]) -> list[str]
     paths = []
     for image in images:
         name = f"p{image.index:03d}_s{image.seed}.png"
-        temp = folder / f".{name}.tmp"
-        temp.write_bytes(image.png)
-        os.replace(temp, folder / name)
+        atomic_write(folder / name, image.png)
         paths.append(f"trials/{number:05d}/{name}")
     return paths
 
