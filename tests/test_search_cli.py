@@ -85,14 +85,14 @@ def test_trials_below_the_median_are_pruned_after_the_first_images(tmp_path, mak
 def _steps(recipe) -> dict:
     import dataclasses
 
-    from mergekit_sdxl.recipe.schema import MethodStep
+    from mergekit_sdxl.recipe.types import MethodStep
 
     return {name: dataclasses.replace(step, params=tuple(dataclasses.replace(p, where="") for p in step.params))
             if isinstance(step, MethodStep) else step for name, step in recipe.steps.items()}
 
 
 def test_best_recipe_writes_formula_numbers_and_lora_strengths(tmp_path):
-    from mergekit_sdxl.recipe.schema import load_recipe
+    from mergekit_sdxl.recipe.load import load_recipe
     from mergekit_sdxl.search.best import best_recipe_text
     from mergekit_sdxl.search.space import apply_values, parse_space
 

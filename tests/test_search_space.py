@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mergekit_sdxl.errors import RecipeError, UsageError
-from mergekit_sdxl.recipe.schema import parse_recipe
+from mergekit_sdxl.recipe.parser import parse_recipe
 from mergekit_sdxl.search.space import apply_values, parse_space
 
 PAYLOAD = {"prompts": ["a"], "seeds": [1, 2]}

@@ -7,9 +7,10 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
+from mergekit_sdxl.dtypes import WEIGHTS, choices
+from mergekit_sdxl.search.study import ALGORITHMS  # torch-free
 
-ALGORITHMS = ("tpe", "cmaes", "gp", "random")
-DTYPES = ("auto", "fp32", "fp16", "bf16")
+DTYPES = ("auto", *choices(WEIGHTS))
 
 
 @click.command("optimize")
@@ -65,7 +66,7 @@ def command(recipe: Path | None, space: Path | None, scorers: tuple[str, ...], t
     --report) OUT holds best.yaml (run it with `merge`), results.csv, report.html and the top-k grids.
     """
     from mergekit_sdxl.errors import UsageError
-    from mergekit_sdxl.recipe.schema import parse_model_overrides
+    from mergekit_sdxl.recipe.load import parse_model_overrides
     from mergekit_sdxl.search.optimize import OptimizeRequest, optimize
 
     if not (resume or report_only) and (recipe is None or space is None or not scorers):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from mergekit_sdxl.dtypes import WEIGHTS, parse_dtype
 from mergekit_sdxl.engine.device import resolve_device
+from mergekit_sdxl.io.dtypes import torch_dtype
 from mergekit_sdxl.sampler.models import ModelSlot
-
-_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def make_slot(device: str = "auto", dtype: str = "auto") -> ModelSlot:
@@ -16,7 +16,7 @@ def make_slot(device: str = "auto", dtype: str = "auto") -> ModelSlot:
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
     auto = torch.float16 if cuda else (torch.bfloat16 if cpu_has_bf16() else torch.float32)
-    compute = _NAMES[dtype] if dtype != "auto" else auto
+    compute = torch_dtype(parse_dtype(dtype, WEIGHTS, "--dtype")) if dtype != "auto" else auto
     vae = torch.bfloat16 if cuda and compute != torch.float32 else torch.float32
     return ModelSlot(dev, compute, vae)
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from mergekit_sdxl.recipe.schema import FormulaStep, LoraStep, Param, Recipe, load_yaml
+from mergekit_sdxl.recipe.load import load_yaml
+from mergekit_sdxl.recipe.types import FormulaStep, LoraStep, Param, Recipe
 from mergekit_sdxl.search.space import Dimension
 
 

@@ -130,7 +130,7 @@ def _space(path: Path | None, recorded: Mapping[str, Any]) -> SearchSpace:
     text = recorded.get("space_text")
     if not text:
         raise UsageError("give --space SPACE.yaml (the study has no record of one)")
-    from mergekit_sdxl.recipe.schema import load_yaml
+    from mergekit_sdxl.recipe.load import load_yaml
 
     source = str(recorded.get("space_source", "<recorded space>"))
     return parse_space(load_yaml(text, source), source, text)

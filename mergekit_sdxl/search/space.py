@@ -126,7 +126,7 @@ class SearchSpace:
 
 def load_space(path: str | Path) -> SearchSpace:
     """Read and check a space file (addresses parsed, ranges and payload validated; not yet bound to a recipe)."""
-    from mergekit_sdxl.recipe.schema import load_yaml
+    from mergekit_sdxl.recipe.load import load_yaml
 
     file = Path(path)
     try:
