@@ -93,7 +93,7 @@ def _top_grids(study: Any, out_dir: Path, top_k: int, payload: Payload) -> list[
     """A grid per top-k complete trial (rows prompts, columns seeds): topk/rankNN_trialNNNNN.png."""
     from PIL import Image
 
-    from mergekit_sdxl.sampler.grid import compose_grid
+    from mergekit_sdxl.sampler.layout import render_page
 
     complete = [t for t in study.trials if t.value is not None and t.user_attrs.get("state") == "complete"]
     ranked = sorted(complete, key=lambda t: -t.value)[:max(0, top_k)]
@@ -106,7 +106,8 @@ def _top_grids(study: Any, out_dir: Path, top_k: int, payload: Payload) -> list[
         cells = [Image.open(p).convert("RGB") for p in sorted(paths, key=lambda p: int(p.name[1:4]))]
         n = len(payload.seeds)
         rows = [cells[i:i + n] for i in range(0, len(cells), n)]
-        grid = compose_grid(rows, [_short(p) for p in payload.prompts], [f"seed {s}" for s in payload.seeds])
+        grid, _ = render_page(rows, [str(s) for s in payload.seeds], list(payload.prompts), x_title="seed",
+                              y_title="prompt", title=f"#{rank} trial {trial.number}: value {trial.value:.6g}")
         folder.mkdir(exist_ok=True)
         name = f"rank{rank:02d}_trial{trial.number:05d}.png"
         encoded = io.BytesIO()
@@ -186,7 +187,4 @@ def _cell(value: Any) -> str:
 def _params_text(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_cell(v)}" for k, v in params.items())
 
-
-def _short(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
