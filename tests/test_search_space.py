@@ -94,6 +94,8 @@ def test_space_errors_name_the_entry(params, error, match):
 @pytest.mark.parametrize(("payload", "match"), [
     ({}, "prompts"), ({"prompts": ["a"], "seeds": [-1]}, "seeds"), ({"prompts": "a", "steps": 0}, "steps"),
     ({"prompts": "a", "size": "banana"}, "size"), ({"prompts": "a", "colour": 1}, "unknown field"),
+    ({"prompts": "a", "sampler": "eulr"}, "sampler"), ({"prompts": "a", "schedule": "x"}, "schedule"),
+    ({"prompts": "a", "rng": "cuda"}, "rng"),
 ])
 def test_payload_errors(payload, match):
     with pytest.raises(UsageError, match=match):

@@ -20,6 +20,7 @@ A space file (YAML)::
       cfg: 6
       sampler: euler_a
       schedule: normal
+      rng: cpu                                # or gpu / nv, as A1111's RNG setting
 
 Dimensions apply in the order written (a later one wins where two touch the same block). Everything here is
 torch-free: a space is checked against a recipe (every address exists, every range fits) before any tensor is read.
@@ -43,7 +44,7 @@ from mergekit_sdxl.recipe.edit import set_value
 _TOP = ("params", "ties", "payload")
 _RANGE = ("low", "high", "step", "log", "choices", "each_block", "mirror")
 _PAYLOAD = ("prompts", "negative", "seeds", "size", "steps", "cfg", "sampler", "schedule", "clip_skip",
-            "batch_size")
+            "batch_size", "rng")
 MAX_DIMENSIONS = 256
 MAX_IMAGES = 256
 
@@ -85,6 +86,7 @@ class Payload:
     schedule: str = "normal"
     clip_skip: int = 1
     batch_size: int = 4
+    rng: str = "cpu"  # the initial-noise generator: cpu, gpu or nv (as A1111's setting)
 
     @property
     def images(self) -> list[tuple[int, str, int]]:
@@ -172,8 +174,23 @@ def parse_payload(data: Any, where: str) -> Payload:
                       sampler=_text(fields.get("sampler", "euler_a"), f"{where}.sampler"),
                       schedule=_text(fields.get("schedule", "normal"), f"{where}.schedule"),
                       clip_skip=_int(fields.get("clip_skip", 1), f"{where}.clip_skip", 1, 12),
-                      batch_size=_int(fields.get("batch_size", 4), f"{where}.batch_size", 1, 64))
+                      batch_size=_int(fields.get("batch_size", 4), f"{where}.batch_size", 1, 64),
+                      rng=_text(fields.get("rng", "cpu"), f"{where}.rng"))
+    _check_sampling(payload, where)
     return payload
+
+
+def _check_sampling(payload: Payload, where: str) -> None:
+    """Sampler, schedule and RNG names from the sampler's torch-free catalog (aliases accepted)."""
+    from mergekit_sdxl.sampler.catalog import RNG_MODES, sampler_name, schedule_name
+
+    for field_name, check in (("sampler", sampler_name), ("schedule", schedule_name)):
+        try:
+            check(getattr(payload, field_name))
+        except UsageError as exc:
+            raise UsageError(f"{where}.{field_name}: {exc}") from None
+    if payload.rng not in RNG_MODES:
+        raise UsageError(f"{where}.rng: {payload.rng!r}; choose one of {', '.join(RNG_MODES)}")
 
 
 def apply_values(recipe: Any, dims: Sequence[Dimension], values: Mapping[str, Any], arch: str) -> Any:

@@ -176,7 +176,7 @@ class TrialWorker:
                              "params": state["values"]}, sort_keys=True)
         text = parameters_text(params.prompt, params.negative, params.steps, params.sampler, params.schedule,
                                params.cfg, seed, params.width, params.height, None,
-                               f"trial {state['number']}", params.clip_skip, record)
+                               f"trial {state['number']}", params.clip_skip, record, rng=params.rng)
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG", pnginfo=png_info(text, record))
         return buffer.getvalue()
@@ -188,7 +188,7 @@ def _gen_params(payload: Payload, arch: str) -> Any:
 
     width, height = (payload.width, payload.height) if payload.width else DEFAULT_SIZE[arch]
     params = GenParams(payload.prompts[0], payload.negative, payload.steps, payload.cfg, payload.sampler,
-                       payload.schedule, width, height, payload.clip_skip)
+                       payload.schedule, width, height, payload.clip_skip, payload.rng)
     try:
         params.check()
     except ValueError as exc:
