@@ -4,8 +4,9 @@ Groups are the MBW blocks of `arch.blocks.block_of` (BASE, IN00.., M00, OUT00..;
 touches), one summary per component, and the parts of each component (`arch.parts`: UNet blocks, CLIP layers, VAE
 stages) that the heatmap draws as rows.
 
-Streaming at disk speed: one thread reads the next pair of tensors (A's file order, positional reads) while the
-caller's thread reduces the current pair; memory is a few tensors whatever the model size. Each pair costs one
+Streaming at disk speed: one thread reads the next pair of tensors (A's file order, positional reads, into two
+reused buffer pairs) while the caller's thread reduces the current pair; memory is two pairs of the largest
+tensors plus two float32 scratch chunks, whatever the model size. Each pair costs one
 fp32 conversion of each side and three dot products (||A||², ||B||², ||B-A||², accumulated in float64 per 4096
 values), so the arithmetic keeps up with the disk; <A, B> follows from them.
 """
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,7 +34,7 @@ KEEP_A_LABEL = "keep A"
 ROW = 4096  # values per float32 partial dot product (the partials are summed in float64)
 SMALL = 1 << 14  # tensors up to this many values are summed in float64 directly
 CHUNK = 1 << 22  # values converted to float32 at a time (bounds the temporary memory to ~50 MB)
-QUEUE_BYTES = 1 << 29  # read-ahead budget
+SLOTS = 2  # buffer pairs: one being reduced while the reader fills the other
 PARALLEL = 1 << 20  # tensors from this many values on use every torch thread
 
 
@@ -81,13 +83,17 @@ class Sums:
         return max(-1.0, min(1.0, 1.0 - (self.dd - (na - nb) ** 2) / (2 * na * nb)))
 
 
-def reduce_pair(a: torch.Tensor, b: torch.Tensor) -> Sums:
-    """||A||², ||B||², ||B - A||² of one pair, in float32 rows of ROW values summed in float64."""
+def reduce_pair(a: torch.Tensor, b: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> Sums:
+    """||A||², ||B||², ||B - A||² of one pair, in float32 rows of ROW values summed in float64.
+
+    `scratch`: two float32 buffers of CHUNK values reused across calls (fresh ones would page-fault on every
+    chunk: that, not the arithmetic, dominated a full-size run)."""
     a, b = a.reshape(-1), b.reshape(-1)
+    xs, ys = scratch if scratch is not None else (torch.empty(CHUNK), torch.empty(CHUNK))
     sums = Sums(1, a.numel())
     for start in range(0, a.numel(), CHUNK):
-        x = a[start:start + CHUNK].to(torch.float32, copy=True)
-        y = b[start:start + CHUNK].to(torch.float32, copy=True)
+        n = min(CHUNK, a.numel() - start)
+        x, y = xs[:n].copy_(a[start:start + n]), ys[:n].copy_(b[start:start + n])
         sums.aa += _square_sum(x)
         sums.bb += _square_sum(y)
         sums.dd += _square_sum(y.sub_(x))
@@ -169,10 +175,11 @@ def diff_checkpoints(path_a: str | Path, path_b: str | Path, convention: str = D
             elif math.prod(ia.shape) and _is_float(ia.dtype) and _is_float(ib.dtype):
                 pairs.append((key, ia.nbytes + ib.nbytes))
         threads = _Threads()
+        scratch = (torch.empty(CHUNK), torch.empty(CHUNK))
         try:
             for i, (key, ta, tb) in enumerate(_read_ahead(a, b, pairs)):
                 threads.fit(ta.numel())
-                _add(result, key, reduce_pair(ta, tb))
+                _add(result, key, reduce_pair(ta, tb, scratch))
                 result.bytes_read += ta.nbytes + tb.nbytes
                 if progress is not None:
                     progress(i + 1, len(pairs))
@@ -214,21 +221,33 @@ def _add(result: DiffResult, key: str, sums: Sums) -> None:
     result.parts.setdefault(part_of(key, arch, convention), Sums()).merge(sums)
 
 
-def _read_ahead(a: object, b: object, pairs: list[tuple[str, int]]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """Yield (key, A tensor, B tensor) in order while a thread reads ahead within QUEUE_BYTES."""
+def _read_ahead(a: Any, b: Any, pairs: list[tuple[str, int]]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Yield (key, A tensor, B tensor) in order while a thread reads the next pair into the other of SLOTS
+    reusable buffer pairs (sized to the largest tensors: allocated once, no page faults per tensor). The tensors
+    yielded are valid until the next one is asked for."""
     items: queue.Queue = queue.Queue()
-    budget = threading.Semaphore(max(1, QUEUE_BYTES >> 20))  # in MiB
+    free: queue.Queue = queue.Queue()
+    reusable = hasattr(a, "read_into") and hasattr(b, "read_into")
+    if reusable and pairs:
+        size_a = max(a.info(key).nbytes for key, _ in pairs)
+        size_b = max(b.info(key).nbytes for key, _ in pairs)
+        for _ in range(SLOTS):
+            free.put((torch.empty(size_a, dtype=torch.uint8), torch.empty(size_b, dtype=torch.uint8)))
+    else:
+        for _ in range(SLOTS):
+            free.put(None)
     stop = threading.Event()
 
     def reader() -> None:
         try:
-            for key, nbytes in pairs:
-                units = min(max(1, nbytes >> 20), QUEUE_BYTES >> 20)
-                for _ in range(units):
-                    budget.acquire()
+            for key, _ in pairs:
+                slot = free.get()
                 if stop.is_set():
                     return
-                items.put((key, a.read(key), b.read(key), units))
+                if slot is None:
+                    items.put((key, a.read(key), b.read(key), slot))
+                else:
+                    items.put((key, a.read_into(key, slot[0]), b.read_into(key, slot[1]), slot))
             items.put(None)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             items.put(exc)
@@ -242,13 +261,12 @@ def _read_ahead(a: object, b: object, pairs: list[tuple[str, int]]) -> Iterator[
                 return
             if isinstance(item, BaseException):
                 raise item
-            key, ta, tb, units = item
+            key, ta, tb, slot = item
             yield key, ta, tb
             del ta, tb, item
-            for _ in range(units):
-                budget.release()
+            free.put(slot)
     finally:
         stop.set()
-        for _ in range(QUEUE_BYTES >> 20):
-            budget.release()
+        for _ in range(SLOTS):
+            free.put(None)
         thread.join(timeout=30)
