@@ -137,3 +137,21 @@ def test_lora_tag_changes_the_image_restores_and_is_recorded(slot, tiny_sdxl, tm
     assert fields["Lora hashes"].startswith("style: ") and len(fields["Lora hashes"]) == len("style: ") + 12
     r.set_loras([])
     assert torch.equal(_render(r, "a cat"), before)
+
+
+def test_lora_tag_lbw_block_weights(slot, tiny_sdxl, tmp_path):
+    from mergekit_sdxl.errors import PromptError
+
+    (tmp_path / "loras").mkdir()
+    _tiny_lora(tmp_path / "loras" / "style.safetensors", tiny_sdxl)  # UNet modules in IN04, text-encoder ones
+    r = Renderer(slot.model, slot, lora_dir=tmp_path / "loras")
+    before, full = _render(r, "a cat"), _render(r, "a cat <lora:style:1>")
+    assert torch.equal(_render(r, "a cat <lora:style:1:lbw=NONE>"), before)  # every block 0
+    assert torch.equal(_render(r, "a cat <lora:style:1:lbw=ALL>"), full)  # IN04 and BASE are 1
+    te_only = _render(r, "a cat <lora:style:1:0>")
+    assert torch.equal(_render(r, "a cat <lora:style:1:lbw=IND>"), te_only)  # BASE 1, IN04 0 (the 17 layout)
+    assert torch.equal(_render(r, "a cat <lora:style:1:lbw=INS>"), full)  # BASE, IN01, IN02, IN04 1
+    assert torch.equal(_render(r, "a cat <lora:style:1:lbw=1,0,1,1,1,1,1,1,1,1,1,1>"), te_only)  # 12: IN04 = 0
+    assert not torch.equal(te_only, full)
+    with pytest.raises(PromptError, match="preset 'MIDDLE'"):
+        _render(r, "a cat <lora:style:1:lbw=MIDDLE>")

@@ -102,7 +102,7 @@ class Renderer:
     def set_loras(self, tags: Sequence[LoraTag]) -> None:
         """Apply the adapters of `tags` to the loaded model (taking off the previous ones); cached conds reset."""
         specs = adapter_specs(tags, self.lora_dir) if tags else []
-        key = tuple((s.path, s.strength, s.te_strength) for s in specs)
+        key = tuple((s.path, s.strength, s.te_strength, s.blocks) for s in specs)  # lbw= changes re-apply
         if key == self._lora_key:
             return
         if self.slot is None and specs:

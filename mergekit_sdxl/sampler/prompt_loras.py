@@ -3,8 +3,9 @@
 Syntax (A1111): `<lora:NAME>`, `<lora:NAME:TE>`, `<lora:NAME:TE:UNET>` and named `te=`, `unet=` (the first
 number is the text-encoder multiplier, the second the UNet's, which defaults to the first). `NAME` is a file
 stem under `--lora-dir` (searched recursively: .safetensors, .pt, .ckpt). Every `<name:...>` extra-network tag is
-removed from the prompt text, as A1111 removes them; only `lora` (and its alias `lyco`) is applied. Unknown named
-arguments (`lbw=`, `dyn=`) are kept in `LoraTag.named` for callers that know them.
+removed from the prompt text, as A1111 removes them; only `lora` (and its alias `lyco`) is applied. `lbw=` (the
+lora-block-weight extension's block weights: a preset such as `MIDD`, or 12/17/20/26 values; see `arch.lbw`)
+scales the adapter per block. Other named arguments (`dyn=`) are kept in `LoraTag.named`.
 
 The adapters' weight changes come from the bake code (`lora.bake.AdapterSet`), added to the loaded weights; the
 originals are kept and put back bit for bit when the set of adapters changes.
@@ -57,7 +58,28 @@ def _parse(network: str, args: str, tag: str) -> LoraTag:
     te = _number(named.pop("te"), tag) if "te" in named else te
     unet = _number(positional[2], tag) if len(positional) > 2 else te
     unet = _number(named.pop("unet"), tag) if "unet" in named else unet
+    if "lbw" in named:
+        _check_lbw(named["lbw"], tag)
     return LoraTag(positional[0], te, unet, tuple(sorted(named.items())), tag)
+
+
+def _check_lbw(value: str, tag: str) -> None:
+    """`lbw=` as the lora-block-weight extension reads it (presets, 12/17/20/26 values); PromptError otherwise."""
+    from mergekit_sdxl.arch.lbw import parse_lbw
+    from mergekit_sdxl.errors import RecipeError
+
+    try:
+        parse_lbw(value, where=tag)
+    except RecipeError as exc:
+        raise PromptError(str(exc)) from exc
+
+
+def blocks_of(tag: LoraTag) -> str | None:
+    """The tag's `lbw=` block weights as an adapter `blocks` value (None without one)."""
+    from mergekit_sdxl.arch.lbw import LBW_PREFIX
+
+    value = dict(tag.named).get("lbw")
+    return None if value is None else LBW_PREFIX + value
 
 
 def extract_lora_tags(prompt: str) -> tuple[str, list[LoraTag], list[str]]:
@@ -90,7 +112,8 @@ def adapter_specs(tags: Sequence[LoraTag], lora_dir: str | os.PathLike[str] | No
     """`lora.bake.AdapterSpec`s for `tags`: strength = UNet multiplier, te_strength = text-encoder multiplier."""
     from mergekit_sdxl.lora.bake import AdapterSpec
 
-    return [AdapterSpec(str(find_lora(t.name, lora_dir)), strength=t.unet, te_strength=t.te) for t in tags]
+    return [AdapterSpec(str(find_lora(t.name, lora_dir)), strength=t.unet, te_strength=t.te, blocks=blocks_of(t))
+            for t in tags]
 
 
 def lora_hashes(tags: Sequence[LoraTag], specs: Sequence) -> str:
