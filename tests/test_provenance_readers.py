@@ -235,3 +235,25 @@ def test_load_metadata_json_accepts_real_values():
     with pytest.raises(CheckpointError, match="never closed"):
         load_metadata_json('{"a": "open', "f: k")
 
+
+
+def test_lineage_tree_follows_nested_recipes(tmp_path):
+    """A1111 stores ancestors' recipes parsed (objects), SuperMerger's inputs carry none; the tree follows both."""
+    gen1 = {"type": "sd-webui-supermerger", "mode": "Add difference", "calcmode": "normal", "base_alpha": 0.5,
+            "mbw": True, "model_a": SHA["b"], "model_b": SHA["c"], "model_c": SHA["b"]}
+    models = {SHA["a"]: {"name": "base.safetensors", "legacy_hash": "0badcafe", "sd_merge_recipe": None},
+              "d" * 64: {"name": "sm-mix.safetensors", "legacy_hash": "11111111", "sd_merge_recipe": gen1},
+              SHA["b"]: {"name": "b.safetensors", "legacy_hash": "22222222"},
+              SHA["c"]: {"name": "c.safetensors", "legacy_hash": "33333333"}}
+    recipe = _a1111_recipe(secondary_model_hash="d" * 64)
+    path = _file(tmp_path, {"sd_merge_recipe": json.dumps(recipe), "sd_merge_models": json.dumps(models)})
+    present = {SHA["a"]: "/m/base.safetensors", SHA["c"]: "/m/c.safetensors"}
+    lines = render_tree(build_tree(read_published(path), present.get))
+    assert lines == [
+        "merged.safetensors  <- A1111 Weighted sum 0.3",
+        f"├── A: {SHA['a'][:10]} base.safetensors  [present: /m/base.safetensors]",
+        f"└── B: {'d' * 10} sm-mix.safetensors  [absent]  <- SuperMerger Add difference (normal) alpha 0.5 MBW",
+        f"    ├── A: {SHA['b'][:10]} b.safetensors  [absent]",
+        f"    ├── B: {SHA['c'][:10]} c.safetensors  [present: /m/c.safetensors]",
+        f"    └── C: {SHA['b'][:10]} b.safetensors  [absent]",
+    ]

@@ -129,6 +129,7 @@ def _dtypes(output: dict[str, Any], pub: PublishedFile, half: bool, shas: list[s
     saved = pub.dominant_dtype() or "F16"
     output["dtype"] = Noted(DTYPE_NAMES.get(saved, "fp16"), f"the published file's dtype (save_as_half: {half})")
     known = [assume.input_dtype(sha) if sha else None for sha in shas]
+    storage: str | None
     if saved in ("F16", "BF16") and not half:  # A1111's result has the inputs' promoted dtype: they were all `saved`
         storage, how = saved, f"the file is {DTYPE_NAMES[saved]} and was not halved, so its inputs were too"
     elif known and all(known) and len(set(known)) == 1:

@@ -146,9 +146,9 @@ def distance(a: torch.Tensor, b: torch.Tensor, dtype: str, tolerance: float) -> 
     """
     fa, fb = a.reshape(-1), b.reshape(-1)
     if not is_float(dtype):
-        same = torch.equal(fa.to(torch.int64) if not fa.is_floating_point() else fa,
-                           fb.to(torch.int64) if not fb.is_floating_point() else fb)
-        return (0.0, 0) if same else (math.inf, int((fa != fb).sum()))
+        equal = torch.equal(fa.to(torch.int64) if not fa.is_floating_point() else fa,
+                            fb.to(torch.int64) if not fb.is_floating_point() else fb)
+        return (0.0, 0) if equal else (math.inf, int((fa != fb).sum()))
     bits, emin = _format(dtype)
     worst, over = 0.0, 0
     for start in range(0, fa.numel(), CHUNK):
@@ -175,7 +175,7 @@ def _format(dtype: str) -> tuple[int, int]:
 
 
 def _raw(t: torch.Tensor) -> memoryview:
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    return t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
 
 
 def _unit(reader: SafetensorsReader) -> str:
