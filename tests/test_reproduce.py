@@ -186,3 +186,12 @@ def test_our_own_file_round_trips_to_identical_bytes(tmp_path, capsys, models, i
     assert code == 0, err
     assert second.read_bytes() == first.read_bytes()
     assert json.loads(out)["verify"]["autov3_match"]
+
+
+def test_hash_named_model_without_an_index_creates_nothing(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("models:\n  a: {autov2: 'feedc0ffee'}\n  b: x.safetensors\nsteps:\n  m: 0.5 * a + 0.5 * b\n")
+    db = tmp_path / "none.sqlite3"
+    code, _, err = run(capsys, "merge", recipe, "--db", db, "-o", tmp_path / "o.safetensors")
+    assert code == 3 and "models.a is named by hash and there is no model index" in err
+    assert not db.exists() and not (tmp_path / "o.safetensors").exists()

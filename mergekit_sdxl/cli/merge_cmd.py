@@ -101,9 +101,16 @@ def _by_hash(recipe, dirs: tuple[Path, ...], db: Path | None):  # noqa: ANN001, 
         return recipe
     from mergekit_sdxl.index.resolve import resolve_models
     from mergekit_sdxl.index.scan import plan_scan, run_scan
-    from mergekit_sdxl.index.store import ModelIndex
+    from mergekit_sdxl.index.store import ModelIndex, default_db_path
 
-    with ModelIndex(db) as index:
+    path = db or default_db_path()
+    if not dirs and not path.exists():  # nothing to look in: say so instead of creating an empty index
+        from mergekit_sdxl.errors import RecipeError
+
+        first = hashed[0]
+        raise RecipeError(f"{recipe.source}: models.{first.alias} is named by hash and there is no model index at "
+                          f"{path}: pass --models-dir DIR (or run `mergekit-sdxl index DIR` first)")
+    with ModelIndex(path) as index:
         if dirs:
             plan = plan_scan(index, dirs)
             with console.byte_progress(f"indexing {len(plan.todo)} new or changed file(s)", plan.bytes_to_hash) \
