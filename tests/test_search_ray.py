@@ -31,6 +31,10 @@ def test_two_ray_workers_beat_one_and_record_every_trial(tmp_path, make_ckpt, mo
     space = write_space(tmp_path, {"output.alpha[IN04]": [0, 1], "output.alpha[OUT04]": [0, 1]},
                         payload={"prompts": ["1girl"], "negative": "", "seeds": [1, 2], "size": "64x64", "steps": 4,
                                  "batch_size": 2})
+    gain = _spare_core_gain()
+    if gain < 1.3:  # measured, not assumed: on a saturated machine two processes cannot beat one
+        pytest.skip(f"this machine runs two CPU-bound processes only {gain:.2f}x faster than one right now (no spare "
+                    "core): the two-worker speed-up cannot be measured here; rerun when the machine is less busy")
     seconds = {}
     # one local Ray for every run (each pays the same: actors starting, inputs opened once per actor)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=RAY_OBJECT_STORE, log_to_driver=False)
@@ -41,6 +45,29 @@ def test_two_ray_workers_beat_one_and_record_every_trial(tmp_path, make_ckpt, mo
     print(f"\n1 Ray worker: {seconds[1]:.1f} s; 2 Ray workers: {seconds[2]:.1f} s (12 trials each, two runs "
           "of each in the order 1, 2, 2, 1)")
     assert seconds[2] < seconds[1], seconds
+
+
+def _spin(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+def _spare_core_gain(n: int = 3_000_000) -> float:
+    """Throughput of two CPU-bound processes relative to one, as the machine gives it now."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(2) as pool:
+        pool.map(_spin, [1000, 1000])  # both processes started before timing
+        start = time.perf_counter()
+        pool.apply(_spin, (n,))
+        one = time.perf_counter() - start
+        start = time.perf_counter()
+        pool.map(_spin, [n, n], chunksize=1)
+        two = time.perf_counter() - start
+    return 2 * one / two
 
 
 def _run_both(tmp_path: Path, recipe: Path, space: Path, seconds: dict, optuna) -> None:
