@@ -16,6 +16,16 @@ from pathlib import Path
 import pytest
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """In the portability test mode (tests/portable/sitecustomize.py) refuse to run unless the POSIX-only calls
+    are really hidden: a missing PYTHONPATH entry would otherwise test the normal path under the mode's name."""
+    import os
+
+    if os.environ.get("MERGEKIT_TEST_HIDE_POSIX") == "1" and hasattr(os, "pread"):
+        raise pytest.UsageError("MERGEKIT_TEST_HIDE_POSIX=1 but os.pread is still there: put tests/portable first "
+                                "on PYTHONPATH (make test-portable does)")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_hash_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep the tests' input hashes out of the user's real cache (~/.cache/mergekit-sdxl)."""

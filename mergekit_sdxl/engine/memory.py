@@ -8,52 +8,29 @@ on free, and capping the arenas limits fragmentation across the reader/compute/w
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 from typing import TYPE_CHECKING
+
+from mergekit_sdxl.platform import libc
 
 if TYPE_CHECKING:
     import torch
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-
-
-@functools.cache
-def tame_malloc() -> bool:
-    """Apply the settings once per process (glibc only); returns whether they were applied."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    ok = mallopt(_M_MMAP_THRESHOLD, 4 << 20) == 1
-    ok &= mallopt(_M_TRIM_THRESHOLD, 8 << 20) == 1
-    ok &= mallopt(_M_ARENA_MAX, 4) == 1
-    return bool(ok)
-
-
-_MADV_HUGEPAGE = 14
 _HUGE_MIN = 4 << 20
 
 
 @functools.cache
-def _madvise() -> object | None:
-    name = ctypes.util.find_library("c")
-    try:
-        fn = ctypes.CDLL(name, use_errno=True).madvise if name else None
-    except (OSError, AttributeError):
-        return None
-    if fn is not None:
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return fn
+def tame_malloc() -> bool:
+    """Apply the settings once per process (glibc only; elsewhere a no-op); returns whether they were applied."""
+    ok = libc.mallopt(libc.M_MMAP_THRESHOLD, 4 << 20)
+    ok &= libc.mallopt(libc.M_TRIM_THRESHOLD, 8 << 20)
+    ok &= libc.mallopt(libc.M_ARENA_MAX, 4)
+    return bool(ok)
 
 
 def empty_bytes(nbytes: int) -> torch.Tensor:
-    """An uninitialised uint8 CPU buffer; large ones are marked for transparent huge pages before first touch.
+    """An uninitialised uint8 CPU buffer; on Linux, large ones are marked for transparent huge pages before first
+    touch.
 
     A merge fills ~35 GB of fresh buffers (every input tensor, every output): with 4 KiB pages that is ~9 M page
     faults, which measured 2-3x slower than reading into 2 MiB pages on the development machine.
@@ -61,12 +38,11 @@ def empty_bytes(nbytes: int) -> torch.Tensor:
     import torch
 
     buffer = torch.empty(nbytes, dtype=torch.uint8)
-    madvise = _madvise()
-    if madvise is not None and nbytes >= _HUGE_MIN:
+    if nbytes >= _HUGE_MIN and libc.can_advise_hugepages():
         start = (buffer.data_ptr() + 4095) & ~4095
         stop = (buffer.data_ptr() + nbytes) & ~4095
         if stop > start:
-            madvise(start, stop - start, _MADV_HUGEPAGE)  # advisory: failure just means normal pages
+            libc.advise_hugepages(start, stop - start)  # advisory: failure just means normal pages
     return buffer
 
 
@@ -82,8 +58,4 @@ def limit_arenas(count: int = 1) -> bool:
     several threads grows RSS well past its live data: a whole-SDXL LoRA extraction peaked at 2.15 GB with the
     default arenas and at 1.42 GB with one.
     """
-    name = ctypes.util.find_library("c")
-    try:
-        return bool(name) and ctypes.CDLL(name).mallopt(_M_ARENA_MAX, count) == 1
-    except (OSError, AttributeError):
-        return False
+    return libc.mallopt(libc.M_ARENA_MAX, count)

@@ -2,8 +2,8 @@
 
 The header is checked strictly before anything else happens (see `parse_header`), so a corrupt or hostile
 file fails with a CheckpointError naming the file and key instead of a crash or a huge allocation later.
-Tensor bytes are read with positional reads (`os.preadv`) into a fresh buffer or a caller's buffer: no
-whole-file mmap, safe to call from several threads at once.
+Tensor bytes are read with positional reads (`io.posio`: `os.preadv` where it exists, a locked seek + readinto
+elsewhere) into a fresh buffer or a caller's buffer: no whole-file mmap, safe to call from several threads at once.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mergekit_sdxl.errors import CheckpointError
 from mergekit_sdxl.io.dtypes import DTYPES, torch_dtype
+from mergekit_sdxl.io.posio import PositionalFile
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so header-only use stays fast
     import torch
@@ -167,9 +168,9 @@ class SafetensorsReader:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._fd = _open_regular(self.path)
+        self._file = PositionalFile(_open_regular(self.path))
         try:
-            self.size = os.fstat(self._fd).st_size
+            self.size = os.fstat(self._file.fd).st_size
             self.header_len = self._read_header_len()
             raw = self._pread(8, self.header_len)
             self._infos, self.metadata = parse_header(raw, self.size - 8 - self.header_len, str(self.path))
@@ -196,12 +197,10 @@ class SafetensorsReader:
         return bytes(buf)
 
     def _readinto(self, view: memoryview, offset: int) -> None:
-        done, total = 0, len(view)
-        while done < total:
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n == 0:
-                raise CheckpointError(f"{self.path}: unexpected end of file at byte {offset + done}")
-            done += n
+        try:
+            self._file.readinto(view, offset)
+        except EOFError as exc:
+            raise CheckpointError(f"{self.path}: {exc}") from None
 
     def keys(self) -> list[str]:
         """Tensor keys in file order (ascending offsets): the cheapest order to read them in."""
@@ -265,9 +264,9 @@ class SafetensorsReader:
 
     def close(self) -> None:
         """Close the file descriptor (idempotent)."""
-        fd, self._fd = getattr(self, "_fd", -1), -1
-        if fd >= 0:
-            os.close(fd)
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
 
     def __enter__(self) -> SafetensorsReader:
         return self
@@ -285,8 +284,8 @@ class SafetensorsReader:
 def _open_regular(path: Path) -> int:
     """A read-only descriptor of a regular file. O_NONBLOCK so a FIFO cannot block the open; anything that is not
     a regular file (FIFO, socket, device) is refused with a CheckpointError, as is an open that fails."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_BINARY", 0))
+    try:  # O_NONBLOCK and O_BINARY exist only on POSIX and Windows respectively
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot open: {exc.strerror or exc}") from None
     mode = os.fstat(fd).st_mode
@@ -294,7 +293,8 @@ def _open_regular(path: Path) -> int:
         os.close(fd)
         what = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a special file"
         raise CheckpointError(f"{path}: is {what}, not a checkpoint file")
-    os.set_blocking(fd, True)
+    if hasattr(os, "O_NONBLOCK"):
+        os.set_blocking(fd, True)
     return fd
 
 
@@ -304,13 +304,11 @@ def sniff(path: Path) -> str:
     Raises:
         CheckpointError: the path cannot be opened or is not a regular file (e.g. a FIFO).
     """
-    fd = _open_regular(path)
-    try:
-        head = os.pread(fd, 9, 0)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
+    with PositionalFile(_open_regular(path)) as file:
+        try:
+            head = file.read(0, min(9, os.fstat(file.fd).st_size))
+        except (OSError, EOFError) as exc:
+            raise CheckpointError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:

@@ -36,6 +36,7 @@ import torch
 
 from mergekit_sdxl.errors import OutputError
 from mergekit_sdxl.io.dtypes import DTYPES, code_of
+from mergekit_sdxl.io.posio import PositionalFile
 
 TEMP_SUFFIX = ".mergekit-tmp"
 KILL_ENV = "MERGEKIT_TEST_KILL_AT"
@@ -190,7 +191,7 @@ class SafetensorsWriter:
         self._written: set[str] = set()
         self._count = 0  # tensors written, for the test hook
         self._lock = threading.Lock()
-        self._fd = -1
+        self._file: PositionalFile | None = None
 
     def _check_target(self, overwrite: bool, inputs: list[Path]) -> None:
         for p in inputs:
@@ -220,7 +221,8 @@ class SafetensorsWriter:
         except OSError:
             pass  # an unreadable folder fails just below with a clear message
         try:
-            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            self._file = PositionalFile(fd, writable=True)
         except OSError as exc:
             raise OutputError(f"{self.tmp}: cannot create the temporary output: {exc.strerror}") from None
         try:
@@ -232,14 +234,15 @@ class SafetensorsWriter:
         _test_kill("header")
 
     def _reserve(self) -> None:
+        assert self._file is not None
         if self._preallocate and hasattr(os, "posix_fallocate") and self.size:
             try:
-                os.posix_fallocate(self._fd, 0, self.size)
+                os.posix_fallocate(self._file.fd, 0, self.size)
                 return
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     raise OutputError(f"{self.path}: not enough disk space for {self.size / 1e9:.2f} GB") from None
-        os.ftruncate(self._fd, self.size)
+        os.ftruncate(self._file.fd, self.size)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         """Write one announced tensor; its dtype and shape must equal the spec (no implicit casts)."""
@@ -259,7 +262,7 @@ class SafetensorsWriter:
         self._write_view(key, view)
 
     def _spec(self, key: str) -> TensorSpec:
-        if self._fd < 0:
+        if self._file is None:
             raise RuntimeError("SafetensorsWriter is not open (use it as a context manager)")
         spec = self.specs.get(key)
         if spec is None:
@@ -278,10 +281,10 @@ class SafetensorsWriter:
                 _test_kill(f"tensor:{self._count}")
 
     def _pwrite(self, view: memoryview, offset: int, what: str) -> None:
-        done = 0
+        if self._file is None:
+            raise RuntimeError("SafetensorsWriter is not open (use it as a context manager)")
         try:
-            while done < len(view):
-                done += os.pwrite(self._fd, view[done:], offset + done)
+            self._file.write(view, offset)
         except OSError as exc:
             reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
             raise OutputError(f"{self.path}: writing {what} failed: {reason}") from None
@@ -297,8 +300,6 @@ class SafetensorsWriter:
         except ValueError as exc:
             raise OutputError(f"{self.path}: the final metadata does not fit the reserved header space: {exc}") \
                 from None
-        if self._fd < 0:
-            raise RuntimeError("SafetensorsWriter is not open (use it as a context manager)")
         self._pwrite(memoryview(header), 0, "the header")
         self.header = header
 
@@ -314,10 +315,11 @@ class SafetensorsWriter:
             raise OutputError(f"{self.path}: {len(missing)} announced tensors never written, e.g. {missing[0]!r}")
         try:
             _test_kill("before_fsync")
-            os.fsync(self._fd)
+            assert self._file is not None
+            os.fsync(self._file.fd)
             _test_kill("after_fsync")
-            os.close(self._fd)
-            self._fd = -1
+            self._file.close()  # Windows cannot rename a file that is still open
+            self._file = None
             _test_kill("before_rename")
             os.replace(self.tmp, self.path)
         except OSError as exc:
@@ -328,9 +330,9 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         """Close and remove the temporary file (idempotent)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         self.tmp.unlink(missing_ok=True)
 
 

@@ -1,0 +1,1 @@
+"""What differs between Linux, Windows and macOS: libc tuning, CPU features, signals, file names, console text."""
