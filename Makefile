@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test test-slow demo bench bench-quick fuzz lint clean
+.PHONY: test test-slow test-portable demo bench bench-quick fuzz lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,14 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+	$(MAKE) test-portable
+
+# The portability test mode (tests/portable/sitecustomize.py): the I/O, engine, LoRA, export and hardening suites
+# again with os.pread/os.preadv/os.pwrite, signal.SIGHUP and glibc's symbols hidden, as on Windows/macOS.
+PORTABLE_SUITES = tests/test_io_*.py tests/test_engine_*.py tests/test_lora_*.py tests/test_export*.py \
+	tests/test_hardening_*.py tests/test_platform.py tests/test_layers.py
+test-portable: $(STAMP)
+	PYTHONPATH=tests/portable MERGEKIT_TEST_HIDE_POSIX=1 $(BIN)/python -m pytest -q $(PORTABLE_SUITES)
 
 demo: $(STAMP)
 	$(BIN)/python -m mergekit_sdxl.demo demo-out

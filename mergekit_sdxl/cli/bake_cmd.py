@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
+from mergekit_sdxl.cli.options import output_path
 from mergekit_sdxl.dtypes import WEIGHTS, choices
 from mergekit_sdxl.errors import UsageError
 
@@ -14,7 +15,8 @@ from mergekit_sdxl.errors import UsageError
 @click.command("bake")
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.argument("loras", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Checkpoint to write.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), callback=output_path,
+              help="Checkpoint to write.")
 @click.option("--strength", "strengths", multiple=True, type=float,
               help="Strength per adapter, in order (one value applies to all; default 1).")
 @click.option("--te-strength", "te_strengths", multiple=True, type=float,

@@ -7,12 +7,13 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
+from mergekit_sdxl.cli.options import output_path
 from mergekit_sdxl.dtypes import CHECKPOINT, choices
 
 
 @click.command("convert")
 @click.argument("src", metavar="IN", type=click.Path(exists=True, path_type=Path))
-@click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
+@click.argument("dst", metavar="OUT", type=click.Path(path_type=Path), callback=output_path)
 @click.option("--dtype", required=True, type=click.Choice(choices(CHECKPOINT)),
               help="Storage dtype for float tensors (integer tensors such as position_ids keep theirs).")
 @click.option("--scaled-fp8", is_flag=True,

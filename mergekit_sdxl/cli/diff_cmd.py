@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
+from mergekit_sdxl.cli.options import output_path
 
 CONVENTIONS = ("supermerger", "supermerger-2023", "sd-mecha")
 
@@ -16,7 +17,7 @@ CONVENTIONS = ("supermerger", "supermerger-2023", "sd-mecha")
 @click.argument("model_a", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.argument("model_b", type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON on stdout.")
-@click.option("--heatmap", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--heatmap", type=click.Path(dir_okay=False, path_type=Path), callback=output_path,
               help="Heatmap PNG path (default: diff-<A>-<B>.png in the current folder).")
 @click.option("--no-heatmap", is_flag=True, help="Do not write the heatmap PNG.")
 @click.option("--convention", type=click.Choice(CONVENTIONS), default="supermerger", show_default=True,

@@ -8,13 +8,15 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
+from mergekit_sdxl.cli.options import output_path
 from mergekit_sdxl.dtypes import WEIGHTS, choices
 
 
 @click.command("extract-lora")
 @click.argument("base", type=click.Path(exists=True, path_type=Path))
 @click.argument("tuned", type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Adapter file to write.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), callback=output_path,
+              help="Adapter file to write.")
 @click.option("--rank", default=64, show_default=True, help="Rank of Linear and 1x1 conv layers (max rank in "
               "dynamic modes).")
 @click.option("--conv-rank", default=32, show_default=True, help="Rank of 3x3 conv layers (attn+conv / all).")
@@ -41,8 +43,8 @@ from mergekit_sdxl.dtypes import WEIGHTS, choices
 @click.option("--format", "fmt", type=click.Choice(("kohya", "peft")), default="kohya", show_default=True,
               help="kohya LoRA/LoCon keys (A1111, ComfyUI, diffusers) or diffusers/peft keys.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the per-layer report "
-              "as JSON.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), callback=output_path,
+              help="Also write the per-layer report as JSON.")
 @click.option("--no-hash", is_flag=True, help="Do not hash the inputs for the metadata.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never an input).")
 def command(base: Path, tuned: Path, output: Path, rank: int, conv_rank: int, dynamic: str | None,
@@ -83,7 +85,8 @@ def command(base: Path, tuned: Path, output: Path, rank: int, conv_rank: int, dy
     _print_summary(report)
     if report_path is not None:
         rows = [row.__dict__ for row in report.layers]
-        report_path.write_text(json.dumps({"summary": report.summary(), "layers": rows}, indent=1, sort_keys=True))
+        report_path.write_text(json.dumps({"summary": report.summary(), "layers": rows}, indent=1, sort_keys=True),
+                               encoding="utf-8")
 
 
 def _hashes(path: Path) -> dict[str, str | None]:

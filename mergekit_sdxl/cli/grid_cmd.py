@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from mergekit_sdxl.cli import console
+from mergekit_sdxl.cli.options import output_path
 from mergekit_sdxl.dtypes import WEIGHTS, choices
 from mergekit_sdxl.sampler.catalog import RNG_MODES, SAMPLER_NAMES, SCHEDULE_NAMES
 
@@ -57,7 +58,7 @@ AXIS_HELP = ("KIND=V1,V2,... (';' between values that hold commas). KIND: model,
 @click.option("--size", help="WIDTHxHEIGHT (multiples of 8) or a bucket name: square, portrait, landscape, "
               "tall, wide, 13:19, ... (default: 1024x1024 SDXL, 512x512 SD1.5).")
 @click.option("--clip-skip", type=click.IntRange(1, 12), default=1, show_default=True, help="SD1.5 only.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps (macOS).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="UNet/text-encoder dtype (auto: fp16 on CUDA; on the CPU bf16 where it has native bf16 "
                    "instructions, else fp32); the VAE runs in bf16/fp32.")
@@ -67,7 +68,8 @@ AXIS_HELP = ("KIND=V1,V2,... (';' between values that hold commas). KIND: model,
               help="Add the block-diff heatmap of the model files involved to index.html (reads them once more).")
 @click.option("--dry-run", is_flag=True, help="Check every variant and setting, print the axes and models, render "
               "nothing.")
-@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("grid-out"),
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), callback=output_path,
+              default=Path("grid-out"),
               show_default=True, help="Output folder: grid.png, index.html and one PNG per cell.")
 def command(more_models: tuple[Path, ...], models: tuple[Path, ...], recipe: Path | None, x_axis: tuple[str, ...],
             y_axis: tuple[str, ...], z_axis: tuple[str, ...], pinpoint: str | None, sweep: str | None,
@@ -90,6 +92,7 @@ def command(more_models: tuple[Path, ...], models: tuple[Path, ...], recipe: Pat
     report (hover or click a cell for its parameters, zoom, A/B blink between two cells, block-diff heatmap).
     Defaults follow the Animagine XL 3.1 card (Euler a, 28 steps, CFG 6, its negative prompt).
     """
+    from mergekit_sdxl.platform.text import from_os
     from mergekit_sdxl.sampler.pipeline import GenParams
     from mergekit_sdxl.sampler.sizes import parse_size
 
@@ -98,6 +101,7 @@ def command(more_models: tuple[Path, ...], models: tuple[Path, ...], recipe: Pat
         raise _usage("give either model files or --recipe, not both")
     width, height = parse_size(size) if size else (0, 0)
     seed_list = _seeds(seeds)
+    prompts, negative = tuple(from_os(p) for p in prompts), from_os(negative)  # LANG=C: argv bytes -> UTF-8 text
     params = GenParams(prompts[0] if len(prompts) == 1 else DEFAULT_PROMPT, negative, steps, cfg, sampler,
                        schedule, width, height, clip_skip, rng)
     if rng == "gpu" and _device_type(device) != "cuda":
@@ -115,7 +119,7 @@ def command(more_models: tuple[Path, ...], models: tuple[Path, ...], recipe: Pat
 def _device_type(device: str) -> str:
     from mergekit_sdxl.engine.device import resolve_device
 
-    return resolve_device(device).type
+    return resolve_device(device, allow_mps=True).type
 
 
 def _usage(message: str) -> Exception:
@@ -263,7 +267,7 @@ def _diffs(models: list[Any]) -> list[Any]:
 def _merge_device(device: str) -> str:
     from mergekit_sdxl.engine.device import resolve_device
 
-    return str(resolve_device(device))
+    return str(resolve_device(device, allow_mps=True))
 
 
 def _slot(device: str, dtype: str) -> object:
@@ -272,6 +276,6 @@ def _slot(device: str, dtype: str) -> object:
     from mergekit_sdxl.sampler.slots import make_slot
 
     slot = make_slot(device, dtype)
-    if slot.dtype == torch.float16 and slot.device.type != "cuda":
+    if slot.dtype == torch.float16 and slot.device.type not in ("cuda", "mps"):
         console.info("warning: fp16 on the CPU is slow; bf16 or fp32 are better there")
     return slot

@@ -70,6 +70,11 @@ def cli(quiet: bool, verbose: bool, debug: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the group and maps errors to one stderr line and an exit code."""
+    from mergekit_sdxl.platform.signals import handle_console_break
+    from mergekit_sdxl.platform.text import make_streams_safe
+
+    make_streams_safe()  # a cp1252 or ASCII console gets ASCII stand-ins instead of UnicodeEncodeError
+    handle_console_break()  # Ctrl-Break on Windows: like Ctrl-C (temporary files removed, exit code 130)
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="mergekit-sdxl", standalone_mode=False)
@@ -89,8 +94,18 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if debug:
             raise
+        if isinstance(exc, UnicodeEncodeError) and not _is_unicode(sys.getfilesystemencoding()):
+            _fail(f"error: a file name cannot be written in this system's file name encoding "
+                  f"({sys.getfilesystemencoding()}): {exc.object[exc.start : exc.end]!a}; use a UTF-8 locale "
+                  "(LANG=C.UTF-8) or set PYTHONUTF8=1", 2)
         _fail(f"internal error: {type(exc).__name__}: {exc} (re-run with --debug for a traceback)", 1)
     sys.exit(0)
+
+
+def _is_unicode(encoding: str) -> bool:
+    from mergekit_sdxl.platform.text import is_unicode
+
+    return is_unicode(encoding)
 
 
 def _fail(message: str, code: int) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
+from mergekit_sdxl.cli.options import output_path
 from mergekit_sdxl.dtypes import CHECKPOINT, choices
 
 
@@ -15,8 +16,9 @@ from mergekit_sdxl.dtypes import CHECKPOINT, choices
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-m", "--model", "models", multiple=True, metavar="ALIAS=PATH",
               help="Override a model path of the recipe (repeatable).")
-@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), help="Output file (else output.path).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), callback=output_path,
+              help="Output file (else output.path).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps (macOS).")
 @click.option("--dtype", type=click.Choice(choices(CHECKPOINT)), help="Output dtype (overrides the recipe's).")
 @click.option("--threads", type=click.IntRange(1, 256), help="CPU threads for the arithmetic (default: all).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file (never an input).")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergekit_sdxl.errors import UsageError
+from mergekit_sdxl.platform.text import file_name
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +78,7 @@ def convert_checkpoint(reader: CheckpointReader, dst: Path, dtype: str, *, scale
     specs = _specs(reader, items, with_marker, code)
     metadata = {k: v for k, v in reader.metadata.items() if k not in STALE_HASH_KEYS}
     metadata["mergekit.convert"] = json.dumps({
-        "tool": f"mergekit-sdxl {__version__}", "source": Path(reader.path).name, "dtype": code,
+        "tool": f"mergekit-sdxl {__version__}", "source": file_name(reader.path), "dtype": code,
         "scaled_fp8": scaled_fp8, "prune_ema": prune_ema, "drop": list(drop), "dropped": len(report.dropped),
         "removed_metadata": sorted(set(reader.metadata) & set(STALE_HASH_KEYS)),
     }, sort_keys=True)

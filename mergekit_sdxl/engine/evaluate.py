@@ -61,6 +61,8 @@ class KeyEvaluator:
         return self._store(kp, value)
 
     def _store(self, kp: KeyPlan, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        if value.device.type == "mps" and kp.dtype.startswith("F8"):
+            value = value.cpu()  # MPS has no float8 types: the rounding to fp8 happens on the CPU, same rules
         stored = to_storage(value.reshape(kp.shape), kp.dtype, scaled=self.scaled(kp))
         self.clamped += stored.n_clamped
         out = {kp.key: stored.tensor.cpu()}

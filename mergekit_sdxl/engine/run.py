@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from mergekit_sdxl.arch.detect import detect_arch
-from mergekit_sdxl.engine.device import resolve_device
+from mergekit_sdxl.engine.device import check_compute_dtype, resolve_device
 from mergekit_sdxl.engine.evaluate import AdapterFn, KeyEvaluator
 from mergekit_sdxl.engine.input_hashes import InputHashes
 from mergekit_sdxl.engine.memory import tame_malloc
@@ -31,6 +31,7 @@ from mergekit_sdxl.io.hashes import FileHashes
 from mergekit_sdxl.io.metadata import InputRecord, merge_metadata
 from mergekit_sdxl.io.reader import Checkpoint, open_checkpoint
 from mergekit_sdxl.io.writer import SafetensorsWriter, TensorSpec
+from mergekit_sdxl.platform.text import file_name
 from mergekit_sdxl.recipe.nodes import Adapter, KeyPlan
 from mergekit_sdxl.recipe.planner import InputHeader, Plan, build_plan
 from mergekit_sdxl.recipe.types import LoraStep, Recipe
@@ -170,13 +171,14 @@ def run_merge(recipe: Recipe, options: MergeOptions, progress: Callable[[Progres
               adapter_factory: AdapterFactory | None = None) -> MergeResult:
     """Execute `recipe` and write its output atomically; returns what happened."""
     out = resolve_output(recipe, options)
-    device = resolve_device(options.device)
+    device = resolve_device(options.device, allow_mps=True)
     tame_malloc()
     with ExitStack() as stack:
         readers = open_inputs(recipe, stack)
         headers = headers_of(recipe, readers)
         adapters = open_adapters(recipe, headers, adapter_factory, stack)
         plan = plan_recipe(recipe, headers, options.dtype, adapters)
+        check_compute_dtype(device, _compute_dtype(plan))
         used = {alias: readers[alias] for alias in plan.inputs}
         hashes = InputHashes({a: Path(r.path) for a, r in used.items()}, _data_starts(used), options.hash_inputs)
         stack.callback(hashes.close)
@@ -258,14 +260,14 @@ def _records(plan: Plan, readers: Mapping[str, Checkpoint], known: Mapping[str, 
             sha, v3, legacy = f"{i:064x}", f"{i:064x}", f"{i:08x}"
         else:
             sha, v3, legacy = (h.sha256, h.autov3, h.legacy) if h else (None, None, None)
-        records.append(InputRecord(alias, Path(reader.path).name, sha, v3, legacy, dict(reader.metadata)))
+        records.append(InputRecord(alias, file_name(reader.path), sha, v3, legacy, dict(reader.metadata)))
     return records
 
 
 def _metadata(plan: Plan, records: list[InputRecord], out: Path) -> dict[str, str]:
     extra = dict(plan.output.metadata)
     return merge_metadata(arch=plan.arch, recipe=plan.recipe_dict, records=records, summary="; ".join(plan.steps),
-                          output_name=out.name, dtype=plan.output.dtype, extra=extra)
+                          output_name=file_name(out), dtype=plan.output.dtype, extra=extra)
 
 
 def execute_in_memory(plan: Plan, readers: Mapping[str, Checkpoint], device: str = "cpu",
@@ -274,7 +276,8 @@ def execute_in_memory(plan: Plan, readers: Mapping[str, Checkpoint], device: str
     """Run a plan into a dict of tensors (for in-memory previews/sweeps); `keys` restricts what is computed."""
     selected = [kp for kp in plan.keys if keys is None or kp.key in keys]
     out: dict[str, torch.Tensor] = {}
-    dev = resolve_device(device)
+    dev = resolve_device(device, allow_mps=True)
+    check_compute_dtype(dev, _compute_dtype(plan))
     fn = _adapter_fn(adapters or {}, dev)
     run_pipeline(selected, readers, out.__setitem__, lambda: KeyEvaluator(_compute_dtype(plan), dev, adapter_fn=fn),
                  workers=min(2, os.cpu_count() or 1))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mergekit_sdxl.arch.configs import load_config
 from mergekit_sdxl.errors import OutputError
+from mergekit_sdxl.platform.names import check_output_name
 from mergekit_sdxl.sampler.tokens import TOKENIZER_DIR
 
 TEMP_SUFFIX = ".mergekit-tmp"
@@ -86,6 +87,7 @@ def write_common(folder: Path, arch: str, markers: tuple[str, ...]) -> None:
 
 def check_target(out: Path, overwrite: bool) -> None:
     """OutputError unless `out` can be written (absent, or an export folder and `overwrite`)."""
+    check_output_name(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")
     if out.is_dir():

@@ -14,9 +14,10 @@ import math
 import os
 import stat
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mergekit_sdxl.errors import CheckpointError
@@ -325,10 +326,16 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointReader:
         CheckpointError: missing path, unknown format, unsafe pickle, or a malformed file.
     """
     p = Path(path)
+    try:
+        os.fsencode(p)
+    except UnicodeEncodeError:  # Path.exists() would just say False
+        raise CheckpointError(f"{p!a}: this file name cannot be written in the system's file name encoding "
+                              f"({sys.getfilesystemencoding()}); use a UTF-8 locale (LANG=C.UTF-8) or set "
+                              "PYTHONUTF8=1") from None
     if p.is_dir():
         return _open_folder(p)
     if not p.exists():
-        raise CheckpointError(f"{p}: no such file")
+        raise CheckpointError(f"{p}: no such file{_foreign_path_hint(p)}")
     kind = sniff(p)
     if kind == "safetensors" or (kind == "unknown" and p.suffix.lower() in SAFETENSORS_SUFFIXES):
         return SafetensorsReader(p)
@@ -337,6 +344,14 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointReader:
 
         return TorchCheckpoint(p)
     raise CheckpointError(f"{p}: not a safetensors or PyTorch checkpoint (unrecognised first bytes)")
+
+
+def _foreign_path_hint(p: Path) -> str:
+    """A hint when a missing path was written for Windows (drive letter, UNC or backslashes) but this is not."""
+    text = str(p)
+    if os.name == "nt" or ("\\" not in text and not PureWindowsPath(text).drive):
+        return ""
+    return " (it looks like a Windows path; on this system write paths with '/' and without a drive letter)"
 
 
 def _open_folder(p: Path) -> CheckpointReader:

@@ -37,6 +37,8 @@ import torch
 from mergekit_sdxl.errors import OutputError
 from mergekit_sdxl.io.dtypes import DTYPES, code_of
 from mergekit_sdxl.io.posio import PositionalFile
+from mergekit_sdxl.platform.names import check_output_name
+from mergekit_sdxl.platform.text import from_os
 
 TEMP_SUFFIX = ".mergekit-tmp"
 KILL_ENV = "MERGEKIT_TEST_KILL_AT"
@@ -88,7 +90,8 @@ def build_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None
         for k, v in metadata.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise ValueError(f"metadata must map str to str; {k!r} -> {type(v).__name__}")
-        entries["__metadata__"] = {k: metadata[k] for k in sorted(metadata)}
+        # names that came from the OS may carry surrogate-escaped bytes (LANG=C): store them as the UTF-8 they were
+        entries["__metadata__"] = {from_os(k): from_os(metadata[k]) for k in sorted(metadata)}
     offsets: dict[str, int] = {}
     cursor = 0
     for spec in specs:
@@ -194,6 +197,7 @@ class SafetensorsWriter:
         self._file: PositionalFile | None = None
 
     def _check_target(self, overwrite: bool, inputs: list[Path]) -> None:
+        check_output_name(self.path)
         for p in inputs:
             if _same_file(self.path, p) or self.path.resolve() == p.resolve():
                 raise OutputError(f"{self.path}: is one of the inputs; refusing to overwrite an input")

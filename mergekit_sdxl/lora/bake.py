@@ -34,6 +34,7 @@ from mergekit_sdxl.io.reader import open_checkpoint
 from mergekit_sdxl.io.writer import SafetensorsWriter, TensorSpec
 from mergekit_sdxl.lora.formats import Adapter, AdapterLayer, apply_dora
 from mergekit_sdxl.lora.svd import small_op_threads
+from mergekit_sdxl.platform.text import file_name
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ def bake(checkpoint: str | os.PathLike[str], specs: Sequence[AdapterSpec], outpu
             metadata = {k: v for k, v in reader.metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash")}
             metadata["mergekit_sdxl.bake"] = json.dumps({
                 "tool": f"mergekit-sdxl {__version__}",
-                "adapters": [{"name": Path(s.path).name, "strength": s.strength, "te_strength": s.te_strength,
+                "adapters": [{"name": file_name(s.path), "strength": s.strength, "te_strength": s.te_strength,
                               "blocks": s.blocks if s.blocks is None or isinstance(s.blocks, (str, list)) else
                               str(s.blocks)} for s in specs],
                 "changed_keys": len(touched)}, sort_keys=True)

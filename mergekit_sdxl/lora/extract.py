@@ -42,6 +42,7 @@ from mergekit_sdxl.lora.kohya import (
     write_adapter,
 )
 from mergekit_sdxl.lora.svd import RankRule, SolverOptions, factorize
+from mergekit_sdxl.platform.text import file_name
 
 TE_MODES = ("auto", "on", "off")
 HashFn = Callable[[Path], dict[str, "str | None"]]
@@ -260,8 +261,8 @@ def _metadata(arch: str, layers: list[LayerFactors], report: ExtractReport, opti
     summary = report.summary()
     info = {
         "tool": f"mergekit-sdxl {__version__}",
-        "base": {"name": base.name, **(input_hashes(base) if input_hashes else {})},
-        "tuned": {"name": tuned.name, **(input_hashes(tuned) if input_hashes else {})},
+        "base": {"name": file_name(base), **(input_hashes(base) if input_hashes else {})},
+        "tuned": {"name": file_name(tuned), **(input_hashes(tuned) if input_hashes else {})},
         "options": {
             "rank": options.rank.describe(), "conv_rank": options.conv_rank.describe(), "preset": options.preset,
             "text_encoders": options.text_encoders, "solver": "exact" if options.solver.exact else "randomized",
@@ -274,8 +275,8 @@ def _metadata(arch: str, layers: list[LayerFactors], report: ExtractReport, opti
     extra = {
         "mergekit_sdxl.lora": json.dumps(info, sort_keys=True),
         "mergekit_sdxl.lora_layers": json.dumps(per_layer, sort_keys=True),
-        "ss_sd_model_name": base.name,
-        "ss_output_name": output.stem,
+        "ss_sd_model_name": file_name(base),
+        "ss_output_name": file_name(output.stem),
     }
     has_kxk = any(m.module.is_conv and m.module.shape[2:] != (1, 1) for m in layers) or options.preset != "attn"
     return kohya_metadata(arch, layers, rank=options.rank.rank, conv_rank=options.conv_rank.rank if has_kxk else None,

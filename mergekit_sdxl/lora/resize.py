@@ -32,6 +32,7 @@ from mergekit_sdxl.lora.kohya import (
     write_adapter,
 )
 from mergekit_sdxl.lora.svd import RankRule, SolverOptions, factorize
+from mergekit_sdxl.platform.text import file_name
 
 ARCH_FROM_META = {"sdxl_base_v1-0": "sdxl", "sd_v1": "sd15"}
 
@@ -141,7 +142,7 @@ def merge_loras(inputs: Sequence[tuple[str, float]], output: str | os.PathLike[s
             a.close()
     tensors = adapter_tensors(layers, parse_dtype(options.save_dtype))
     info = {"tool": f"mergekit-sdxl {__version__}", "operation": title,
-            "inputs": [{"name": Path(p).name, "weight": w} for p, w in inputs],
+            "inputs": [{"name": file_name(p), "weight": w} for p, w in inputs],
             "rank": options.rank.describe(), "conv_rank": options.conv_rank.describe(),
             "mean_energy": round(sum(r.energy for r in rows) / len(rows), 6) if rows else 1.0}
     extra = {"mergekit_sdxl.lora": json.dumps(info, sort_keys=True),

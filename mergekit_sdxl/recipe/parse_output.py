@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import PureWindowsPath
 from typing import Any
 
 from mergekit_sdxl.dtypes import CHECKPOINT, COMPUTE, choices, parse_dtype
+from mergekit_sdxl.platform.names import output_name_problem
+from mergekit_sdxl.platform.text import to_os
 from mergekit_sdxl.recipe.fields import (
     MAX_RULES,
     Fields,
@@ -30,8 +32,12 @@ def parse_output(p: Fields, value: Any, models: dict[str, ModelRef]) -> OutputSp
         return p.where("output", field_name)
 
     path = p.text(fields.get("path"), "output.path")
-    if path is not None and ".." in Path(path).parts:  # a shared recipe must not write outside the folder
+    # a shared recipe must not write outside the folder (either separator: it may be run on Windows)
+    if path is not None and ".." in PureWindowsPath(path).parts:
         raise fail(at("path"), f"{path!r} climbs out of the folder with '..'; give the output with --out")
+    problem = output_name_problem(path) if path is not None else None
+    if problem is not None:
+        raise fail(at("path"), f"{problem}; choose another name (refused on every OS: Windows could not write it)")
     dtype = parse_dtype(p.choice(fields.get("dtype", "fp16"), at("dtype"), choices(CHECKPOINT)))
     fp8_scaled = _flag(p, fields, "fp8_scaled")
     if fp8_scaled and not dtype.startswith("F8"):
@@ -51,7 +57,7 @@ def parse_output(p: Fields, value: Any, models: dict[str, ModelRef]) -> OutputSp
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
         raise fail(at("seed"), f"expected a whole number from 0 to 2**64-1, got {seed!r}")
     return OutputSpec(
-        path=path,
+        path=to_os(path) if path is not None else None,
         dtype=dtype,
         fp8_scaled=fp8_scaled,
         vae=vae,

@@ -37,6 +37,7 @@ from mergekit_sdxl.arch.tables import ARCHS
 from mergekit_sdxl.errors import MergekitError, RecipeError
 from mergekit_sdxl.methods.registry import METHODS
 from mergekit_sdxl.methods.spec import MethodSpec, ParamSpec
+from mergekit_sdxl.platform.text import to_os
 from mergekit_sdxl.recipe.fields import (
     MAX_LIST,
     MAX_RULES,
@@ -147,7 +148,7 @@ class _Parser(Fields):
                                   "or name the model by hash ({sha256: ...}, {autov2: ...} or {autov3: ...})")
             resolved = None
         else:
-            given = Path(path).expanduser()
+            given = Path(to_os(path)).expanduser()
             resolved = str(given if given.is_absolute() else self.base_dir / given)
         return ModelRef(alias, resolved, sha, autov2, autov3)
 
@@ -268,7 +269,7 @@ class _Parser(Fields):
                 raise fail(f"{where}.{key}", f"expected a finite number, got {value!r}")
         if merged.get("blocks") is not None:
             check_adapter_blocks(merged["blocks"], convention, where=f"{where}.blocks")
-        given = Path(path).expanduser()
+        given = Path(to_os(path)).expanduser()
         resolved = str(given if given.is_absolute() else self.base_dir / given)
         te = merged.get("te_strength")
         return AdapterRef(resolved, float(merged.get("strength", 1.0)), None if te is None else float(te),

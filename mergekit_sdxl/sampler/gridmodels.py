@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergekit_sdxl.errors import UsageError
+from mergekit_sdxl.platform.text import from_os
 from mergekit_sdxl.recipe.types import Recipe
 from mergekit_sdxl.sampler.axes import Setting
 from mergekit_sdxl.sampler.gridplan import describe_settings, variant
@@ -57,8 +58,8 @@ class FileModels:
         autov2 = self._hashes[path]
         with open_checkpoint(path) as reader:
             recipe = reader.metadata.get("mergekit_sdxl.recipe") or reader.metadata.get("sd_merge_recipe")
-        return GridModel(f"{path.stem} [{autov2}]", path.stem, lambda: WeightSource.from_file(path), autov2, recipe,
-                         (path,))
+        stem = from_os(path.stem)  # LANG=C: the name's bytes as the UTF-8 text they are (label, PNG text)
+        return GridModel(f"{stem} [{autov2}]", stem, lambda: WeightSource.from_file(path), autov2, recipe, (path,))
 
     def _path(self, settings: Sequence[Setting]) -> Path:
         chosen = next((s.value for s in settings if s.kind == "model"), None)

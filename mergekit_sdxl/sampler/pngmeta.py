@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
+from mergekit_sdxl.platform.text import from_os
 from mergekit_sdxl.sampler.catalog import RNG_LABELS, sampler_name, schedule_name
 
 RECIPE_CHUNK = "mergekit_recipe"
@@ -67,6 +68,7 @@ def png_info(parameters: str, recipe: str | None = None) -> object:
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
+    parameters, recipe = from_os(parameters), from_os(recipe) if recipe is not None else None  # LANG=C names
     info.add_text("parameters", parameters)  # falls back to iTXt for text outside Latin-1
     if recipe:
         info.add_text(RECIPE_CHUNK, recipe)

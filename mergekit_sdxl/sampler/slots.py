@@ -11,12 +11,14 @@ from mergekit_sdxl.sampler.models import ModelSlot
 
 
 def make_slot(device: str = "auto", dtype: str = "auto") -> ModelSlot:
-    """A ModelSlot on `device` (auto, cpu, cuda, cuda:N) computing in `dtype` (auto: fp16 on CUDA; on the CPU bf16
+    """A ModelSlot on `device` (auto, cpu, cuda, cuda:N, mps) computing in `dtype` (auto: fp16 on CUDA; on the CPU bf16
     where it has native bf16 instructions, else fp32); the VAE runs in bf16 on CUDA, else fp32."""
-    dev = resolve_device(device)
+    dev = resolve_device(device, allow_mps=True)
     cuda = dev.type == "cuda"
-    auto = torch.float16 if cuda else (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    gpu = cuda or dev.type == "mps"  # the same rules on Apple's GPUs: fp16 by default
+    auto = torch.float16 if gpu else (torch.bfloat16 if cpu_has_bf16() else torch.float32)
     compute = torch_dtype(parse_dtype(dtype, WEIGHTS, "--dtype")) if dtype != "auto" else auto
+    # the VAE in bf16 only on CUDA: bf16 on MPS needs macOS 14, and fp16 overflows in the SDXL VAE
     vae = torch.bfloat16 if cuda and compute != torch.float32 else torch.float32
     return ModelSlot(dev, compute, vae)
 
