@@ -38,6 +38,7 @@ from mergekit_sdxl.errors import OutputError
 from mergekit_sdxl.io.dtypes import DTYPES, code_of
 from mergekit_sdxl.io.posio import PositionalFile
 from mergekit_sdxl.platform.names import check_output_name
+from mergekit_sdxl.platform.process import pid_alive
 from mergekit_sdxl.platform.text import from_os
 
 TEMP_SUFFIX = ".mergekit-tmp"
@@ -45,9 +46,10 @@ KILL_ENV = "MERGEKIT_TEST_KILL_AT"
 
 
 def _test_kill(point: str) -> None:
-    """The crash-test hook (module docstring): SIGKILL this process if MERGEKIT_TEST_KILL_AT names `point`."""
+    """The crash-test hook (module docstring): SIGKILL this process if MERGEKIT_TEST_KILL_AT names `point`
+    (Windows has no SIGKILL; there os.kill with 9 calls TerminateProcess, the same abrupt end)."""
     if os.environ.get(KILL_ENV) == point:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", 9))
 
 
 @dataclass(frozen=True)
@@ -133,13 +135,7 @@ def cleanup_stale_temps(folder: str | os.PathLike[str], outname: str) -> list[Pa
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return pid < 2**31
-    return True
+    return pid_alive(pid)  # never os.kill(pid, 0) on Windows: that sends Ctrl-C (platform/process.py)
 
 
 def _same_file(a: Path, b: Path) -> bool:
