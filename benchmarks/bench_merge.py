@@ -5,7 +5,13 @@ file with fsync; (b) this tool on the full rev2 recipe (formula + MBW step) and 
 1.1.8 on the formula (`beta7 + (anxl3 - anxl2) + (base8 - beta7) * 0.25`, fp16 output). Peak RSS of each child from
 getrusage. Prints one JSON line per measurement and a summary line with medians and ratios.
 
+`--fallback` adds, right after each `rev2` run, the same run in the portability test mode (tests/portable/:
+os.pread/os.preadv/os.pwrite and glibc's malloc tuning hidden, so positional I/O takes the locked seek + readinto
+path Windows uses), its ratio to `rev2` of the same round, and whether the two outputs are byte-identical (sha256,
+outside the timing).
+
     python benchmarks/bench_merge.py --size full --rounds 2          # real SDXL shapes: 4 x 6.94 GB inputs
+    python benchmarks/bench_merge.py --size full --rounds 2 --fallback --skip-mecha   # + the Windows I/O path
     python benchmarks/bench_merge.py --size tiny --rounds 3          # quick check of the script itself
 
 Page cache: the four full inputs (27.8 GB) exceed the 24 GiB of RAM, so reads are mostly from disk in every
@@ -71,6 +77,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "bench-out" / "merge")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-mecha", action="store_true")
+    parser.add_argument("--fallback", action="store_true", help="also run rev2 on the portable fallback I/O path")
     parser.add_argument("--clean", action="store_true", help="delete the inputs afterwards")
     args = parser.parse_args()
     work = args.work / args.size
@@ -78,20 +85,25 @@ def main() -> None:
     make_inputs(work, args.size)
     (work / "formula.yaml").write_text(FORMULA_RECIPE)
     out_bytes = os.path.getsize(work / "beta7.safetensors")
-    results: dict[str, list[dict]] = {"floor": [], "rev2_cold_hashes": [], "rev2": [], "formula": [],
-                                      "formula_nohash": [], "mecha": []}
+    results: dict[str, list[dict]] = {"floor": [], "rev2_cold_hashes": [], "rev2": [], "rev2_fallback": [],
+                                      "formula": [], "formula_nohash": [], "mecha": []}
     for rnd in range(args.rounds):
         results["floor"].append(floor(work, out_bytes))
         emit({"what": "floor", "round": rnd, **results["floor"][-1]})
         rev2 = ROOT / "recipes" / "kohaku_xl_gamma_rev2.yaml"
         cold = work / f"hash-cache-{rnd}"
         shutil.rmtree(cold, ignore_errors=True)
-        for name, recipe, extra, env in (
-                ("rev2_cold_hashes", rev2, [], {"MERGEKIT_SDXL_CACHE_DIR": str(cold)}),  # inputs hashed in-stream
-                ("rev2", rev2, [], {"MERGEKIT_SDXL_CACHE_DIR": str(cold)}),  # hashes now cached
-                ("formula", work / "formula.yaml", [], {"MERGEKIT_SDXL_CACHE_DIR": str(cold)}),
-                ("formula_nohash", work / "formula.yaml", ["--no-input-hashes"], {})):
+        cached = {"MERGEKIT_SDXL_CACHE_DIR": str(cold)}
+        runs = [("rev2_cold_hashes", rev2, [], cached),  # inputs hashed in-stream
+                ("rev2", rev2, [], cached)]  # hashes now cached
+        if args.fallback:
+            runs.append(("rev2_fallback", rev2, [], {**cached, **FALLBACK_ENV}))
+        runs += [("formula", work / "formula.yaml", [], cached),
+                 ("formula_nohash", work / "formula.yaml", ["--no-input-hashes"], {})]
+        for name, recipe, extra, env in runs:
             run = ours_with(work, recipe, args.device, extra, env)
+            if name in ("rev2", "rev2_fallback"):
+                run["sha256"] = _sha256(work / "ours.safetensors")
             results[name].append(run)
             emit({"what": f"mergekit-sdxl {name}", "round": rnd, "device": args.device, **run})
         if not args.skip_mecha:
@@ -103,6 +115,19 @@ def main() -> None:
         (work / name).unlink(missing_ok=True)
     if args.clean:
         shutil.rmtree(work)
+
+
+FALLBACK_ENV = {"PYTHONPATH": str(ROOT / "tests" / "portable"), "MERGEKIT_TEST_HIDE_POSIX": "1"}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def ours_with(work: Path, recipe: Path, device: str, extra: list[str], env: dict[str, str]) -> dict:
@@ -126,6 +151,11 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
         line[name] = {"seconds": summary([r["seconds"] for r in ok]),
                       "ratio_to_floor": summary([r["seconds"] / f["total"] for r, f in zip(ok, results["floor"])]),
                       "peak_rss_mb": summary([r["peak_rss_mb"] for r in ok])}
+    pairs = list(zip(results["rev2"], results["rev2_fallback"]))
+    if pairs:
+        line["rev2_fallback_vs_rev2"] = {
+            "ratio": summary([f["seconds"] / n["seconds"] for n, f in pairs]),
+            "byte_identical": all(n.get("sha256") == f.get("sha256") and n["rc"] == f["rc"] == 0 for n, f in pairs)}
     emit(line)
 
 

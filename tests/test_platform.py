@@ -81,6 +81,7 @@ def _libc_is_glibc() -> bool:
 
 def test_engine_buffers_and_malloc_settings_work_without_glibc():
     """With glibc hidden (the portability test mode) the engine's helpers still return usable buffers."""
+    pytest.importorskip("torch")  # scripts/check_pythons.sh runs this file where torch is missing
     code = ("from mergekit_sdxl.engine import memory as m\n"
             "b = m.empty_bytes(8 << 20); b.fill_(7); assert int(b.sum()) == 7 * (8 << 20)\n"
             "print(m.tame_malloc(), m.limit_arenas(1))\n")
@@ -110,6 +111,7 @@ def test_without_proc_the_answer_comes_from_torchs_probe(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="compares /proc/cpuinfo with torch's probe")
 def test_torchs_probe_agrees_with_proc_cpuinfo_here():
+    pytest.importorskip("torch")  # scripts/check_pythons.sh runs this file where torch is missing
     flags = cpu.cpu_flags()
     assert flags is not None
     probe = cpu.torch_cpu_flags()
@@ -229,6 +231,7 @@ def test_ascii_fallback_covers_the_symbols_of_help_texts_and_docstrings():
 
 # devices ----------------------------------------------------------------------------------------------------
 def test_mps_is_accepted_only_where_allowed_and_available(monkeypatch):
+    pytest.importorskip("torch")  # scripts/check_pythons.sh runs this file where torch is missing
     import torch
 
     from mergekit_sdxl.engine.device import resolve_device
@@ -245,6 +248,7 @@ def test_mps_is_accepted_only_where_allowed_and_available(monkeypatch):
 
 
 def test_mps_refuses_fp64_compute():
+    pytest.importorskip("torch")  # scripts/check_pythons.sh runs this file where torch is missing
     import torch
 
     from mergekit_sdxl.engine.device import check_compute_dtype
@@ -257,6 +261,7 @@ def test_mps_refuses_fp64_compute():
 
 
 def test_sampler_on_mps_follows_the_gpu_dtype_rules(monkeypatch):
+    pytest.importorskip("torch")  # scripts/check_pythons.sh runs this file where torch is missing
     import torch
 
     from mergekit_sdxl.cli import grid_cmd
@@ -266,11 +271,13 @@ def test_sampler_on_mps_follows_the_gpu_dtype_rules(monkeypatch):
     assert slot.device.type == "mps" and slot.dtype == torch.float16 and slot.vae_dtype == torch.float32
 
 
-def test_merge_on_a_machine_without_mps_is_a_device_error(tmp_path, tiny_sdxl, capsys):
+def test_merge_on_a_machine_without_mps_is_a_device_error(tmp_path, make_ckpt, capsys):
+    torch = pytest.importorskip("torch")  # scripts/check_pythons.sh runs this file where torch is missing
     from mergekit_sdxl.cli.main import main
 
-    if __import__("torch").backends.mps.is_available():
+    if torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
+    tiny_sdxl = make_ckpt("sdxl", seed=0)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"models: {{a: {tiny_sdxl}}}\nsteps:\n  output: 'a'\n", encoding="utf-8")
     with pytest.raises(SystemExit) as exc:
