@@ -7,8 +7,8 @@ a read-only map); once with one reading thread and once with two threads splitti
 (os.pwrite) against `locked` (seek + write), the tensors in storage order into a new preallocated file. The file
 is written just before, so reads come from the page cache: this measures what the strategies themselves cost,
 not the disk (the end-to-end merge with the fallback is `bench_merge.py --fallback`). Before timing, every
-strategy's bytes are checked against each other (single and two threads). One JSON line per measurement, then
-a summary with medians and ratios to `pread`.
+strategy's bytes are checked against each other (single and two threads). The order of the strategies rotates from
+round to round. One JSON line per measurement, then a summary with medians and ratios to `pread`.
 
     python benchmarks/bench_posio.py --gigabytes 2 --rounds 3
 """
@@ -120,13 +120,14 @@ def main() -> None:
         sys.exit(f"the strategies read different bytes: {digests}")
     results: dict[str, list[float]] = {}
     for rnd in range(args.rounds):
+        order = READERS[rnd % len(READERS):] + READERS[:rnd % len(READERS)]  # rotated: no strategy always first
         for threads in (1, 2):
-            for strategy in READERS:
+            for strategy in order:
                 seconds, _ = read_all(data, strategy, parts, threads)
                 results.setdefault(f"read {strategy} x{threads}", []).append(seconds)
                 emit({"what": f"read {strategy}", "threads": threads, "round": rnd, "seconds": seconds,
                       "gb_per_s": size / 1e9 / seconds, "tensors": len(parts), "bytes": size})
-        for strategy in WRITERS:
+        for strategy in WRITERS if rnd % 2 == 0 else WRITERS[::-1]:
             seconds = write_all(args.work / "out.bin", strategy, parts, size)
             results.setdefault(f"write {strategy}", []).append(seconds)
             emit({"what": f"write {strategy}", "round": rnd, "seconds": seconds, "gb_per_s": size / 1e9 / seconds})

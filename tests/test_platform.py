@@ -316,3 +316,17 @@ def test_stop_signals_are_those_that_exist():
     expected = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
     assert signals.stop_signals() == expected
     assert (signal.Signals["SIGHUP"] in signals.stop_signals()) == (not HIDDEN)  # the test mode hides SIGHUP
+
+
+def test_a_replace_blocked_by_another_program_says_so():
+    """Windows refuses to replace a file another program has open (WinError 5, 32, 33); the message must say
+    what to do, not just "Access is denied"."""
+    from mergekit_sdxl.platform.process import replace_failure
+
+    blocked = PermissionError(13, "Access is denied")
+    blocked.winerror = 32  # what Windows sets (sharing violation)
+    message = replace_failure(blocked, "C:\\models\\merged.safetensors")
+    assert "another program has it open" in message and "merged.safetensors" in message
+    other = OSError(28, "No space left on device")
+    assert replace_failure(other, "out.safetensors") == "out.safetensors: finishing the file failed: " \
+                                                         "No space left on device"

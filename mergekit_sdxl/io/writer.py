@@ -38,7 +38,7 @@ from mergekit_sdxl.errors import OutputError
 from mergekit_sdxl.io.dtypes import DTYPES, code_of
 from mergekit_sdxl.io.posio import PositionalFile
 from mergekit_sdxl.platform.names import check_output_name
-from mergekit_sdxl.platform.process import pid_alive
+from mergekit_sdxl.platform.process import pid_alive, replace_failure
 from mergekit_sdxl.platform.text import from_os
 
 TEMP_SUFFIX = ".mergekit-tmp"
@@ -324,7 +324,7 @@ class SafetensorsWriter:
             os.replace(self.tmp, self.path)
         except OSError as exc:
             self.abort()
-            raise OutputError(f"{self.path}: finishing the file failed: {exc.strerror}") from None
+            raise OutputError(replace_failure(exc, self.path)) from None  # Windows: target open elsewhere
         _test_kill("after_rename")
         _fsync_dir(self.path.parent)
 

@@ -57,3 +57,22 @@ def _windows_pid_alive(pid: int, k32: Any) -> bool:  # noqa: ANN401
         return k32.WaitForSingleObject(handle, 0) == _WAIT_TIMEOUT  # still running; 0 = it has exited
     finally:
         k32.CloseHandle(handle)
+
+
+# Windows system error codes for "the file is in use": access denied (e.g. replacing a file another program maps,
+# as A1111 and ComfyUI do with a loaded model), sharing violation, lock violation.
+_IN_USE = {5, 32, 33}
+
+
+def in_use_by_another_program(exc: OSError) -> bool:
+    """Whether a rename/replace/remove failed because another program has the file open (Windows' rules: a file
+    that is open elsewhere can be neither replaced nor removed; POSIX has no such failure)."""
+    return getattr(exc, "winerror", None) in _IN_USE
+
+
+def replace_failure(exc: OSError, target: str | os.PathLike[str]) -> str:
+    """One line for a failed commit rename onto `target` that says what to do about it."""
+    if in_use_by_another_program(exc):
+        return (f"{target}: cannot be replaced: another program has it open (a model loaded in A1111, Forge or "
+                "ComfyUI, a file browser's preview?); close it there and run again, or write to another name")
+    return f"{target}: finishing the file failed: {exc.strerror or exc}"
