@@ -271,13 +271,15 @@ def test_sampler_on_mps_follows_the_gpu_dtype_rules(monkeypatch):
     assert slot.device.type == "mps" and slot.dtype == torch.float16 and slot.vae_dtype == torch.float32
 
 
-def test_merge_on_a_machine_without_mps_is_a_device_error(tmp_path, make_ckpt, capsys):
+def test_merge_on_a_machine_without_mps_is_a_device_error(tmp_path, capsys):
     torch = pytest.importorskip("torch")  # scripts/check_pythons.sh runs this file where torch is missing
     from mergekit_sdxl.cli.main import main
+    from mergekit_sdxl.synth import write_test_checkpoint
 
     if torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
-    tiny_sdxl = make_ckpt("sdxl", seed=0)
+    tiny_sdxl = tmp_path / "tiny.safetensors"
+    write_test_checkpoint(tiny_sdxl, arch="sdxl", size="tiny", seed=0)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"models: {{a: {tiny_sdxl}}}\nsteps:\n  output: 'a'\n", encoding="utf-8")
     with pytest.raises(SystemExit) as exc:
