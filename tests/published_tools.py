@@ -111,8 +111,9 @@ BLOCKIDXLL = ["BASE", "IN00", "IN01", "IN02", "IN03", "IN04", "IN05", "IN06", "I
               "OUT02", "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08", "VAE"]
 
 
-def _sm_block(key: str, isxl: bool) -> str:
-    """SuperMerger's `blockfromkey(key, isxl)[1]` (the 26/20-block id) as of Nov 2025."""
+def _sm_block(key: str, isxl: bool, before_rule_change: bool = False) -> str:
+    """SuperMerger's `blockfromkey(key, isxl)[1]` (the 26/20-block id) as of Nov 2025 (with `before_rule_change`:
+    as of 2023-07 to 2025-11-26, when SDXL `label_emb`/`time_embed` were "Not Merge")."""
     if not isxl:
         weight_index = -1
         if "time_embed" in key:
@@ -133,7 +134,7 @@ def _sm_block(key: str, isxl: bool) -> str:
     if not ("weight" in key or "bias" in key):
         return "Not Merge"
     if "label_emb" in key or "time_embed" in key:
-        return "IN00"
+        return "Not Merge" if before_rule_change else "IN00"
     if "conditioner.embedders.0." in key or "conditioner.embedders.1." in key or "first_stage_model" in key:
         return "BASE"
     if "model.diffusion_model" in key:
@@ -149,10 +150,12 @@ def _sm_block(key: str, isxl: bool) -> str:
 
 
 def supermerger_merge(out: Path, model_a: Path, model_b: Path, model_c: Path | None, mode: str, weights_a: str,
-                      base_alpha: float = 0.0, useblocks: bool = True) -> Path:
+                      base_alpha: float = 0.0, useblocks: bool = True, version: str = "2025-11") -> Path:
     """SuperMerger `smerge` with calcmode "normal", the default settings (lerp, no float32 option), no elemental
     merge, include/exclude "Off"; `weights_a` is the MBW text as typed (BASE first: 20 values for SDXL, 26 for
-    SD1)."""
+    SD1). `version` "2025-11" is the code of 2025-11-27 on; "2025-01" the code of 2025-01-20 to 2025-11-26 (add
+    difference in fp32 on B - C kept in B's dtype, SDXL time_embed/label_emb not merged)."""
+    old = version == "2025-01"
     weights_a_text = weights_a
     excluded = [float(w) for w in weights_a_text.split(",")] if useblocks else [None] * 110
     if useblocks:
@@ -180,7 +183,7 @@ def supermerger_merge(out: Path, model_a: Path, model_b: Path, model_c: Path | N
     for key in list(theta_0):
         if not ("model" in key and key in theta_1) or not ("weight" in key or "bias" in key):
             continue
-        blocks26 = _sm_block(key, isxl)
+        blocks26 = _sm_block(key, isxl, old)
         if isxl and blocks26 in BLOCKIDXLL:
             weight_index = BLOCKIDXLL.index(blocks26)
         elif blocks26 in BLOCKID:
@@ -191,7 +194,10 @@ def supermerger_merge(out: Path, model_a: Path, model_b: Path, model_c: Path | N
         if useblocks and weight_index > 0:
             alpha = weights[weight_index - 1]
         a = theta_0[key]
-        if "Add" in mode:
+        if "Add" in mode and old:
+            theta_0[key] = torch.lerp(a.to(torch.float32), a.to(torch.float32) + alpha * theta_1[key].to(torch.float32),
+                                      1.0).to(a.dtype)
+        elif "Add" in mode:
             theta_0[key] = torch.lerp(a, a + alpha * theta_1[key], 1.0)
         elif alpha == 1:
             theta_0[key] = theta_1[key]

@@ -285,6 +285,7 @@ def test_model_stock_needs_two_models():
 DEFAULT_PARAMS = {
     "weighted_sum": {"alpha": 0.3},
     "add_difference": {"alpha": 0.7},
+    "add_rounded_difference": {"alpha": 0.7},
     "triple_sum": {"alpha": 0.2, "beta": 0.3},
     "sum_twice": {"alpha": 0.4, "beta": 0.6},
     "train_difference": {"alpha": 0.8},
@@ -294,6 +295,7 @@ DEFAULT_PARAMS = {
 ALPHA_ZERO = {  # params that must return the first input exactly
     "weighted_sum": {"alpha": 0.0},
     "add_difference": {"alpha": 0.0},
+    "add_rounded_difference": {"alpha": 0.0},
     "triple_sum": {"alpha": 0.0, "beta": 0.0},
     "sum_twice": {"alpha": 0.0, "beta": 0.0},
     "train_difference": {"alpha": 0.0},
@@ -494,3 +496,17 @@ def test_fixed_reductions(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_add_rounded_difference_is_supermerger_2025_arithmetic(bf16):
+    """SuperMerger 2025-01-20 .. 2025-11-26: B - C stored in B's dtype, then lerp(A, A + alpha * d, 1) in fp32."""
+    store = torch.bfloat16 if bf16 else torch.float16
+    g = torch.Generator().manual_seed(0)
+    a, b, c = ((torch.randn(100_000, generator=g) * 0.05).to(store) for _ in range(3))
+    d = (b.to(torch.float32) - c.to(torch.float32)).to(store)
+    theirs = torch.lerp(a.to(torch.float32), a.to(torch.float32) + 0.3 * d.to(torch.float32), 1.0).to(store)
+    ours = call_method("add_rounded_difference", [a.float(), b.float(), c.float()], {"alpha": 0.3, "bf16": bf16})
+    assert torch.equal(ours.to(store), theirs)
+    plain = call_method("add_difference", [a.float(), b.float(), c.float()], {"alpha": 0.3})
+    assert not torch.equal(plain.to(store), theirs)  # the rounded difference is what makes it exact

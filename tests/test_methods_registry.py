@@ -47,7 +47,7 @@ def test_get_method_suggests_close_name():
 
 
 def test_get_method_without_close_match_lists_names():
-    with pytest.raises(RecipeError, match="Known methods: add_difference, copy"):
+    with pytest.raises(RecipeError, match="Known methods: add_difference, add_rounded_difference, copy"):
         get_method("zzzz")
 
 

@@ -38,7 +38,7 @@ def _value(p: ParamSpec, draw: st.DrawFn) -> float | int | bool:
 
 def test_the_promised_traits():
     assert set(LINEAR) == {"copy", "keep", "weighted_sum", "add_difference", "triple_sum", "sum_twice"}
-    assert set(ELEMENTWISE) == set(LINEAR) | {"train_difference"}
+    assert set(ELEMENTWISE) == set(LINEAR) | {"train_difference", "add_rounded_difference"}
     assert all(spec.doc for spec in METHODS.values())
 
 
@@ -95,7 +95,7 @@ def test_elementwise_methods_give_the_same_bits_chunk_by_chunk(name):
     spec = METHODS[name]
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(4, 25, generator=g, dtype=torch.float32) for _ in range(_count(spec))]
-    params = {p.name: 0.3 for p in spec.params}
+    params = {p.name: (False if p.type is bool else 0.3) for p in spec.params}
     whole = call_method(name, xs, params).reshape(-1)
     flat = [x.reshape(-1) for x in xs]
     parts = [call_method(name, [x[i:i + 7] for x in flat], params) for i in range(0, 100, 7)]

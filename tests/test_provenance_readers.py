@@ -133,14 +133,26 @@ def test_supermerger_weight_sum_mbw_sdxl(tmp_path):
     assert "model_c" not in data["models"] and "does not record when it merged" in text
 
 
-def test_supermerger_date_picks_the_2023_block_rule(tmp_path):
+@pytest.mark.parametrize(("date", "convention", "method", "compute"), [
+    ("2023-08-01", "supermerger-2023", "add_difference", "fp16"),  # everything in the inputs' dtype
+    ("2024-01-15", "supermerger-2023", "add_difference", "fp16"),
+    ("2025-06-01", "supermerger-2023", "add_rounded_difference", "fp32"),  # B - C in fp16, the rest in fp32
+    ("2025-12-01", "supermerger", "add_difference", "fp16"),
+])
+def test_supermerger_date_picks_block_rule_and_arithmetic(tmp_path, date, convention, method, compute):
     path = _file(tmp_path, {"sd_merge_recipe": json.dumps(_sm_recipe(mode="Add difference", model_c=SHA["c"])),
-                            "modelspec.date": "2024-01-15T10:00:00"})
+                            "modelspec.date": f"{date}T10:00:00"})
     data, text = _read(path)
-    assert data["convention"] == "supermerger-2023" and "merged 2024-01-15 (modelspec.date)" in text
-    assert data["output"]["compute_dtype"] == "fp32"  # the fp16 add difference came with the 2025-11-27 version
-    data, _ = _read(path, date="2025-12-01")
-    assert data["convention"] == "supermerger" and data["output"]["compute_dtype"] == "fp16"
+    assert data["convention"] == convention and f"merged {date} (modelspec.date)" in text
+    assert data["steps"]["merged"]["method"] == method and data["output"]["compute_dtype"] == compute
+    data, _ = _read(path, date="2025-12-01")  # --date wins over the metadata
+    assert data["convention"] == "supermerger" and data["steps"]["merged"]["method"] == "add_difference"
+
+
+def test_supermerger_weight_sum_before_lerp_is_fp16_arithmetic(tmp_path):
+    path = _file(tmp_path, {"sd_merge_recipe": json.dumps(_sm_recipe())})
+    assert _read(path, date="2023-09-01")[0]["output"]["compute_dtype"] == "fp16"
+    assert _read(path, date="2023-11-10")[0]["output"]["compute_dtype"] == "fp32"
 
 
 def test_supermerger_without_mbw_and_sd1_vectors(tmp_path):

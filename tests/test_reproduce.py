@@ -62,10 +62,14 @@ CASES = {
                                                                    KOHAKU_MBW),
     "supermerger-add-difference-mbw": lambda m, out: supermerger_merge(out, m["a"], m["b"], m["c"],
                                                                        "Add difference", ADD_MBW),
+    "supermerger-2025-06-add-difference-mbw": lambda m, out: supermerger_merge(out, m["a"], m["b"], m["c"],
+                                                                               "Add difference", ADD_MBW,
+                                                                               version="2025-01"),
 }
+DATES = {"supermerger-2025-06-add-difference-mbw": "2025-06-01"}  # SuperMerger records none: given to recipe-from
 # largest distance expected in fp16 ulps: SuperMerger's weight sum is an fp32 torch.lerp (one rounding of its own)
 EXPECTED_ULPS = {"a1111-weighted-sum": 0, "a1111-add-difference": 0, "supermerger-weight-sum-mbw": 1,
-                 "supermerger-add-difference-mbw": 0}
+                 "supermerger-add-difference-mbw": 0, "supermerger-2025-06-add-difference-mbw": 0}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -73,7 +77,8 @@ def test_published_merge_is_reproduced(tmp_path, capsys, models, index_db, case)
     published = CASES[case](models, tmp_path / f"{case}.safetensors")
     db = index_db
     recipe = tmp_path / "repro.yaml"
-    code, _, err = run(capsys, "recipe-from", published, "-o", recipe, "--db", db)
+    dated = ["--date", DATES[case]] if case in DATES else []
+    code, _, err = run(capsys, "recipe-from", published, "-o", recipe, "--db", db, *dated)
     assert code == 0, err
     ours = tmp_path / "out" / "repro.safetensors"
     ours.parent.mkdir()

@@ -81,6 +81,21 @@ def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float) -> Tensor:
     return a + (b - c).mul_(alpha)
 
 
+def add_rounded_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, bf16: bool = False) -> Tensor:
+    """A + alpha·rnd(B - C): add difference with the difference rounded to fp16 (bf16 with `bf16`) first.
+
+    SuperMerger's "Add difference" from 2023-07 to 2025-11 (`smerge` in `scripts/mergers/mergers.py`) stored B - C
+    back in B's dtype (`(B.float() - C.float()).to(B.dtype)`, fp16 for fp16 models), then computed A + alpha·(B - C)
+    in fp32; this rounds the same way in the compute dtype, so merging with compute fp32 reproduces its files bit
+    for bit. alpha=0 returns a copy of A exactly.
+    """
+    alpha = float(alpha)
+    if alpha == 0.0:
+        return a.clone()
+    delta = (b - c).to(torch.bfloat16 if bf16 else torch.float16).to(a.dtype)
+    return a + delta.mul_(alpha)
+
+
 def triple_sum(a: Tensor, b: Tensor, c: Tensor, *, alpha: float, beta: float) -> Tensor:
     """Triple sum (1 - alpha - beta)·A + alpha·B + beta·C (SuperMerger "Triple sum")."""
     alpha, beta = float(alpha), float(beta)

@@ -68,6 +68,13 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
         linear=lambda p: (1.0, p["alpha"], -p["alpha"]), identities=(Identity(0, (("alpha", 0.0),)),),
         peers={"a1111": "Add difference", "supermerger": "Add difference", "sd-mecha": "add_difference"}),
     MethodSpec(
+        "add_rounded_difference", LazyFunction("interpolate.add_rounded_difference"), ("a", "b", "c"),
+        (_alpha("weight of the difference B - C"),
+         ParamSpec("bf16", bool, False, doc="round B - C to bf16 instead of fp16")),
+        "A + alpha·rnd(B - C), B - C rounded to fp16 first (SuperMerger's Add difference, 2023-07 to 2025-11).",
+        elementwise=True, identities=(Identity(0, (("alpha", 0.0),)),),
+        peers={"supermerger": "Add difference (2023-07 to 2025-11)"}),
+    MethodSpec(
         "triple_sum", LazyFunction("interpolate.triple_sum"), ("a", "b", "c"), (_alpha(), _BETA),
         "(1 - alpha - beta)·A + alpha·B + beta·C.", elementwise=True,
         linear=lambda p: (1.0 - p["alpha"] - p["beta"], p["alpha"], p["beta"]),

@@ -10,9 +10,11 @@ re-derived from its public code (the recipe layout is the same from 2023-04 to t
   `elemental_merge`, and the include/exclude setting under its own name ("Off", "Include", "Exclude");
 - which keys merge and with which block weight: the block rule of `arch.blocks` (convention `supermerger` since
   2025-11-27, `supermerger-2023` before); keys the rule leaves out keep A, with or without MBW;
-- arithmetic (normal): Weight sum `lerp(A, B, alpha)` in fp32 then back to A's dtype; Add difference
-  `A + alpha * (B - C)` with B - C rounded to B's dtype and, since 2025-11-27, the rest in A's dtype too
-  (fp16 inputs: fp16 arithmetic); Triple sum and sum Twice nested lerps; trainDifference in fp32.
+- arithmetic (calcmode normal), by version: until 2023-11-09 every mode in the tensors' own dtype (fp16 inputs:
+  fp16 arithmetic, one rounding per operation); from 2023-11-10 Weight sum, Triple sum and sum Twice as fp32
+  `torch.lerp` rounded back to A's dtype; Add difference in the tensors' dtype until 2025-01-19, from 2025-01-20
+  to 2025-11-26 with B - C rounded to B's dtype and the rest in fp32 (`add_rounded_difference`), and from
+  2025-11-27 in the tensors' dtype again; trainDifference in fp32.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from mergekit_sdxl.provenance.recipe_text import Flow, Noted
 TYPE = "sd-webui-supermerger"
 TOOL = "SuperMerger"
 RULE_CHANGE = "2025-11-27"  # SuperMerger commit 2cbd062: SDXL time_embed/label_emb -> IN00, fp16 add difference
+LERP_SINCE = "2023-11-10"  # ef63fce: weight sum, triple sum, sum twice as fp32 torch.lerp
+ROUNDED_DELTA_SINCE = "2025-01-20"  # 54e0ddc: add difference in fp32 with B - C kept in B's dtype
 SUPPORTED_CALCMODES = ("normal", "trainDifference")
 KNOWN_CALCMODES = ("normal", "cosineA", "cosineB", "trainDifference", "smoothAdd", "smoothAdd MT", "extract",
                    "tensor", "tensor2", "self", "plus random")
@@ -75,7 +79,11 @@ def reconstruct(recipe: Any, pub: PublishedFile, assume: Assumptions) -> Reconst
         sha = f.sha256(alias)
         name, legacy = recorded_name(lineage, sha)
         inputs.append(InputRef(alias, role, sha, None, name, legacy))
+    storage = _storage(pub, [ref.sha256 for ref in inputs], assume)
+    method, in_storage = _arithmetic(method, date)
     step: dict[str, Any] = {"method": method, **{ref.alias[-1]: ref.alias for ref in inputs}}
+    if method == "add_rounded_difference" and storage == "BF16":
+        step["bf16"] = True
     mbw = f.get("mbw", (bool, str), False) in (True, "True")
     step["alpha"] = _weights(f, "alpha", mbw, pub.arch)
     if method in ("triple_sum", "sum_twice"):
@@ -86,7 +94,7 @@ def reconstruct(recipe: Any, pub: PublishedFile, assume: Assumptions) -> Reconst
     data["models"] = {ref.alias: _model(ref) for ref in inputs}
     data["steps"] = {"merged": Noted(step, f'SuperMerger "{mode_name}" (sd_merge_recipe.mode / calcmode); alpha '
                                            "is the weight of B, as in SuperMerger")}
-    data["output"] = _output(pub, method, convention, [ref.sha256 for ref in inputs], assume)
+    data["output"] = _output(pub, method, in_storage, storage)
     header = [f"Reconstructed by `mergekit-sdxl recipe-from` from {pub.name}: sd_merge_recipe written by {TOOL} "
               f'(mode "{mode_name}", calcmode "{calcmode}", MBW {"on" if mbw else "off"}).']
     warnings = [] if date else [f"{pub.name}: SuperMerger does not record when it merged; assumed a version since "
@@ -155,21 +163,41 @@ def _convention_note(date: str | None, given: str | None) -> str:
     return f"SuperMerger's block rule of 2023-07-21 to {RULE_CHANGE}; merged {date} ({source})"
 
 
-def _output(pub: PublishedFile, method: str, convention: str, shas: list[str | None],
-            assume: Assumptions) -> dict[str, Any]:
+def _arithmetic(method: str, date: str | None) -> tuple[str, bool]:
+    """(our method, whether SuperMerger computed it in the inputs' own dtype) for the version of `date` (None: the
+    current version)."""
+    if method == "add_difference":
+        if date is not None and ROUNDED_DELTA_SINCE <= date < RULE_CHANGE:
+            return "add_rounded_difference", False
+        return method, True
+    if method in ("weighted_sum", "triple_sum", "sum_twice"):
+        return method, date is not None and date < LERP_SINCE
+    return method, False
+
+
+def _storage(pub: PublishedFile, shas: list[str | None], assume: Assumptions) -> str | None:
+    """The inputs' storage dtype: from the model index when every input is there, else the published file's (the
+    inputs most likely had the dtype the merge was saved in); None when the index shows mixed dtypes."""
+    known = [assume.input_dtype(sha) if sha else None for sha in shas]
+    if all(known):
+        return known[0] if len(set(known)) == 1 else None
+    return pub.dominant_dtype() if not any(known) else None
+
+
+def _output(pub: PublishedFile, method: str, in_storage: bool, storage: str | None) -> dict[str, Any]:
     saved = pub.dominant_dtype() or "F16"
     output: dict[str, Any] = {
         "path": Noted(f"{pub.path.stem}-reproduced.safetensors",
                       "a new name, so the reproduction never replaces the published file"),
         "dtype": Noted(DTYPE_NAMES.get(saved, "fp16"), "the published file's dtype")}
-    known = [assume.input_dtype(sha) if sha else None for sha in shas]
-    if all(known) and len(set(known)) == 1:
-        storage: str | None = known[0]
-    else:  # not indexed: the inputs most likely had the dtype the merge was saved in
-        storage = saved if not any(known) else None
-    if method == "add_difference" and convention == "supermerger" and storage in ("F16", "BF16"):
-        output["compute_dtype"] = Noted(DTYPE_NAMES[storage], "SuperMerger (since 2025-11-27) adds the difference "
-                                        "in the inputs' dtype, one rounding per operation: reproduced bit for bit")
+    if in_storage and storage in ("F16", "BF16"):
+        output["compute_dtype"] = Noted(DTYPE_NAMES[storage], "this SuperMerger version computes the mode in the "
+                                        "inputs' dtype, one rounding per operation: reproduced bit for bit")
+    elif method == "add_rounded_difference":
+        output["compute_dtype"] = Noted("fp32", "SuperMerger (2025-01-20 to 2025-11-26) kept B - C in the inputs' "
+                                        "dtype (add_rounded_difference) and added it in fp32: reproduced bit for bit")
+    elif in_storage:
+        output["compute_dtype"] = Noted("fp32", "SuperMerger computed in the inputs' dtype (fp32 here)")
     else:
         output["compute_dtype"] = Noted("fp32", "SuperMerger computes this mode in fp32 (torch.lerp) and rounds "
                                         "to the output dtype: expect at most a rounding step of difference")
