@@ -147,9 +147,10 @@ def _source(files: list[Path], recipe: Path | None, model_paths: tuple[str, ...]
         if pinpoint:
             raise _usage("--pinpoint sets a recipe parameter: give --recipe")
         return FileModels(files[0] if len(files) == 1 else None), ()
+    from mergekit_sdxl.index.resolve import resolve_recipe
     from mergekit_sdxl.recipe.load import load_recipe, parse_model_overrides
 
-    loaded = load_recipe(recipe, parse_model_overrides(model_paths))
+    loaded = resolve_recipe(load_recipe(recipe, parse_model_overrides(model_paths)))  # models named by hash
     arch = recipe_arch(loaded)
     blocks: tuple[str, ...] = ()
     if pinpoint:

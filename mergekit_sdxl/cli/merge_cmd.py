@@ -95,32 +95,14 @@ def _run(parsed, options, run_merge):  # noqa: ANN001, ANN202 - thin glue around
 
 def _by_hash(recipe, dirs: tuple[Path, ...], db: Path | None):  # noqa: ANN001, ANN202 - a Recipe
     """The recipe with models named by hash resolved through the model index (after indexing `dirs`)."""
-    import os
+    from mergekit_sdxl.index.resolve import resolve_recipe
 
-    hashed = [ref for ref in recipe.models.values()
-              if ref.autov2 or ref.autov3 or (ref.sha256 and (ref.path is None or not os.path.exists(ref.path)))]
-    if not hashed and not dirs:
-        return recipe
-    from mergekit_sdxl.index.resolve import resolve_models
-    from mergekit_sdxl.index.scan import plan_scan, run_scan
-    from mergekit_sdxl.index.store import ModelIndex, default_db_path
+    return resolve_recipe(recipe, dirs, db, progress=index_progress, warn=lambda m: console.info(f"warning: {m}"))
 
-    path = db or default_db_path()
-    if not dirs and not path.exists():  # nothing to look in: say so instead of creating an empty index
-        from mergekit_sdxl.errors import RecipeError
 
-        first = hashed[0]
-        raise RecipeError(f"{recipe.source}: models.{first.alias} is named by hash and there is no model index at "
-                          f"{path}: pass --models-dir DIR (or run `mergekit-sdxl index DIR` first)")
-    with ModelIndex(path) as index:
-        if dirs:
-            plan = plan_scan(index, dirs)
-            with console.byte_progress(f"indexing {len(plan.todo)} new or changed file(s)", plan.bytes_to_hash) \
-                    as advance:
-                report = run_scan(index, plan, advance)
-            for message in report.failed:
-                console.info(f"warning: {message}")
-        return resolve_models(recipe, index)
+def index_progress(plan):  # noqa: ANN001, ANN201 - a ScanPlan -> context manager yielding advance(n)
+    """The progress bar of an on-the-fly index scan."""
+    return console.byte_progress(f"indexing {len(plan.todo)} new or changed file(s)", plan.bytes_to_hash)
 
 
 def _verify(path: Path, published: Path, tolerance: float):  # noqa: ANN202

@@ -9,11 +9,14 @@ hash are an error listing the candidates; no match is an error naming the indexe
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from mergekit_sdxl.errors import RecipeError, UsageError
-from mergekit_sdxl.index.scan import refresh
-from mergekit_sdxl.index.store import Entry, ModelIndex, normalize_hex
+from mergekit_sdxl.index.scan import ScanPlan, plan_scan, refresh, run_scan
+from mergekit_sdxl.index.store import Entry, ModelIndex, default_db_path, normalize_hex
 from mergekit_sdxl.recipe.types import ModelRef, Recipe
 
 # recipe field -> (index column, what it is called, the fewest hex digits accepted)
@@ -127,3 +130,41 @@ def _agree(entry: Entry, given: dict[str, str], where: str, what: str) -> None:
             shown = actual[:len(value)] if actual else "none"
             raise RecipeError(f"{where}: {what} has {label} {shown}, not {value}: the hashes in the recipe "
                               "name different files")
+
+
+def needs_index(recipe: Recipe) -> list[ModelRef]:
+    """The models the index must find or check: named only by hash, by a path that does not exist, or with AutoV2 /
+    AutoV3 locators to check against their file."""
+    return [ref for ref in recipe.models.values() if ref.autov2 or ref.autov3
+            or (ref.sha256 and (ref.path is None or not os.path.exists(ref.path)))]
+
+
+def resolve_recipe(recipe: Recipe, dirs: Sequence[str | os.PathLike[str]] = (),
+                   db: str | os.PathLike[str] | None = None,
+                   progress: Callable[[ScanPlan], AbstractContextManager[Callable[[int], None]]] | None = None,
+                   warn: Callable[[str], None] | None = None) -> Recipe:
+    """`recipe` with its models named by hash resolved, after indexing `dirs` (incrementally) into `db`.
+
+    What commands that load recipes call before planning. Without `dirs` and without an existing index, a model
+    named by hash is a RecipeError (no empty index is created just to fail a lookup).
+
+    Args:
+        progress: given the scan plan, a context manager yielding `advance(n_bytes)` (a progress bar).
+        warn: receives one line per file that could not be indexed.
+    """
+    hashed = needs_index(recipe)
+    if not hashed and not dirs:
+        return recipe
+    path = Path(db) if db is not None else default_db_path()
+    if not dirs and not path.exists():
+        raise RecipeError(f"{recipe.source}: models.{hashed[0].alias} is named by hash and there is no model index "
+                          f"at {path}: pass --models-dir DIR (or run `mergekit-sdxl index DIR` first)")
+    with ModelIndex(path) as index:
+        if dirs:
+            plan = plan_scan(index, dirs)
+            with progress(plan) if progress is not None else nullcontext(None) as advance:
+                report = run_scan(index, plan, advance)
+            for message in report.failed:
+                if warn is not None:
+                    warn(message)
+        return resolve_models(recipe, index)
