@@ -18,6 +18,7 @@ from mergekit_sdxl.cli.main import main
 from mergekit_sdxl.index.store import ModelIndex
 from mergekit_sdxl.provenance.verify import distance
 
+POS_IDS = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
 KOHAKU_MBW = "0,0.1,0.1,0,0.1,0.1,0,0.1,0.1,0,0,0,0,0,0.05,0.05,0.05,0.05,0.05,0.05"
 ADD_MBW = "0.5,1,1,0.8,1,1,0.6,1,1,0,0.5,0.5,0.5,0.5,0.25,0.5,1,0.5,0.5,0.2"
 
@@ -41,7 +42,13 @@ def models(tmp_path_factory) -> dict[str, Path]:
     write_test_checkpoint(b, seed=12, like=a, delta="noise:0.05")
     c = folder / "tuned-c.safetensors"
     write_test_checkpoint(c, seed=13, like=a, delta="noise:0.05")
-    return {"dir": folder, "a": a, "b": b, "c": c}
+    sd1 = folder / "sd1-base.safetensors"  # with the optional keys: scheduler buffers, EMA, markers
+    write_test_checkpoint(sd1, arch="sd15", size="tiny", seed=21, include_optional=True)
+    sd1b = folder / "sd1-tuned.safetensors"
+    write_test_checkpoint(sd1b, seed=22, like=sd1, delta="noise:0.05")
+    sd1c = folder / "sd1-other.safetensors"
+    write_test_checkpoint(sd1c, seed=23, like=sd1, delta="noise:0.05")
+    return {"dir": folder, "a": a, "b": b, "c": c, "sd1a": sd1, "sd1b": sd1b, "sd1c": sd1c}
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +69,16 @@ CASES = {
                                                                    KOHAKU_MBW),
     "supermerger-add-difference-mbw": lambda m, out: supermerger_merge(out, m["a"], m["b"], m["c"],
                                                                        "Add difference", ADD_MBW),
+    "a1111-sd1-add-difference": lambda m, out: a1111_merge(out, m["sd1a"], m["sd1b"], m["sd1c"], "Add difference",
+                                                           0.45),
     "supermerger-2025-06-add-difference-mbw": lambda m, out: supermerger_merge(out, m["a"], m["b"], m["c"],
                                                                                "Add difference", ADD_MBW,
                                                                                version="2025-01"),
 }
 DATES = {"supermerger-2025-06-add-difference-mbw": "2025-06-01"}  # SuperMerger records none: given to recipe-from
 # largest distance expected in fp16 ulps: SuperMerger's weight sum is an fp32 torch.lerp (one rounding of its own)
-EXPECTED_ULPS = {"a1111-weighted-sum": 0, "a1111-add-difference": 0, "supermerger-weight-sum-mbw": 1,
+EXPECTED_ULPS = {"a1111-weighted-sum": 0, "a1111-add-difference": 0, "a1111-sd1-add-difference": 0,
+                 "supermerger-weight-sum-mbw": 1,
                  "supermerger-add-difference-mbw": 0, "supermerger-2025-06-add-difference-mbw": 0}
 
 
@@ -92,8 +102,14 @@ def test_published_merge_is_reproduced(tmp_path, capsys, models, index_db, case)
     assert set(mine) == set(theirs)
     worst = max(distance(mine[k], theirs[k], "F16", 0)[0] for k in theirs if theirs[k].is_floating_point())
     assert worst == EXPECTED_ULPS[case]
-    if EXPECTED_ULPS[case] == 0:  # bit-identical values: only A1111's float position_ids keep AutoV3 apart
+    if EXPECTED_ULPS[case] == 0:
         assert verdict["identical"]
+    # A1111's arithmetic turns integer keys it merges into floats (SDXL position_ids, SD1 model_ema.num_updates);
+    # the reproduction keeps the integers: same values, another dtype, so only there the AutoV3 differs
+    floated = [k.split(" ")[0] for k in verdict["dtype_mismatch"]]
+    assert floated == {"a1111-weighted-sum": [POS_IDS], "a1111-add-difference": [POS_IDS],
+                       "a1111-sd1-add-difference": ["model_ema.num_updates"]}.get(case, [])
+    assert verdict["autov3_match"] == (EXPECTED_ULPS[case] == 0 and not floated)
 
 
 def test_the_reproduction_depends_on_what_the_metadata_says(tmp_path, capsys, models, index_db):
