@@ -1,8 +1,8 @@
 """Exception classes. Each carries the process exit code the CLI returns for it.
 
 Exit codes (documented in README): 1 internal error, 2 usage, 3 recipe, 4 checkpoint / architecture,
-5 device, 6 output (disk full, refusing to overwrite), 7 mismatch (`merge --verify-against`),
-130 interrupted.
+5 device, 6 output (disk full, refusing to overwrite), 7 mismatch (`merge --verify-against`), 128 + signal
+number when interrupted (130 SIGINT, 143 SIGTERM, 129 SIGHUP; io/signals.py).
 """
 
 from __future__ import annotations

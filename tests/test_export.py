@@ -149,8 +149,10 @@ def test_refusals(exported: dict[str, Path], tiny_sdxl: Path, tmp_path: Path) ->
         export_diffusers(tiny_sdxl, exported["sdxl"])
     plain = tmp_path / "plain"
     plain.mkdir()
-    with pytest.raises(OutputError, match="not an exported pipeline folder"):
+    (plain / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not written by mergekit-sdxl"):
         export_diffusers(tiny_sdxl, plain, overwrite=True)
+    assert (plain / "notes.txt").read_text() == "mine"
     with pytest.raises(UsageError, match="fp8"):
         export_diffusers(tiny_sdxl, tmp_path / "x", dtype="fp8_e4m3fn")
     assert not (tmp_path / "x").exists()

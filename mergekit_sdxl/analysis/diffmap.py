@@ -4,11 +4,13 @@ the title names both files."""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
 
 from mergekit_sdxl.arch.parts import COMPONENT_TITLES, part_order
+from mergekit_sdxl.io.commit import write_file
 
 ROWS = ("unet", "clip_l", "clip_g", "vae")
 STOPS = ((255, 255, 255), (253, 174, 97), (215, 25, 28), (103, 0, 31))  # white -> orange -> red -> dark red
@@ -25,8 +27,9 @@ def colour(t: float) -> tuple[int, int, int]:
     return tuple(round(a + (b - a) * f) for a, b in zip(STOPS[i], STOPS[i + 1]))  # type: ignore[return-value]
 
 
-def heatmap(result: Any, path: str | Path) -> Path:
-    """Draw `result` (a DiffResult) to `path` and return it."""
+def heatmap(result: Any, path: str | Path, overwrite: bool = False) -> Path:
+    """Draw `result` (a DiffResult) to `path` and return it; written like every output (io/commit.py: atomic,
+    never onto an input, no clobbering without `overwrite`)."""
     from PIL import Image, ImageDraw, ImageFont
 
     font, small = ImageFont.load_default(size=FONT), ImageFont.load_default(size=FONT - 2)
@@ -48,7 +51,9 @@ def heatmap(result: Any, path: str | Path) -> Path:
         _draw_row(image, draw, y, component, cells, top_value, font, small, label_w, name_h)
         y += name_h + CELL + 8
     _colour_bar(draw, 8, y + 4, min(360, image.width - 16), top_value, small)
-    image.save(path, pnginfo=_info(result, top_value))
+    png = io.BytesIO()
+    image.save(png, format="PNG", pnginfo=_info(result, top_value))
+    write_file(path, png.getvalue(), overwrite=overwrite)
     return Path(path)
 
 

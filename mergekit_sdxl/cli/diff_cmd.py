@@ -20,10 +20,11 @@ CONVENTIONS = ("supermerger", "supermerger-2023", "sd-mecha")
 @click.option("--heatmap", type=click.Path(dir_okay=False, path_type=Path), callback=output_path,
               help="Heatmap PNG path (default: diff-<A>-<B>.png in the current folder).")
 @click.option("--no-heatmap", is_flag=True, help="Do not write the heatmap PNG.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing heatmap file.")
 @click.option("--convention", type=click.Choice(CONVENTIONS), default="supermerger", show_default=True,
               help="Key -> MBW block rule.")
 def command(model_a: Path, model_b: Path, as_json: bool, heatmap: Path | None, no_heatmap: bool,
-            convention: str) -> None:
+            overwrite: bool, convention: str) -> None:
     """Compare MODEL_B against MODEL_A per MBW block: ||B - A|| / ||A|| and cosine similarity.
 
     Streams both files at disk speed, a few tensors at a time (memory stays small whatever the model size).
@@ -33,13 +34,18 @@ def command(model_a: Path, model_b: Path, as_json: bool, heatmap: Path | None, n
     from mergekit_sdxl.analysis.blockdiff import diff_checkpoints
     from mergekit_sdxl.analysis.diffmap import heatmap as draw_heatmap
 
+    target = None if no_heatmap else heatmap or Path(f"diff-{model_a.stem}-{model_b.stem}.png")
+    if target is not None:  # an unusable heatmap path is refused before the comparison
+        from mergekit_sdxl.io.commit import check_target
+
+        check_target(target, overwrite=overwrite, inputs=(model_a, model_b))
     console.info(f"comparing {model_b.name} against {model_a.name}")
     result = diff_checkpoints(model_a, model_b, convention)
     console.info(f"read {result.bytes_read / 1e9:.2f} GB in {result.seconds:.1f} s")
     rows = [r for r in result.rows() if r["kind"] != "part"]
     image = None
-    if not no_heatmap:
-        image = draw_heatmap(result, heatmap or Path(f"diff-{model_a.stem}-{model_b.stem}.png"))
+    if target is not None:
+        image = draw_heatmap(result, target, overwrite=overwrite)
     if as_json:
         click.echo(json.dumps({"arch": result.arch, "a": str(model_a), "b": str(model_b), "rows": result.rows(),
                                "only_in_a": result.only_in_a, "only_in_b": result.only_in_b,

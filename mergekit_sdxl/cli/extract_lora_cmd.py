@@ -75,6 +75,10 @@ def command(base: Path, tuned: Path, output: Path, rank: int, conv_rank: int, dy
         status = f"rank {row.rank:3d} energy {row.energy:.4f}" if row.kept else f"dropped: {row.reason}"
         console.verbose(f"[{done}/{total}] {row.name}: {status} (|dW|/|W| {row.rel_change:.2e})")
 
+    if report_path is not None:  # refuse an unusable report path before the extraction, not after it
+        from mergekit_sdxl.io.commit import check_target
+
+        check_target(report_path, overwrite=overwrite, inputs=(base, tuned))
     hashes = None if no_hash else _hashes
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -85,8 +89,10 @@ def command(base: Path, tuned: Path, output: Path, rank: int, conv_rank: int, dy
     _print_summary(report)
     if report_path is not None:
         rows = [row.__dict__ for row in report.layers]
-        report_path.write_text(json.dumps({"summary": report.summary(), "layers": rows}, indent=1, sort_keys=True),
-                               encoding="utf-8")
+        from mergekit_sdxl.io.commit import write_file
+
+        write_file(report_path, json.dumps({"summary": report.summary(), "layers": rows}, indent=1,
+                                           sort_keys=True).encode(), overwrite=overwrite)
 
 
 def _hashes(path: Path) -> dict[str, str | None]:

@@ -71,12 +71,13 @@ AXIS_HELP = ("KIND=V1,V2,... (';' between values that hold commas). KIND: model,
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), callback=output_path,
               default=Path("grid-out"),
               show_default=True, help="Output folder: grid.png, index.html and one PNG per cell.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is an earlier output folder of this tool.")
 def command(more_models: tuple[Path, ...], models: tuple[Path, ...], recipe: Path | None, x_axis: tuple[str, ...],
             y_axis: tuple[str, ...], z_axis: tuple[str, ...], pinpoint: str | None, sweep: str | None,
             model_paths: tuple[str, ...], prompts: tuple[str, ...], negative: str, seeds: str, steps: int,
             cfg: float, sampler: str, schedule: str, rng: str, embeddings_dir: Path | None, lora_dir: Path | None,
             size: str | None, clip_skip: int, device: str, dtype: str, batch_size: int, diff: bool, dry_run: bool,
-            out: Path) -> None:
+            out: Path, overwrite: bool) -> None:
     """Render an XY(Z) preview grid, SuperMerger-style: any recipe parameter, single blocks, models, seeds,
     prompts or sampler settings along --x (columns), --y (rows) and --z (pages).
 
@@ -113,7 +114,8 @@ def command(more_models: tuple[Path, ...], models: tuple[Path, ...], recipe: Pat
     if dry_run:
         _dry_run(plan, source, params)
         return
-    _render(plan, params, seed_list[0], source, out, device, dtype, batch_size, title, diff, lora_dir, embeddings_dir)
+    _render(plan, params, seed_list[0], source, out, device, dtype, batch_size, title, diff, lora_dir, embeddings_dir,
+            overwrite)
 
 
 def _device_type(device: str) -> str:
@@ -234,9 +236,10 @@ def _dry_run(plan: Any, source: Any, params: Any) -> None:
 
 
 def _render(plan: Any, params: Any, seed: int, source: Any, out: Path, device: str, dtype: str, batch_size: int,
-            title: str, diff: bool, lora_dir: Path | None = None, embeddings_dir: Path | None = None) -> None:
+            title: str, diff: bool, lora_dir: Path | None = None, embeddings_dir: Path | None = None,
+            overwrite: bool = False) -> None:
     from mergekit_sdxl.sampler.grid import run_grid
-    from mergekit_sdxl.sampler.report import write_report
+    from mergekit_sdxl.sampler.report import REPORT, write_report
 
     total = len(plan.cells)
     console.info(f"{total} cell(s), {len(plan.by_model())} model(s)")
@@ -244,13 +247,15 @@ def _render(plan: Any, params: Any, seed: int, source: Any, out: Path, device: s
     def report(event: Any) -> None:
         console.info(f"[{event.index}/{event.total}] {event.label} -> {event.path.name}")
 
+    def finish(staged: Any, folder: Path) -> None:  # inside the temporary folder: the report lands with the grid
+        console.info(f"{total} cell(s): {staged.seconds_per_cell:.1f} s per cell; {staged.seconds_loading:.1f} s "
+                     f"loading/merging {len(staged.models)} model(s)")
+        write_report(staged, folder, _diffs(staged.models) if diff else [])
+
     result = run_grid(plan, params, seed, source, out, _slot(device, dtype), batch_size=batch_size, title=title,
-                      on_cell=report, notify=console.info, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
-    console.info(f"{total} cell(s): {result.seconds_per_cell:.1f} s per cell; {result.seconds_loading:.1f} s "
-                 f"loading/merging {len(result.models)} model(s)")
-    heat = _diffs(result.models) if diff else []
-    page = write_report(result, out, heat)
-    console.info(f"grid: {result.grid}; report: {page}")
+                      on_cell=report, notify=console.info, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                      overwrite=overwrite, finish=finish)
+    console.info(f"grid: {result.grid}; report: {out / REPORT}")
     click.echo(str(result.grid))
 
 

@@ -69,37 +69,56 @@ def cli(quiet: bool, verbose: bool, debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: runs the group and maps errors to one stderr line and an exit code."""
-    from mergekit_sdxl.platform.signals import handle_console_break
+    """Entry point: runs the group and maps errors to one stderr line and an exit code.
+
+    Every command runs with SIGINT/SIGTERM/SIGHUP (and Ctrl-Break on Windows) turned into a clean stop (temporary
+    output removed, exit 128 + signal; 130 for the console's interrupt keys) and with one set of "everything this
+    run reads" that no output may replace (io/signals.py, io/inputs.py).
+    """
+    from mergekit_sdxl.io import inputs, signals
     from mergekit_sdxl.platform.text import make_streams_safe
 
     make_streams_safe()  # a cp1252 or ASCII console gets ASCII stand-ins instead of UnicodeEncodeError
-    handle_console_break()  # Ctrl-Break on Windows: like Ctrl-C (temporary files removed, exit code 130)
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    # the real process keeps recording (not raising) late signals until it exits: no "Exception ignored" at exit
+    with signals.handling(restore=argv is not None), inputs.run_scope():
+        code = _run(argv, debug)
+    sys.exit(code)
+
+
+def _run(argv: list[str] | None, debug: bool) -> int:
+    from mergekit_sdxl.io.signals import Interrupted
+
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        cli.main(args=argv, prog_name="mergekit-sdxl", standalone_mode=False)
+        # not cli.main(): it turns every KeyboardInterrupt into a bare Abort (after printing a blank line), and the
+        # signal that stopped the run decides the exit code here
+        with cli.make_context("mergekit-sdxl", args) as ctx:
+            cli.invoke(ctx)
     except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except click.Abort:
-        _fail("interrupted", 130)
+        return _fail("interrupted: no output was written", 130)
     except click.ClickException as exc:
         exc.show()
-        sys.exit(2)
+        return 2
     except MergekitError as exc:
         if debug:
             raise
-        _fail(f"error: {exc}", exc.exit_code)
+        return _fail(f"error: {exc}", exc.exit_code)
+    except Interrupted as exc:
+        return _fail(f"interrupted ({exc.name}): no output was written", exc.exit_code)
     except KeyboardInterrupt:
-        _fail("interrupted: no output was written", 130)
+        return _fail("interrupted: no output was written", 130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if debug:
             raise
         if isinstance(exc, UnicodeEncodeError) and not _is_unicode(sys.getfilesystemencoding()):
-            _fail(f"error: a file name cannot be written in this system's file name encoding "
-                  f"({sys.getfilesystemencoding()}): {exc.object[exc.start : exc.end]!a}; use a UTF-8 locale "
-                  "(LANG=C.UTF-8) or set PYTHONUTF8=1", 2)
-        _fail(f"internal error: {type(exc).__name__}: {exc} (re-run with --debug for a traceback)", 1)
-    sys.exit(0)
+            return _fail(f"error: a file name cannot be written in this system's file name encoding "
+                         f"({sys.getfilesystemencoding()}): {exc.object[exc.start : exc.end]!a}; use a UTF-8 locale "
+                         "(LANG=C.UTF-8) or set PYTHONUTF8=1", 2)
+        return _fail(f"internal error: {type(exc).__name__}: {exc} (re-run with --debug for a traceback)", 1)
+    return 0
 
 
 def _is_unicode(encoding: str) -> bool:
@@ -108,9 +127,9 @@ def _is_unicode(encoding: str) -> bool:
     return is_unicode(encoding)
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> int:
     click.echo(message.replace("\n", " "), err=True)
-    sys.exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 from mergekit_sdxl.engine.evaluate import KeyEvaluator
 from mergekit_sdxl.engine.memory import empty_bytes
 from mergekit_sdxl.io.reader import Checkpoint
+from mergekit_sdxl.io.signals import critical
 from mergekit_sdxl.recipe.nodes import KeyPlan, loads_of
 
 DEFAULT_BUDGET = 512 << 20
@@ -138,8 +139,11 @@ def run_pipeline(keys: Sequence[KeyPlan], readers: Mapping[str, Checkpoint], sin
         stop.set()
         raise
     finally:
-        _put(to_write, _DONE, stop, force=True)
-        _join(io_threads)
+        # every thread has ended before we return or raise (a stop signal included): a daemon thread still inside
+        # torch while the interpreter shuts down can abort the process; each finishes at most its current key
+        with critical():
+            _put(to_write, _DONE, stop, force=True)
+            _join(io_threads + computers)
         torch.set_num_threads(intra_op)
     if errors:
         raise errors[0]

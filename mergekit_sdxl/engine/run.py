@@ -28,6 +28,7 @@ from mergekit_sdxl.engine.pipeline import DEFAULT_BUDGET, Progress, RunStats, ru
 from mergekit_sdxl.errors import ArchError, CheckpointError, RecipeError, UsageError
 from mergekit_sdxl.io.dtypes import SCALED_MARKER, is_scalable, scale_key, torch_dtype
 from mergekit_sdxl.io.hashes import FileHashes
+from mergekit_sdxl.io.inputs import note_read
 from mergekit_sdxl.io.metadata import InputRecord, merge_metadata
 from mergekit_sdxl.io.reader import Checkpoint, open_checkpoint
 from mergekit_sdxl.io.writer import SafetensorsWriter, TensorSpec
@@ -77,7 +78,10 @@ class MergeResult:
 
 
 def open_inputs(recipe: Recipe, stack: ExitStack) -> dict[str, Checkpoint]:
-    """Open every model of the recipe (header only); errors name the alias and file."""
+    """Open every model of the recipe (header only); errors name the alias and file. The recipe file and every
+    model are noted as read by this run (io/inputs.py), so no output can replace them."""
+    if Path(recipe.source).is_file():
+        note_read(recipe.source)
     readers: dict[str, Checkpoint] = {}
     for alias, ref in recipe.models.items():
         if ref.path is None:

@@ -5,27 +5,25 @@
   markers switch the scheduler to v-prediction / zero terminal SNR (Euler, trailing spacing).
 - `tokenizer/`, `tokenizer_2/`: the shipped CLIP BPE files (`sampler/tokenizer/`); `tokenizer_2` pads with `!`
   as the official SDXL repository does.
-- A folder is written under `.<name>.<pid>.mergekit-tmp` next to the target and renamed into place at the end: an
-  error or Ctrl-C leaves nothing under the target name. `overwrite` replaces only a folder that is itself an
-  export (it has a `model_index.json`), never an arbitrary folder.
+- A folder is written under `.<name>.<pid>.mergekit-tmp` next to the target and renamed into place at the end
+  (io/commit.py): an error or a stop signal leaves nothing under the target name. `overwrite` replaces only a
+  folder this tool wrote (its manifest lists every file in it) and that holds no input.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 
 from mergekit_sdxl.arch.configs import load_config
-from mergekit_sdxl.errors import OutputError
-from mergekit_sdxl.platform.names import check_output_name
+from mergekit_sdxl.io import commit
 from mergekit_sdxl.sampler.tokens import TOKENIZER_DIR
 
-TEMP_SUFFIX = ".mergekit-tmp"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "LICENSE")
 SPECIAL = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
 
@@ -85,37 +83,7 @@ def write_common(folder: Path, arch: str, markers: tuple[str, ...]) -> None:
         write_tokenizer(folder / "tokenizer_2", "!")
 
 
-def check_target(out: Path, overwrite: bool) -> None:
-    """OutputError unless `out` can be written (absent, or an export folder and `overwrite`)."""
-    check_output_name(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder")
-    if out.is_dir():
-        if not overwrite:
-            raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
-        if not (out / "model_index.json").is_file():
-            raise OutputError(f"{out}: exists and is not an exported pipeline folder (no model_index.json); "
-                              "refusing to replace it")
-    if not out.parent.is_dir():
-        raise OutputError(f"{out.parent}: output folder does not exist")
-
-
-@contextmanager
-def staged_folder(out: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to `out`; on success it replaces `out`, on any error it is removed."""
-    out = Path(out)
-    check_target(out, overwrite)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}{TEMP_SUFFIX}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = out.with_name(f".{out.name}.{os.getpid()}.old{TEMP_SUFFIX}")
-        if out.exists():
-            check_target(out, overwrite)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def staged_folder(out: str | os.PathLike[str], overwrite: bool = False) -> contextlib.AbstractContextManager[Path]:
+    """A fresh temporary folder next to `out` that becomes `out` on success and is removed on any error or signal
+    (io/commit.py: `overwrite` replaces only a folder this tool wrote that holds no input)."""
+    return commit.staged_folder(out, overwrite=overwrite)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mergekit_sdxl.errors import CheckpointError
 from mergekit_sdxl.io.dtypes import DTYPES, torch_dtype
+from mergekit_sdxl.io.inputs import note_read
 from mergekit_sdxl.io.posio import PositionalFile
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so header-only use stays fast
@@ -296,6 +297,7 @@ def _open_regular(path: Path) -> int:
         raise CheckpointError(f"{path}: is {what}, not a checkpoint file")
     if hasattr(os, "O_NONBLOCK"):
         os.set_blocking(fd, True)
+    note_read(path, fd)  # no output of this run may land on it (io/inputs.py)
     return fd
 
 
@@ -359,4 +361,5 @@ def _open_folder(p: Path) -> CheckpointReader:
         raise CheckpointError(f"{p}: is a folder; diffusers folders are not supported yet")
     from mergekit_sdxl.io import diffusers_folder
 
+    note_read(p)  # the folder and every file in it
     return diffusers_folder.open_diffusers_folder(p)

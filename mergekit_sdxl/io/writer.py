@@ -7,15 +7,17 @@ rank then key (`safetensors_order`), compact JSON with `__metadata__` first, the
 multiple of 8 bytes. The one deliberate difference: metadata keys are sorted (save_file's order is random), so
 equal inputs give byte-identical files (and equal AutoV2 hashes).
 
-Data safety: bytes go to `.<name>.<pid>.mergekit-tmp` in the target folder; commit = fsync, os.replace, fsync of
-the folder. Any exception inside the `with` block (Ctrl-C included) removes the temporary file, so no partial
-output is ever left under the real name. Inputs are never overwritten; an existing output only with overwrite.
-Temporary files of dead processes for the same output name (left by a crash or SIGKILL) are removed when the
-next writer for that name opens (`cleanup_stale_temps`).
+Data safety: bytes go to `.<name>.<pid>.mergekit-tmp` in the target folder; commit = fsync, then io/commit.py's
+`commit_file` (no-clobber rename unless overwrite, never onto anything the run reads, atomic w.r.t. signals).
+Any exception inside the `with` block (Ctrl-C, SIGTERM, SIGHUP included) removes the temporary file, so no partial
+output is ever left under the real name. Temporary files of dead processes for the same output name (left by a
+crash or SIGKILL) are removed when the next writer for that name opens (`cleanup_stale_temps`).
 
 Test hook (crash-safety tests only): when the environment variable MERGEKIT_TEST_KILL_AT is set to one of
 `header`, `tensor:N` (after the N-th tensor written, 1-based), `before_fsync`, `after_fsync`, `before_rename`,
-`after_rename`, the process SIGKILLs itself at that point. Unset (always, outside tests) it does nothing.
+`in_commit` (io/commit.py: just after the rename, inside the commit), `after_rename`, the process SIGKILLs itself
+at that point (or sends itself another signal: `tensor:3=SIGTERM`). Unset (always, outside tests) it does
+nothing.
 """
 
 from __future__ import annotations
@@ -24,8 +26,6 @@ import errno
 import json
 import math
 import os
-import re
-import signal
 import struct
 import threading
 from collections.abc import Iterable, Mapping
@@ -35,21 +35,23 @@ from pathlib import Path
 import torch
 
 from mergekit_sdxl.errors import OutputError
+from mergekit_sdxl.io import signals
+from mergekit_sdxl.io.commit import (
+    KILL_ENV,
+    TEMP_SUFFIX,
+    _test_kill,
+    check_target,
+    cleanup_stale_temps,
+    commit_file,
+    remove,
+    temp_path,
+)
 from mergekit_sdxl.io.dtypes import DTYPES, code_of
 from mergekit_sdxl.io.posio import PositionalFile
-from mergekit_sdxl.platform.names import check_output_name
-from mergekit_sdxl.platform.process import pid_alive, replace_failure
 from mergekit_sdxl.platform.text import from_os
 
-TEMP_SUFFIX = ".mergekit-tmp"
-KILL_ENV = "MERGEKIT_TEST_KILL_AT"
-
-
-def _test_kill(point: str) -> None:
-    """The crash-test hook (module docstring): SIGKILL this process if MERGEKIT_TEST_KILL_AT names `point`
-    (Windows has no SIGKILL; there os.kill with 9 calls TerminateProcess, the same abrupt end)."""
-    if os.environ.get(KILL_ENV) == point:
-        os.kill(os.getpid(), getattr(signal, "SIGKILL", 9))
+__all__ = ["TEMP_SUFFIX", "SafetensorsWriter", "TensorSpec", "build_header", "cleanup_stale_temps", "save_file",
+           "safetensors_order", "temp_path"]
 
 
 @dataclass(frozen=True)
@@ -113,38 +115,6 @@ def build_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None
     return struct.pack("<Q", len(raw)) + raw, {k: start + o for k, o in offsets.items()}
 
 
-def temp_path(path: Path) -> Path:
-    """The temporary name this process writes `path` under."""
-    return path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
-
-
-def cleanup_stale_temps(folder: str | os.PathLike[str], outname: str) -> list[Path]:
-    """Remove `.<outname>.<pid>.mergekit-tmp` files in `folder` whose process no longer runs.
-
-    Returns:
-        The removed paths.
-    """
-    pattern = re.compile(rf"\.{re.escape(outname)}\.(\d+){re.escape(TEMP_SUFFIX)}")
-    removed = []
-    for entry in Path(folder).iterdir():
-        match = pattern.fullmatch(entry.name)
-        if match and not _pid_alive(int(match.group(1))):
-            entry.unlink(missing_ok=True)
-            removed.append(entry)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    return pid_alive(pid)  # never os.kill(pid, 0) on Windows: that sends Ctrl-C (platform/process.py)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 class SafetensorsWriter:
     """Write a safetensors file whose tensors are announced up front.
 
@@ -175,7 +145,9 @@ class SafetensorsWriter:
                  inputs: Iterable[str | os.PathLike[str]] = (), order: str = "safetensors",
                  preallocate: bool = True, header_slack: int = 0) -> None:
         self.path = Path(path)
-        self._check_target(overwrite, [Path(p) for p in inputs])
+        self._overwrite = overwrite
+        self._inputs = [Path(p) for p in inputs]
+        check_target(self.path, overwrite=overwrite, inputs=self._inputs)
         specs = list(specs)
         if order == "safetensors":
             specs = safetensors_order(specs)
@@ -192,18 +164,6 @@ class SafetensorsWriter:
         self._lock = threading.Lock()
         self._file: PositionalFile | None = None
 
-    def _check_target(self, overwrite: bool, inputs: list[Path]) -> None:
-        check_output_name(self.path)
-        for p in inputs:
-            if _same_file(self.path, p) or self.path.resolve() == p.resolve():
-                raise OutputError(f"{self.path}: is one of the inputs; refusing to overwrite an input")
-        if self.path.is_dir():
-            raise OutputError(f"{self.path}: is a folder; give an output file name")
-        if self.path.exists() and not overwrite:
-            raise OutputError(f"{self.path}: already exists; pass --overwrite to replace it")
-        if not self.path.parent.is_dir():
-            raise OutputError(f"{self.path.parent}: output folder does not exist")
-
     def __enter__(self) -> SafetensorsWriter:
         self.open()
         return self
@@ -216,22 +176,20 @@ class SafetensorsWriter:
 
     def open(self) -> None:
         """Remove stale temporaries of this output, create the temporary file, reserve its size, write the header."""
+        cleanup_stale_temps(self.path.parent, self.path.name)
         try:
-            cleanup_stale_temps(self.path.parent, self.path.name)
-        except OSError:
-            pass  # an unreadable folder fails just below with a clear message
-        try:
-            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-            self._file = PositionalFile(fd, writable=True)
+            with signals.critical():  # the file is kept (for abort) before any signal can act
+                fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+                self._file = PositionalFile(fd, writable=True)
         except OSError as exc:
             raise OutputError(f"{self.tmp}: cannot create the temporary output: {exc.strerror}") from None
         try:
             self._reserve()
             self._pwrite(memoryview(self.header), 0, "the header")
-        except BaseException:
+            _test_kill("header")
+        except BaseException:  # __exit__ does not run when __enter__ fails: clean up here
             self.abort()
             raise
-        _test_kill("header")
 
     def _reserve(self) -> None:
         assert self._file is not None
@@ -308,7 +266,8 @@ class SafetensorsWriter:
         return [k for k in self.specs if k not in self._written]
 
     def commit(self) -> None:
-        """Check every tensor was written, fsync, rename over the target, fsync the folder."""
+        """Check every tensor was written, fsync, close, then io/commit.py's commit_file (no-clobber rename unless
+        overwrite, re-checked against the inputs, atomic with respect to stop signals, folder fsynced)."""
         missing = self.pending()
         if missing:
             self.abort()
@@ -321,32 +280,23 @@ class SafetensorsWriter:
             self._file.close()  # Windows cannot rename a file that is still open
             self._file = None
             _test_kill("before_rename")
-            os.replace(self.tmp, self.path)
         except OSError as exc:
             self.abort()
-            raise OutputError(replace_failure(exc, self.path)) from None  # Windows: target open elsewhere
+            reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
+            raise OutputError(f"{self.path}: finishing the file failed: {reason}") from None
+        except BaseException:  # a stop signal before the rename: nothing is left
+            self.abort()
+            raise
+        commit_file(self.tmp, self.path, overwrite=self._overwrite, inputs=self._inputs)
         _test_kill("after_rename")
-        _fsync_dir(self.path.parent)
 
     def abort(self) -> None:
-        """Close and remove the temporary file (idempotent)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self.tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on folders; the rename itself already happened
-    finally:
-        os.close(fd)
+        """Close and remove the temporary file (idempotent; a stop signal cannot cut it short)."""
+        with signals.critical():
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            remove(self.tmp)
 
 
 def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str],

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mergekit_sdxl.errors import UsageError
+from mergekit_sdxl.io.commit import staged_folder
 from mergekit_sdxl.sampler.axes import Setting
 from mergekit_sdxl.sampler.gridmodels import GridModel
 from mergekit_sdxl.sampler.gridplan import Cell, GridPlan, describe_settings
@@ -75,7 +76,8 @@ class GridResult:
 def run_grid(plan: GridPlan, base: GenParams, seed: int, source: ModelSource, out_dir: str | Path,
              slot: ModelSlot, *, batch_size: int = 4, title: str = "",
              on_cell: Callable[[CellEvent], None] | None = None, notify: Callable[[str], None] = print,
-             lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None) -> GridResult:
+             lora_dir: str | Path | None = None, embeddings_dir: str | Path | None = None,
+             overwrite: bool = False, finish: Callable[[GridResult, Path], None] | None = None) -> GridResult:
     """Render every cell of `plan` and write the cell PNGs and the labelled grid; see the module docstring.
 
     Args:
@@ -83,15 +85,39 @@ def run_grid(plan: GridPlan, base: GenParams, seed: int, source: ModelSource, ou
         base: settings of every cell before its axes apply (width/height 0: the model's default size).
         seed: the seed of cells no axis gives one.
         source: turns model settings into weights (files or recipe variants).
-        out_dir: the folder to write into (created).
+        out_dir: the folder to write: filled under a temporary name and swapped in when complete (io/commit.py),
+            so an error or a stop signal leaves nothing; `overwrite` replaces only an earlier output folder of
+            this tool (never an input or a folder holding other files).
+        finish: called with the result and the temporary folder before it is committed, to add files to it
+            (e.g. index.html); its paths are the temporary ones.
         slot: where models are loaded (device, dtypes).
         title: the grid's title line.
         lora_dir: where `<lora:NAME:...>` in prompts finds NAME.
         embeddings_dir: textual-inversion embeddings used by name in prompts.
     """
-    out = Path(out_dir)
+    final = Path(out_dir)
     groups = check_plan(plan, base, source)
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_folder(final, overwrite=overwrite) as out:
+        result = _render(plan, base, seed, source, out, slot, groups, batch_size, title, on_cell, notify, lora_dir,
+                         embeddings_dir)
+        if finish is not None:
+            finish(result, out)
+    return _moved(result, out, final)
+
+
+def _moved(result: GridResult, tmp: Path, final: Path) -> GridResult:
+    """The result with its paths in the committed folder instead of the temporary one."""
+    def move(path: Path) -> Path:
+        return final / path.relative_to(tmp)
+
+    cells = [dataclasses.replace(r, path=move(r.path)) for r in result.cells]
+    return dataclasses.replace(result, grid=move(result.grid), pages=[move(p) for p in result.pages], cells=cells)
+
+
+def _render(plan: GridPlan, base: GenParams, seed: int, source: ModelSource, out: Path, slot: ModelSlot,
+            groups: list[tuple[Any, list[Cell]]], batch_size: int, title: str,
+            on_cell: Callable[[CellEvent], None] | None, notify: Callable[[str], None],
+            lora_dir: str | Path | None, embeddings_dir: str | Path | None) -> GridResult:
     records: dict[int, CellRecord] = {}
     models: list[GridModel] = []
     done, rendering, loading = 0, 0.0, 0.0
