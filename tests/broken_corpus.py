@@ -476,7 +476,7 @@ def _(ctx: Ctx) -> list[Case]:
     folder.mkdir(parents=True, exist_ok=True)
     torch_zip_declaring(folder / "huge.ckpt", 2**31 - 1)
     return checkpoint_cases(ctx, "ckpt-declares-huge-storage", "huge.ckpt", None, CHECKPOINT,
-                            ("not a readable PyTorch checkpoint",))
+                            ("declares a 8589934588-byte storage", "holds 64 bytes"))
 
 
 # ------------------------------------------------------------------------------------------------ recipes

@@ -23,7 +23,8 @@ from mergekit_sdxl.arch.detect import (
 )
 from mergekit_sdxl.arch.tables import ARCH_NAMES, COMPONENTS, key_table, numel
 from mergekit_sdxl.dtypes import is_float_dtype
-from mergekit_sdxl.errors import ArchError
+from mergekit_sdxl.errors import ArchError, CheckpointError
+from mergekit_sdxl.io import jsonio
 from mergekit_sdxl.io.dtypes import SCALE_SUFFIX as _SUFFIX
 from mergekit_sdxl.io.dtypes import SCALED_MARKER
 
@@ -117,9 +118,9 @@ def _lineage(metadata: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _json_or_text(value: str) -> Any:
-    try:
-        return json.loads(value)
-    except ValueError:
+    try:  # size- and depth-limited: a hostile entry is shown as text, never a RecursionError
+        return jsonio.loads(value, "metadata", max_bytes=16 << 20, max_depth=32)
+    except CheckpointError:
         return value
 
 

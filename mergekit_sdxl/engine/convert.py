@@ -167,7 +167,7 @@ def _stream(reader: CheckpointReader, writer: SafetensorsWriter, items: list[_It
         info = reader.info(item.key)
         tensor = reader.read_into(item.key, buffer) if buffer is not None else reader.read(item.key)
         if item.scale_of is not None:
-            tensor = dequantize_scaled(tensor, reader.read(item.scale_of), "F32")
+            tensor = dequantize_scaled(tensor, reader.read(item.scale_of), "F32", f"{reader.path}: tensor {item.key!r}")
             report.dequantized += 1
         report.bytes_in += info.nbytes
         stored = to_storage(tensor, item.dtype, scaled=item.scaled)

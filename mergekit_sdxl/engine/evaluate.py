@@ -151,25 +151,35 @@ class KeyEvaluator:
         return out.reshape(kp.shape)
 
 
-def lower(node: Node) -> Node:
+def lower(node: Node, memo: dict[int, Node] | None = None) -> Node:
     """Rewrite linear method calls as `Linear` nodes and flatten nested Linears into one sum over distinct terms.
 
     `weighted_sum(rev2, anxl3)` over a formula then becomes a single 4-term sum that the fused chunked path
     computes in one pass with no full-size temporaries. Coefficients are combined in float64; the result differs
-    from step-by-step evaluation only in fp32 rounding, far below the fp16/bf16 output precision.
+    from step-by-step evaluation only in fp32 rounding, far below the fp16/bf16 output precision. Each distinct
+    node is lowered once (`memo`, by identity): a DAG of shared steps costs its size, not its number of paths.
     """
+    memo = {} if memo is None else memo
+    done = memo.get(id(node))
+    if done is not None:
+        return done
     if isinstance(node, Call):
-        inputs = tuple(lower(child) for child in node.inputs)
+        inputs = tuple(lower(child, memo) for child in node.inputs)
         coeffs = METHODS[node.method].coefficients(dict(node.params))
         if coeffs is None or len(coeffs) != len(inputs):
-            return Call(node.method, inputs, node.params)
-        return _flatten(tuple(zip(inputs, coeffs)))
-    if isinstance(node, Linear):
-        terms = tuple((lower(term), coeff) for term, coeff in node.terms)
+            out: Node = Call(node.method, inputs, node.params)
+        else:
+            out = _flatten(tuple(zip(inputs, coeffs)))
+    elif isinstance(node, Linear):
+        terms = tuple((lower(term, memo), coeff) for term, coeff in node.terms)
         if any(isinstance(term, Adapter) for term, _ in terms):
-            return Linear(terms)  # a LoRA step stays one unit: its delta is computed against its own weight
-        return _flatten(terms)
-    return node
+            out = Linear(terms)  # a LoRA step stays one unit: its delta is computed against its own weight
+        else:
+            out = _flatten(terms)
+    else:
+        out = node
+    memo[id(node)] = out
+    return out
 
 
 def _flatten(terms: tuple[tuple[Node, float], ...]) -> Node:
@@ -185,17 +195,23 @@ def _flatten(terms: tuple[tuple[Node, float], ...]) -> Node:
     return Linear(kept or ((terms[0][0], 0.0),))  # everything cancelled: an all-zero result of the right shape
 
 
-def _elementwise(node: Node) -> bool:
+def _elementwise(node: Node, memo: dict[int, bool] | None = None) -> bool:
     """True when every Call under `node` is an elementwise method (and there are no adapters): then the tree can
     run chunk by chunk, keeping a worker's memory at its inputs plus one output instead of several full-size
-    temporaries."""
+    temporaries. Each distinct node is looked at once (a DAG of shared steps costs its size)."""
+    memo = {} if memo is None else memo
+    if id(node) in memo:
+        return memo[id(node)]
     if isinstance(node, Load):
-        return True
-    if isinstance(node, Linear):
-        return all(_elementwise(term) for term, _ in node.terms)
-    if isinstance(node, Call):
-        return METHODS[node.method].elementwise and all(_elementwise(child) for child in node.inputs)
-    return False
+        result = True
+    elif isinstance(node, Linear):
+        result = all(_elementwise(term, memo) for term, _ in node.terms)
+    elif isinstance(node, Call):
+        result = METHODS[node.method].elementwise and all(_elementwise(child, memo) for child in node.inputs)
+    else:
+        result = False
+    memo[id(node)] = result
+    return result
 
 
 def _accumulate(acc: torch.Tensor, tmp: torch.Tensor, x: torch.Tensor, coeff: float) -> None:

@@ -167,7 +167,8 @@ class ExportSource:
                 continue
             stored = self.reader.read(ldm)
             if ldm in self.scales:
-                stored = dequantize_scaled(stored, self.reader.read(self.scales[ldm]), "F32")
+                stored = dequantize_scaled(stored, self.reader.read(self.scales[ldm]), "F32",
+                                           f"{self.reader.path}: tensor {ldm!r}")
             if progress is not None:
                 progress(self.reader.info(ldm).nbytes)
             for t in by_ldm[ldm]:

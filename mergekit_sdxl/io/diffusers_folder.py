@@ -8,7 +8,6 @@ and the VAE attention weights get their 1x1 conv dimensions back. Pickle-only fo
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import torch
 
 from mergekit_sdxl.arch.keymap import PREFIXES, TEXT_ENCODER_2, KeyMapping, build_reverse_keymap
 from mergekit_sdxl.errors import ArchError, CheckpointError
+from mergekit_sdxl.io import jsonio
 from mergekit_sdxl.io.keyconvert import to_ldm_tensor
 from mergekit_sdxl.io.reader import SafetensorsReader, TensorInfo
 
@@ -36,10 +36,10 @@ def folder_arch(path: Path) -> str:
     """`"sdxl"` or `"sd15"` from `model_index.json` (or, without one, from the presence of `text_encoder_2/`)."""
     index = path / "model_index.json"
     if index.is_file():
-        try:
-            name = json.loads(index.read_text("utf-8")).get("_class_name")
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            raise CheckpointError(f"{index}: not a valid model_index.json") from None
+        data = jsonio.load_file(index)  # size- and depth-limited: a 2 GB or 10000-deep file is refused unread
+        name = data.get("_class_name") if isinstance(data, dict) else None
+        if not isinstance(name, str):
+            raise CheckpointError(f"{index}: not a valid model_index.json (no _class_name string)")
         if name not in PIPELINE_ARCHS:
             raise ArchError(f"{path}: pipeline {name!r} is not an SDXL or SD1.x text-to-image pipeline")
         return PIPELINE_ARCHS[name]
@@ -98,10 +98,11 @@ def _variants(folder: Path, stem: str) -> list[str]:
 
 
 def _shards(index: Path) -> list[Path]:
+    data = jsonio.load_file(index)
     try:
-        weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+        weight_map = data["weight_map"]
         names = sorted(set(weight_map.values()))
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError):
         raise CheckpointError(f"{index}: not a valid safetensors index (needs a weight_map)") from None
     for name in names:
         if not isinstance(name, str) or Path(name).name != name or not (index.parent / name).is_file():

@@ -43,6 +43,8 @@ __all__ = [  # the table's names are re-exported for callers that also cast
     "name_of", "parse_dtype", "scale_key", "scaled_key_of", "to_scaled_fp8", "to_storage", "torch_dtype",
 ]
 
+from mergekit_sdxl.errors import CheckpointError
+
 if TYPE_CHECKING:  # torch is imported where tensors are made, so header-only use stays fast
     import torch
 
@@ -189,6 +191,18 @@ def to_scaled_fp8(tensor: torch.Tensor, code: str) -> tuple[torch.Tensor, torch.
     return out.view(tensor.shape), scale, clamped
 
 
-def dequantize_scaled(q: torch.Tensor, scale: torch.Tensor, code: str) -> torch.Tensor:
-    """`q.float() * scale`, cast (without clamping: the product is in range) to `code`."""
+def dequantize_scaled(q: torch.Tensor, scale: torch.Tensor, code: str, where: str = "a scaled fp8 weight") -> \
+        torch.Tensor:
+    """`q.float() * scale`, cast (without clamping: the product is in range) to `code`.
+
+    Raises:
+        CheckpointError: the scale does not broadcast to the weight's shape (names `where`).
+    """
+    try:
+        fits = torch.broadcast_shapes(tuple(q.shape), tuple(scale.shape)) == tuple(q.shape)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise CheckpointError(f"{where}: its scale has shape {list(scale.shape)}, which does not fit the weight's "
+                              f"{list(q.shape)}")
     return (q.float() * scale.float()).to(torch_dtype(code))

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergekit_sdxl.errors import CheckpointError
+from mergekit_sdxl.io import jsonio
 
 LEGACY_OFFSET, LEGACY_SIZE = 0x100000, 0x10000
 CHUNK = 8 << 20
+MAX_CACHE_BYTES = 64 << 20
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -150,9 +152,9 @@ def _identity(path: str | os.PathLike[str]) -> tuple[str, list[int]] | None:
 
 
 def _load_cache() -> dict[str, dict]:
-    try:
-        data = json.loads(cache_file().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    try:  # a corrupt or hostile cache is ignored (and rewritten), never a crash
+        data = jsonio.load_file(cache_file(), max_bytes=MAX_CACHE_BYTES)
+    except CheckpointError:
         return {}
     return data if isinstance(data, dict) else {}
 

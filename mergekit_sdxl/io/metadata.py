@@ -15,7 +15,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mergekit_sdxl import __version__
+from mergekit_sdxl.errors import CheckpointError
+from mergekit_sdxl.io import jsonio
 
+MAX_LINEAGE_BYTES = 16 << 20
+MAX_LINEAGE_DEPTH = 32
 MODELSPEC_ARCH = {"sdxl": "stable-diffusion-xl-v1-base", "sd15": "stable-diffusion-v1"}
 MODELSPEC_IMPL = {"sdxl": "https://github.com/Stability-AI/generative-models",
                   "sd15": "https://github.com/Stability-AI/stablediffusion"}
@@ -93,7 +97,7 @@ def merge_metadata(*, arch: str, recipe: Mapping[str, object], records: list[Inp
 def _json_or_none(text: str | None) -> object:
     if not text:
         return None
-    try:
-        return json.loads(text)
-    except ValueError:
+    try:  # size- and depth-limited: a hostile lineage entry must not raise RecursionError here or later
+        return jsonio.loads(text, "metadata", max_bytes=MAX_LINEAGE_BYTES, max_depth=MAX_LINEAGE_DEPTH)
+    except CheckpointError:
         return None

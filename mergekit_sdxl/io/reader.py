@@ -21,6 +21,7 @@ from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mergekit_sdxl.errors import CheckpointError
+from mergekit_sdxl.io import jsonio
 from mergekit_sdxl.io.dtypes import DTYPES, torch_dtype
 from mergekit_sdxl.io.inputs import note_read
 from mergekit_sdxl.io.posio import PositionalFile
@@ -29,6 +30,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, so header-only us
     import torch
 
 MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER_DEPTH = 8
+MAX_DIMS = 16
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -101,11 +104,13 @@ def parse_header(raw: bytes, data_len: int, name: str) -> tuple[dict[str, Tensor
         CheckpointError: invalid UTF-8 or JSON, duplicate keys, wrong types, unknown dtypes, sizes that do not
             match shapes, offsets out of bounds, overlapping, or not covering the data region exactly.
     """
+    if jsonio.depth_of(raw) > MAX_HEADER_DEPTH:  # a real header nests 3 levels: {key: {"shape": [...]}}
+        raise CheckpointError(f"{name}: the safetensors header nests deeper than {MAX_HEADER_DEPTH} levels")
     try:
         parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError as exc:
         raise CheckpointError(f"{name}: the safetensors header is not valid UTF-8 ({exc.reason})") from None
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{name}: the safetensors header is not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise CheckpointError(f"{name}: the safetensors header is not a JSON object")
@@ -136,6 +141,8 @@ def _parse_entry(key: str, entry: object, data_len: int, name: str) -> TensorInf
         raise CheckpointError(f"{where}: unknown or unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if len(shape) > MAX_DIMS or math.prod(max(d, 1) for d in shape) >= 2**62:  # torch sizes are int64
+        raise CheckpointError(f"{where}: shape {shape} is too large to be a tensor")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
         raise CheckpointError(f"{where}: data_offsets must be two integers, got {offsets!r}")
     start, end = offsets
@@ -170,7 +177,7 @@ class SafetensorsReader:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._file = PositionalFile(_open_regular(self.path))
+        self._file = PositionalFile(open_regular(self.path))
         try:
             self.size = os.fstat(self._file.fd).st_size
             self.header_len = self._read_header_len()
@@ -283,7 +290,7 @@ class SafetensorsReader:
         return f"SafetensorsReader({str(self.path)!r}, {len(self._infos)} tensors)"
 
 
-def _open_regular(path: Path) -> int:
+def open_regular(path: Path) -> int:
     """A read-only descriptor of a regular file. O_NONBLOCK so a FIFO cannot block the open; anything that is not
     a regular file (FIFO, socket, device) is refused with a CheckpointError, as is an open that fails."""
     try:  # O_NONBLOCK and O_BINARY exist only on POSIX and Windows respectively
@@ -307,7 +314,7 @@ def sniff(path: Path) -> str:
     Raises:
         CheckpointError: the path cannot be opened or is not a regular file (e.g. a FIFO).
     """
-    with PositionalFile(_open_regular(path)) as file:
+    with PositionalFile(open_regular(path)) as file:
         try:
             head = file.read(0, min(9, os.fstat(file.fd).st_size))
         except (OSError, EOFError) as exc:

@@ -23,7 +23,7 @@ has shape (1, in, ...)), as ComfyUI applies it; at strength 1 this equals LyCORI
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +33,7 @@ import torch
 
 from mergekit_sdxl.arch.lora_names import LoraModule, lora_modules, name_index, normalize_name
 from mergekit_sdxl.errors import ArchError, CheckpointError
+from mergekit_sdxl.io import jsonio
 from mergekit_sdxl.io.reader import open_checkpoint
 from mergekit_sdxl.lora.svd import small_op_threads
 
@@ -155,7 +156,7 @@ class Adapter:
             if not layer.algo:
                 self.unknown.extend(layer.keys.values())
                 del self.layers[name]
-        self._peft_alphas = _peft_alphas(self.metadata)
+        self._peft_alphas = _peft_alphas(self.metadata, str(self.path))
 
     def close(self) -> None:
         """Close the file."""
@@ -176,7 +177,11 @@ class Adapter:
         return self._peft_alphas(layer.module) if self._peft_alphas else None
 
     def layer_delta(self, layer: AdapterLayer) -> LayerDelta:
-        """The layer's ΔW (module layout, fp32, before strength) and bias delta; CheckpointError on bad shapes."""
+        """The layer's ΔW (module layout, fp32, before strength) and bias delta; CheckpointError on bad shapes.
+
+        The factors' shapes are checked against the layer from the header before anything is read or multiplied:
+        a tiny file cannot make the product (or a DoRA scale) huge."""
+        self.check_shapes(layer)
         try:
             with small_op_threads(_numel(layer.module.shape)):
                 return _DELTAS[layer.algo](self, layer)
@@ -184,6 +189,84 @@ class Adapter:
             shapes = {part: list(self.reader.info(key).shape) for part, key in layer.keys.items()}
             raise CheckpointError(f"{self.path}: module {layer.module.name} ({layer.algo}): tensors {shapes} do not "
                                   f"fit the layer's weight {list(layer.module.shape)}: {exc}") from None
+
+
+    def check_shapes(self, layer: AdapterLayer) -> None:
+        """CheckpointError unless the layer's factors (header shapes only) multiply out to the layer's weight."""
+        shapes = {part: tuple(self.reader.info(key).shape) for part, key in layer.keys.items()}
+        target = _numel(layer.module.shape)
+        try:
+            produced = _PRODUCTS[layer.algo](shapes)
+        except (KeyError, IndexError, ZeroDivisionError):
+            produced = None
+        if produced is not None and produced != target:
+            raise CheckpointError(f"{self.path}: module {layer.module.name} ({layer.algo}): tensors "
+                                  f"{ {k: list(v) for k, v in shapes.items()} } do not fit the layer's weight "
+                                  f"{list(layer.module.shape)}")
+        if produced is None and layer.algo in ("lora", "loha", "lokr"):
+            raise CheckpointError(f"{self.path}: module {layer.module.name} ({layer.algo}): tensors "
+                                  f"{ {k: list(v) for k, v in shapes.items()} } are not a valid factorisation")
+        if "dora_scale" in shapes:
+            out_dim = layer.module.shape[0]
+            in_dim = layer.module.shape[1] if len(layer.module.shape) > 1 else -1
+            if _numel(shapes["dora_scale"]) not in (out_dim, in_dim):
+                raise CheckpointError(f"{self.path}: module {layer.module.name}: dora_scale of shape "
+                                      f"{list(shapes['dora_scale'])} does not fit a weight of "
+                                      f"{list(layer.module.shape)}")
+
+
+def _lora_numel(s: dict[str, tuple[int, ...]]) -> int | None:
+    down, up = s["down"], s["up"]
+    rank = down[0]
+    if not rank or _numel(up) != up[0] * rank:
+        return None
+    inner = _numel(down) // rank
+    if "mid" in s:
+        mid = s["mid"]
+        if len(mid) < 2 or mid[0] != rank or mid[1] != rank:
+            return None
+        return up[0] * inner * _numel(mid[2:])
+    return up[0] * inner
+
+
+def _loha_numel(s: dict[str, tuple[int, ...]]) -> int | None:
+    sides = []
+    for w in ("1", "2"):
+        a, b = s[f"hada_w{w}_a"], s[f"hada_w{w}_b"]
+        t = s.get(f"hada_t{w}")
+        if t is not None:  # Tucker: (p, r, k...) from t (i, j, k...), b (j, r), a (i, p)
+            if len(t) < 2 or len(a) != 2 or len(b) != 2 or t[0] != a[0] or t[1] != b[0]:
+                return None
+            sides.append(a[1] * b[1] * _numel(t[2:]))
+        elif len(a) != 2 or not b or a[1] != b[0]:
+            return None
+        else:
+            sides.append(a[0] * _numel(b) // b[0])
+    return sides[0] if sides[0] == sides[1] else None
+
+
+def _lokr_numel(s: dict[str, tuple[int, ...]]) -> int | None:
+    def side(w: str) -> int | None:
+        if f"lokr_w{w}" in s:
+            return _numel(s[f"lokr_w{w}"])
+        a, b = s[f"lokr_w{w}_a"], s[f"lokr_w{w}_b"]
+        t = s.get(f"lokr_t{w}")
+        if t is not None:  # Tucker: (p, r, k...) from t (i, j, k...), a (i, p), b (j, r)
+            if len(t) < 2 or len(a) != 2 or len(b) != 2 or t[0] != a[0] or t[1] != b[0]:
+                return None
+            return a[1] * b[1] * _numel(t[2:])
+        if len(a) != 2 or not b or a[1] != b[0]:
+            return None
+        return a[0] * _numel(b) // b[0]
+    one, two = side("1"), side("2")
+    return None if one is None or two is None else one * two
+
+
+_PRODUCTS: dict[str, Callable[[dict[str, tuple[int, ...]]], int | None]] = {
+    "lora": _lora_numel, "loha": _loha_numel, "lokr": _lokr_numel,
+    "full": lambda s: _numel(s["diff"]) if "diff" in s else None,
+    "norm": lambda s: _numel(s["w_norm"]) if "w_norm" in s else None,
+}
 
 
 def _arch_name(arch: str) -> str:
@@ -307,25 +390,35 @@ def apply_dora(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tenso
     return strength * (merged * (m / norm) - weight)
 
 
-def _peft_alphas(metadata: Mapping[str, str]) -> Callable[[LoraModule], float | None] | None:
+def _peft_alphas(metadata: Mapping[str, str], path: str) -> Callable[[LoraModule], float | None] | None:
     """Alpha per module from diffusers' `lora_adapter_metadata` (peft LoraConfig per component), if present."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return None
-    try:
-        config = json.loads(raw)
-    except ValueError:
-        return None
+    config = jsonio.loads(raw, f"{path}: lora_adapter_metadata", max_bytes=16 << 20, max_depth=16)
     if not isinstance(config, dict):
         return None
+
+    def number(value: object, what: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise CheckpointError(f"{path}: lora_adapter_metadata: {what} is {value!r}, not a number")
+        try:
+            out = float(value)
+        except ValueError:
+            raise CheckpointError(f"{path}: lora_adapter_metadata: {what} is {value!r}, not a number") from None
+        if not math.isfinite(out):
+            raise CheckpointError(f"{path}: lora_adapter_metadata: {what} is {value!r}, not a finite number")
+        return out
 
     def lookup(module: LoraModule) -> float | None:
         component, _, path = module.diffusers.partition(".")
         patterns = config.get(f"{component}.alpha_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise CheckpointError(f"{path}: lora_adapter_metadata: {component}.alpha_pattern is not a mapping")
         for pattern, value in patterns.items():
             if path == pattern or path.endswith("." + pattern):
-                return float(value)
+                return number(value, f"{component}.alpha_pattern[{pattern!r}]")
         alpha = config.get(f"{component}.lora_alpha")
-        return None if alpha is None else float(alpha)
+        return None if alpha is None else number(alpha, f"{component}.lora_alpha")
 
     return lookup

@@ -3,33 +3,56 @@
 A plan maps every output key to one node tree. Because nodes are frozen dataclasses, equal
 sub-expressions compare and hash equal, so the engine computes a shared term once per key and
 frees it after its last use. Nodes hold no tensors, paths or devices: only aliases, keys and numbers.
+
+A recipe's steps form a DAG: 40 steps that each use the previous one twice make a node whose tree has 2**40
+paths. So every walk over nodes must visit each distinct node once: a node's hash is computed once and cached
+(dataclass hashing would re-hash whole subtrees), equality short-cuts on identity and hash, and the walks below
+(and in the engine) keep a memo or a visited set.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Union
+from dataclasses import dataclass, field, fields
+from typing import Any, Union
 
 Scalar = Union[float, int, str, bool]
 
 
-@dataclass(frozen=True)
-class Load:
+class _Node:
+    """Cached hash and identity/hash short-cut equality for the frozen node dataclasses (module docstring)."""
+
+    def __hash__(self) -> int:
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((type(self).__name__, *(getattr(self, f.name) for f in fields(self))))  # type: ignore[arg-type]
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __eq__(self, other: Any) -> bool:
+        if self is other:
+            return True
+        if type(other) is not type(self) or hash(self) != hash(other):
+            return False
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, eq=False)
+class Load(_Node):
     """The tensor `key` of input model `alias`, as stored (the engine casts to the compute dtype)."""
 
     alias: str
     key: str
 
 
-@dataclass(frozen=True)
-class Linear:
+@dataclass(frozen=True, eq=False)
+class Linear(_Node):
     """sum_i coeff_i * term_i, computed in the compute dtype (fused, chunked, in place by the engine)."""
 
     terms: tuple[tuple[Node, float], ...]
 
 
-@dataclass(frozen=True)
-class Call:
+@dataclass(frozen=True, eq=False)
+class Call(_Node):
     """A registered merge method applied to input nodes with scalar parameters (already resolved for this key).
 
     `params` is a sorted tuple of (name, value) so the node stays hashable. Methods that need randomness
@@ -42,8 +65,8 @@ class Call:
     params: tuple[tuple[str, Scalar], ...] = ()
 
 
-@dataclass(frozen=True)
-class Adapter:
+@dataclass(frozen=True, eq=False)
+class Adapter(_Node):
     """A LoRA/LyCORIS delta for `key` from adapter file `alias`, times `strength` (lora layer builds the tensor)."""
 
     alias: str
@@ -58,9 +81,13 @@ Node = Union[Load, Linear, Call, Adapter]
 def loads_of(node: Node) -> list[Load]:
     """Every Load leaf under `node`, depth first, duplicates removed in first-seen order."""
     seen: dict[Load, None] = {}
+    visited: set[int] = set()
     stack = [node]
     while stack:
         current = stack.pop()
+        if id(current) in visited:
+            continue
+        visited.add(id(current))
         if isinstance(current, Load):
             seen.setdefault(current, None)
         elif isinstance(current, Linear):
