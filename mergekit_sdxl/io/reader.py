@@ -104,12 +104,14 @@ def parse_header(raw: bytes, data_len: int, name: str) -> tuple[dict[str, Tensor
         CheckpointError: invalid UTF-8 or JSON, duplicate keys, wrong types, unknown dtypes, sizes that do not
             match shapes, offsets out of bounds, overlapping, or not covering the data region exactly.
     """
-    if jsonio.depth_of(raw) > MAX_HEADER_DEPTH:  # a real header nests 3 levels: {key: {"shape": [...]}}
-        raise CheckpointError(f"{name}: the safetensors header nests deeper than {MAX_HEADER_DEPTH} levels")
     try:
-        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CheckpointError(f"{name}: the safetensors header is not valid UTF-8 ({exc.reason})") from None
+    # a real header nests 3 levels ({key: {"shape": [...]}}); deeper ones are refused before json recurses
+    jsonio.check_shape(text, f"{name}: the safetensors header", max_depth=MAX_HEADER_DEPTH, max_values=len(text))
+    try:
+        parsed = json.loads(text, object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{name}: the safetensors header is not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
