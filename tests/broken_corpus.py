@@ -11,6 +11,7 @@ Run `python tests/broken_corpus.py` to run the hardening tests and print the cou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -49,19 +50,25 @@ class Case:
     inputs: tuple[Path, ...] = ()
     output: Path | None = None
     marker: Path | None = None
-    subprocess: bool = False  # run in a child with a timeout (a FIFO must not hang the tool)
+    subprocess: bool = False  # historical: every case now runs in a forked child with a timeout
     denied: Path | None = None  # the test makes opening this path raise PermissionError (we run as root)
+    creates: Path | None = None  # exit-0 cases: the output that must appear
+    folder: Path | None = None  # the case's scratch folder: it must hold the same files afterwards (set by build)
+    new: bool = False  # added in the hardening round of issue 10 (counted in benchmarks/RESULTS.md)
 
 
 Builder = Callable[[Ctx], list[Case]]
 BUILDERS: dict[str, Builder] = {}
+NEW: set[str] = set()
 
 
-def case(name: str) -> Callable[[Builder], Builder]:
+def case(name: str, new: bool = False) -> Callable[[Builder], Builder]:
     """Register a builder; it returns one Case per command the broken input is run through."""
 
     def register(fn: Builder) -> Builder:
         BUILDERS[name] = fn
+        if new:
+            NEW.add(name)
         return fn
 
     return register
@@ -721,7 +728,10 @@ def build(ctx: Ctx, names: list[str] | None = None) -> list[Case]:
     """Write the corpus under ctx.root and return every case (or those of the named builders)."""
     cases = []
     for name in names or list(BUILDERS):
-        cases += BUILDERS[name](ctx)
+        folder = ctx.root / name
+        for c in BUILDERS[name](ctx):
+            cases.append(dataclasses.replace(c, folder=c.folder or (folder if folder.is_dir() else None),
+                                             new=name in NEW))
     return cases
 
 

@@ -198,6 +198,8 @@ def dequantize_scaled(q: torch.Tensor, scale: torch.Tensor, code: str, where: st
     Raises:
         CheckpointError: the scale does not broadcast to the weight's shape (names `where`).
     """
+    import torch
+
     try:
         fits = torch.broadcast_shapes(tuple(q.shape), tuple(scale.shape)) == tuple(q.shape)
     except RuntimeError:
