@@ -21,23 +21,36 @@ from mergekit_sdxl.cli.main import main
 import mergekit_sdxl.cli.merge_cmd, mergekit_sdxl.cli.convert_cmd, mergekit_sdxl.cli.inspect_cmd  # noqa: F401
 import mergekit_sdxl.cli.hash_cmd, mergekit_sdxl.cli.bake_cmd, mergekit_sdxl.cli.export_cmd  # noqa: F401
 import mergekit_sdxl.engine.run, mergekit_sdxl.io.ckpt, mergekit_sdxl.lora.bake  # noqa: F401
+import mergekit_sdxl.export.diffusers, mergekit_sdxl.cli.grid_cmd  # noqa: F401
+from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401 - imported once, not per forked case
+from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: F401
 
 
 def deny(target):
-    # opening `target` fails with EACCES, as chmod 000 would for a non-root user (the tests may run as root)
-    real_os_open, real_open = os.open, builtins.open
+    # opening `target`, or creating anything inside it, fails with EACCES as chmod 000 / a read-only folder would
+    # for a non-root user (the tests may run as root)
+    real_os_open, real_open, real_mkdir = os.open, builtins.open, os.mkdir
+
+    def hit(p):
+        p = str(p)
+        return p == target or p.startswith(target.rstrip("/") + "/")
 
     def os_open(p, *a, **k):
-        if str(p) == target:
-            raise PermissionError(13, "Permission denied", target)
+        if not isinstance(p, int) and hit(p):
+            raise PermissionError(13, "Permission denied", str(p))
         return real_os_open(p, *a, **k)
 
     def open_(p, *a, **k):
-        if not isinstance(p, int) and str(p) == target:
-            raise PermissionError(13, "Permission denied", target)
+        if not isinstance(p, int) and hit(p):
+            raise PermissionError(13, "Permission denied", str(p))
         return real_open(p, *a, **k)
 
-    os.open, builtins.open = os_open, open_
+    def mkdir(p, *a, **k):
+        if hit(p):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_mkdir(p, *a, **k)
+
+    os.open, builtins.open, os.mkdir = os_open, open_, mkdir
 
 
 for line in sys.stdin:

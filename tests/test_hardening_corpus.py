@@ -20,6 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import broken_corpus as bc  # noqa: E402
+import hostile_corpus  # noqa: E402, F401 - registers the issue-10 cases into the corpus
 from broken_corpus import record  # noqa: E402
 from hostile_server import HostileServer  # noqa: E402
 

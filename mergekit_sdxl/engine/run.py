@@ -26,6 +26,7 @@ from mergekit_sdxl.engine.input_hashes import InputHashes
 from mergekit_sdxl.engine.memory import tame_malloc
 from mergekit_sdxl.engine.pipeline import DEFAULT_BUDGET, Progress, RunStats, run_pipeline
 from mergekit_sdxl.errors import ArchError, CheckpointError, RecipeError, UsageError
+from mergekit_sdxl.io.commit import check_target
 from mergekit_sdxl.io.dtypes import SCALED_MARKER, is_scalable, scale_key, torch_dtype
 from mergekit_sdxl.io.hashes import FileHashes
 from mergekit_sdxl.io.inputs import note_read
@@ -181,6 +182,8 @@ def run_merge(recipe: Recipe, options: MergeOptions, progress: Callable[[Progres
         readers = open_inputs(recipe, stack)
         headers = headers_of(recipe, readers)
         adapters = open_adapters(recipe, headers, adapter_factory, stack)
+        # every input is open (and noted): refuse an unusable output before planning, not after
+        check_target(out, overwrite=options.overwrite, inputs=[r.path for r in readers.values()])
         plan = plan_recipe(recipe, headers, options.dtype, adapters)
         check_compute_dtype(device, _compute_dtype(plan))
         used = {alias: readers[alias] for alias in plan.inputs}

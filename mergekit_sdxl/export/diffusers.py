@@ -25,7 +25,7 @@ from pathlib import Path
 
 from mergekit_sdxl.arch.configs import load_config
 from mergekit_sdxl.arch.keymap import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE
-from mergekit_sdxl.export.folder import diffusers_version, staged_folder, write_common, write_json
+from mergekit_sdxl.export.folder import check_output, diffusers_version, staged_folder, write_common, write_json
 from mergekit_sdxl.export.source import ExportSource, ExportStats
 from mergekit_sdxl.io.dtypes import DTYPES
 from mergekit_sdxl.io.writer import SafetensorsWriter, TensorSpec
@@ -99,6 +99,7 @@ def export_diffusers(src: str | os.PathLike[str], out: str | os.PathLike[str], d
     """
     start = time.perf_counter()
     out = Path(out)
+    check_output(out, overwrite, src)
     with ExportSource(src, dtype) as source, staged_folder(out, overwrite) as tmp:
         write_common(tmp, source.arch, source.markers)
         for component, config in component_configs(source).items():

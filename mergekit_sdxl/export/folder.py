@@ -83,6 +83,12 @@ def write_common(folder: Path, arch: str, markers: tuple[str, ...]) -> None:
         write_tokenizer(folder / "tokenizer_2", "!")
 
 
+def check_output(out: str | os.PathLike[str], overwrite: bool, src: str | os.PathLike[str]) -> None:
+    """Refuse an unusable output folder before any work (the commit applies the same rules again): not an input,
+    not holding or inside one, absent or (with `overwrite`) an earlier output folder of this tool."""
+    commit.check_target(out, overwrite=overwrite, folder=True, inputs=[src])
+
+
 def staged_folder(out: str | os.PathLike[str], overwrite: bool = False) -> contextlib.AbstractContextManager[Path]:
     """A fresh temporary folder next to `out` that becomes `out` on success and is removed on any error or signal
     (io/commit.py: `overwrite` replaces only a folder this tool wrote that holds no input)."""

@@ -34,7 +34,7 @@ import torch
 from mergekit_sdxl.arch.keymap import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE
 from mergekit_sdxl.errors import UsageError
 from mergekit_sdxl.export.diffusers import ExportReport, component_configs
-from mergekit_sdxl.export.folder import staged_folder, write_common, write_json
+from mergekit_sdxl.export.folder import check_output, staged_folder, write_common, write_json
 from mergekit_sdxl.export.source import ExportSource, build_modules, load_module
 from mergekit_sdxl.io.dtypes import torch_dtype
 
@@ -200,6 +200,7 @@ def export_onnx(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype:
         raise UsageError(f"--format onnx: --dtype {dtype} is not supported; use fp32 (default) or fp16")
     start = time.perf_counter()
     out = Path(out)
+    check_output(out, overwrite, src)
     with ExportSource(src, dtype) as source, staged_folder(out, overwrite) as tmp:
         compute = torch_dtype(source.code)
         write_common(tmp, source.arch, source.markers)
