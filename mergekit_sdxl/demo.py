@@ -64,11 +64,11 @@ def _grid(out: Path, paths: dict[str, Path], merged: Path) -> None:
         return
     _cli("grid", "--models", str(paths["beta7"]), "--models", str(paths["anxl3"]), "--models", str(merged),
          "--prompt", "1girl, solo, masterpiece, best quality", "--seeds", "1,2", "--steps", "4",
-         "--size", "64x64", "--device", "cpu", "-o", str(out / "grid"))
+         "--size", "64x64", "--device", "cpu", "-o", str(out / "grid"), "--overwrite")
     models = [x for alias, p in paths.items() for x in ("-m", f"{alias}={p}")]
     _cli("grid", "--recipe", str(RECIPE), *models, "--x", "output.alpha[IN04..IN08]=0,0.5,1",
          "--y", "rev2.coef[base8]=0.25,0.5", "--prompt", "1girl, solo, masterpiece, best quality", "--steps", "4",
-         "--size", "64x64", "--device", "cpu", "-o", str(out / "xy"))
+         "--size", "64x64", "--device", "cpu", "-o", str(out / "xy"), "--overwrite")
 
 
 if __name__ == "__main__":

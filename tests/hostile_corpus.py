@@ -18,7 +18,18 @@ import zipfile
 from pathlib import Path
 
 import torch
-from broken_corpus import CHECKPOINT, OUTPUT, Case, Ctx, case, checkpoint_cases, recipe_text, st_bytes
+from broken_corpus import (
+    CHECKPOINT,
+    OUTPUT,
+    RECIPE,
+    Case,
+    Ctx,
+    case,
+    checkpoint_cases,
+    recipe_case,
+    recipe_text,
+    st_bytes,
+)
 
 LINEAR = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"  # 32x32 in the tiny SDXL
 LORA = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
@@ -526,7 +537,7 @@ def _(ctx: Ctx) -> list[Case]:
         Case("export-over-inputs/input-folder", ("export", str(pipe), "-o", str(pipe), "--overwrite"), OUTPUT,
              ("pipe",), pipe_inputs),
         Case("export-over-inputs/user-folder-overwrite", ("export", str(ctx.sd15), "-o", str(user), "--overwrite"),
-             OUTPUT, ("user", "'a.txt', which mergekit-sdxl did not write"), (user / "a.txt", ctx.sd15)),
+             OUTPUT, ("user", "not written by mergekit-sdxl"), (user / "a.txt", ctx.sd15)),
         Case("export-over-inputs/user-folder", ("export", str(ctx.sd15), "-o", str(user)), OUTPUT,
              ("user", "already exists"), (user / "a.txt",)),
         Case("export-over-inputs/regular-file", ("export", str(ctx.sd15), "-o", str(plain), "--overwrite"), OUTPUT,
@@ -563,3 +574,94 @@ def _(ctx: Ctx) -> list[Case]:
     return checkpoint_cases(ctx, "out-header-too-big-for-struct", "max.safetensors", content, CHECKPOINT,
                             ("exceeds the",))
 
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+def _two_models(ctx: Ctx, steps: object, **top: object) -> str:
+    return json.dumps({"models": {"a": str(ctx.sdxl), "b": str(ctx.sdxl)}, "steps": steps, **top})
+
+
+@case("recipe-number-5000-digits", new=True)
+def _(ctx: Ctx) -> list[Case]:
+    text = (f"models: {{a: {ctx.sdxl}, b: {ctx.sdxl}}}\n"
+            f"steps:\n  output: {{method: weighted_sum, a: a, b: b, alpha: {'9' * 5000}}}\n")
+    return recipe_case(ctx, "recipe-number-5000-digits", text, RECIPE, (":3", "5000 characters"))
+
+
+@case("recipe-regex-backreference", new=True)
+def _(ctx: Ctx) -> list[Case]:
+    alpha = {"value": 0.5, "overrides": [{"match": r"(input)\1", "value": 1}]}
+    text = _two_models(ctx, {"output": {"method": "weighted_sum", "a": "a", "b": "b", "alpha": alpha}})
+    return recipe_case(ctx, "recipe-regex-backreference", text, RECIPE, ("overrides[0].match", "linear time"))
+
+
+@case("recipe-regex-backtracking", new=True)
+def _(ctx: Ctx) -> list[Case]:
+    """Catastrophic for a backtracking engine on these keys; linear with RE2: the merge simply works."""
+    alpha = {"value": 0.5, "overrides": [{"match": "^(([a-z_0-9])+.)+[A-Z]([a-z])+$", "value": 1},
+                                         {"match": "(m+o+d+e+l+)+x", "value": 0}]}
+    text = _two_models(ctx, {"output": {"method": "weighted_sum", "a": "a", "b": "b", "alpha": alpha}},
+                       output={"drop": ["(.*a){12}$"]})
+    folder = _folder(ctx, "recipe-regex-backtracking")
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(text)
+    out = folder / "out.safetensors"
+    return [Case("recipe-regex-backtracking/merge", ("-q", "merge", str(recipe), "-o", str(out),
+                                                     "--no-input-hashes"), 0, (), (recipe, ctx.sdxl), creates=out),
+            Case("recipe-regex-backtracking/dry-run", ("merge", str(recipe), "-o", str(out), "--dry-run"), 0, (),
+                 (recipe, ctx.sdxl))]
+
+
+@case("convert-drop-regex", new=True)
+def _(ctx: Ctx) -> list[Case]:
+    folder = _folder(ctx, "convert-drop-regex")
+    out = folder / "out.safetensors"
+    return [Case("convert-drop-regex/backtracking", ("convert", str(ctx.sd15), str(out), "--dtype", "fp16", "--drop",
+                                                     "^(([a-z_0-9])+.)+[A-Z]$", "--drop", "(.*a){15}$"), 0, (),
+                 (ctx.sd15,), creates=out),
+            Case("convert-drop-regex/backreference", ("convert", str(ctx.sd15), str(folder / "o2.safetensors"), "--dtype",
+                                                      "fp16", "--drop", r"(model)\1"), 2, ("--drop", "linear time"),
+                 (ctx.sd15,), folder / "o2.safetensors")]
+
+
+@case("recipe-output-absolute", new=True)
+def _(ctx: Ctx) -> list[Case]:
+    folder = _folder(ctx, "recipe-output-absolute")
+    victim = folder / "victim.safetensors"
+    victim.write_bytes(b"someone's file")
+    text = _two_models(ctx, {"output": "a + 0.5 * (b - a)"}, output={"path": str(victim)})
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(text)
+    return [Case("recipe-output-absolute/merge", ("merge", str(recipe), "--overwrite"), RECIPE,
+                 ("output.path", "is absolute"), (victim, recipe, ctx.sdxl)),
+            Case("recipe-output-absolute/dry-run", ("merge", str(recipe), "--dry-run"), RECIPE,
+                 ("output.path", "is absolute"), (victim, recipe, ctx.sdxl))]
+
+
+@case("recipe-output-symlink-escape", new=True)
+def _(ctx: Ctx) -> list[Case]:
+    folder = _folder(ctx, "recipe-output-symlink-escape")
+    outside = ctx.root / "recipe-output-symlink-escape-target"
+    outside.mkdir(exist_ok=True)
+    link = folder / "models"
+    if not link.is_symlink():
+        link.symlink_to(outside)
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(_two_models(ctx, {"output": "a + 0.5 * (b - a)"}, output={"path": "models/m.safetensors"}))
+    return [Case("recipe-output-symlink-escape/merge", ("merge", str(recipe)), RECIPE,
+                 ("output.path", "symbolic link"), (recipe, ctx.sdxl), outside / "m.safetensors")]
+
+
+@case("recipe-forty-step-dag", new=True)
+def _(ctx: Ctx) -> list[Case]:
+    steps: dict = {"s1": {"method": "slerp", "a": "a", "b": "b", "alpha": 0.5}}
+    for i in range(2, 41):
+        steps[f"s{i}"] = {"method": "slerp", "a": f"s{i - 1}", "b": f"s{i - 1}", "alpha": 0.5}
+    steps["output"] = {"method": "slerp", "a": "s40", "b": "s40", "alpha": 0.5}
+    folder = _folder(ctx, "recipe-forty-step-dag")
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(_two_models(ctx, steps))
+    return [Case("recipe-forty-step-dag/dry-run", ("merge", str(recipe), "-o", str(folder / "o.safetensors"),
+                                                   "--dry-run"), 0, (), (recipe, ctx.sdxl))]

@@ -14,12 +14,13 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "platform": {"errors"},
     "dtypes": {"errors"},
+    "patterns": {"errors"},
     "arch": {"errors", "platform", "dtypes"},
     "io": {"errors", "platform", "dtypes", "arch"},
     "methods": {"errors", "platform", "dtypes"},
-    "recipe": {"errors", "platform", "dtypes", "arch", "methods"},
+    "recipe": {"errors", "platform", "dtypes", "patterns", "arch", "methods"},
     "synth": {"errors", "platform", "dtypes", "arch", "io"},
-    "engine": {"errors", "platform", "dtypes", "io", "arch", "methods", "recipe"},
+    "engine": {"errors", "platform", "dtypes", "patterns", "io", "arch", "methods", "recipe"},
     "lora": {"errors", "platform", "dtypes", "io", "arch", "methods", "engine", "recipe"},
     "sampler": {"errors", "platform", "dtypes", "io", "arch", "engine", "recipe", "methods", "lora"},
     "export": {"errors", "platform", "dtypes", "arch", "io", "engine", "sampler"},
@@ -34,6 +35,7 @@ ALLOWED: dict[str, set[str]] = {
 FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {
     "platform": {"numpy", "safetensors", "click", "rich", "diffusers", "transformers"},  # torch only lazily
     "dtypes": {"torch", "numpy", "safetensors", "click", "rich", "diffusers", "transformers"},
+    "patterns": {"torch", "numpy", "safetensors", "click", "rich", "diffusers", "transformers"},
     "arch": {"torch", "numpy", "safetensors", "click", "rich", "diffusers", "transformers"},
     "methods": {"safetensors", "click", "rich", "diffusers", "transformers"},
     "recipe": {"torch", "click", "rich", "diffusers", "transformers"},

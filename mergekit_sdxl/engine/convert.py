@@ -7,13 +7,13 @@ the largest tensor twice, whatever the model size.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mergekit_sdxl.errors import UsageError
+from mergekit_sdxl.patterns import compile_user
 from mergekit_sdxl.platform.text import file_name
 
 if TYPE_CHECKING:
@@ -92,17 +92,12 @@ def convert_checkpoint(reader: CheckpointReader, dst: Path, dtype: str, *, scale
     return report
 
 
-def _compile(drop: tuple[str, ...]) -> list[re.Pattern[str]]:
-    compiled = []
-    for pattern in drop:
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as exc:
-            raise UsageError(f"--drop {pattern!r}: not a valid regular expression ({exc})") from None
-    return compiled
+def _compile(drop: tuple[str, ...]) -> list[Any]:
+    """--drop patterns, matched in linear time whatever they are (patterns.py)."""
+    return [compile_user(pattern, f"--drop {pattern!r}") for pattern in drop]
 
 
-def _plan(reader: CheckpointReader, code: str, scaled_fp8: bool, prune_ema: bool, patterns: list[re.Pattern[str]],
+def _plan(reader: CheckpointReader, code: str, scaled_fp8: bool, prune_ema: bool, patterns: list[Any],
           report: ConvertReport) -> list[_Item]:
     """Which input tensors go out, in which dtype; input scales and ComfyUI's marker are consumed, not copied."""
     from mergekit_sdxl.io.dtypes import SCALED_MARKER, is_float, is_scalable, scale_key, scaled_key_of

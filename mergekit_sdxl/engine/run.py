@@ -25,7 +25,7 @@ from mergekit_sdxl.engine.evaluate import AdapterFn, KeyEvaluator
 from mergekit_sdxl.engine.input_hashes import InputHashes
 from mergekit_sdxl.engine.memory import tame_malloc
 from mergekit_sdxl.engine.pipeline import DEFAULT_BUDGET, Progress, RunStats, run_pipeline
-from mergekit_sdxl.errors import ArchError, CheckpointError, RecipeError, UsageError
+from mergekit_sdxl.errors import ArchError, CheckpointError, RecipeError
 from mergekit_sdxl.io.commit import check_target
 from mergekit_sdxl.io.dtypes import SCALED_MARKER, is_scalable, scale_key, torch_dtype
 from mergekit_sdxl.io.hashes import FileHashes
@@ -35,6 +35,7 @@ from mergekit_sdxl.io.reader import Checkpoint, open_checkpoint
 from mergekit_sdxl.io.writer import SafetensorsWriter, TensorSpec
 from mergekit_sdxl.platform.text import file_name
 from mergekit_sdxl.recipe.nodes import Adapter, KeyPlan
+from mergekit_sdxl.recipe.parse_output import output_target
 from mergekit_sdxl.recipe.planner import InputHeader, Plan, build_plan
 from mergekit_sdxl.recipe.types import LoraStep, Recipe
 
@@ -164,12 +165,11 @@ def is_scaled(plan: Plan, kp: KeyPlan) -> bool:
 
 
 def resolve_output(recipe: Recipe, options: MergeOptions) -> Path:
-    """The output path: --out, else the recipe's output.path (relative to the recipe), else an error."""
+    """The output path: --out (the user's choice, anywhere), else the recipe's output.path, relative to the recipe
+    and confined to its folder (recipe/parse_output.py: output_target)."""
     if options.out is not None:
         return Path(options.out)
-    if recipe.output.path:
-        return Path(recipe.output.path)
-    raise UsageError(f"{recipe.source}: no output path: give --out or set output.path in the recipe")
+    return output_target(recipe.output, recipe.source)
 
 
 def run_merge(recipe: Recipe, options: MergeOptions, progress: Callable[[Progress], None] | None = None,

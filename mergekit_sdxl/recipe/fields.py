@@ -1,5 +1,6 @@
 """What every part of the recipe parser shares: one-line errors naming the field, type names for messages,
-"did you mean" hints, bounded regular expressions, and `Fields`, the base of the parsers (where/mapping/choice)."""
+"did you mean" hints, linear-time regular expressions (patterns.py), and `Fields`, the base of the parsers
+(where/mapping/choice)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mergekit_sdxl import patterns
 from mergekit_sdxl.errors import RecipeError
 from mergekit_sdxl.recipe.formula import NAME_PATTERN
 
@@ -49,15 +51,12 @@ def matches_type(value: Any, want: type) -> bool:
     return isinstance(value, want)
 
 
-def compile_pattern(pattern: Any, where: str) -> re.Pattern[str]:
-    if not isinstance(pattern, str) or not pattern:
-        raise fail(where, f"expected a regular expression, got {type_name(pattern)}")
-    if len(pattern) > MAX_PATTERN:
+def compile_pattern(pattern: Any, where: str) -> Any:
+    """A recipe regex (`overrides[].match`, `output.drop[]`), validated for the linear-time engine (patterns.py);
+    matching goes through `patterns.search`."""
+    if isinstance(pattern, str) and len(pattern) > MAX_PATTERN:
         raise fail(where, f"regular expression longer than {MAX_PATTERN} characters")
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise fail(where, f"invalid regular expression {pattern!r}: {exc}") from None
+    return patterns.compile_user(pattern, where, RecipeError)
 
 
 class Fields:

@@ -15,6 +15,7 @@ from mergekit_sdxl.recipe.types import Recipe
 
 MAX_RECIPE_BYTES = 1 << 20
 MAX_YAML_DEPTH = 32
+MAX_NUMBER_CHARS = 100
 MAX_YAML_NODES = 50_000  # far above any real recipe; bounds the time a hostile 1 MB recipe can take
 
 
@@ -100,6 +101,17 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _construct_int(loader: _Loader, node: Any) -> Any:
+    """YAML integers of at most MAX_NUMBER_CHARS characters (Python refuses to convert 4300+ digits anyway)."""
+    if len(str(node.value)) > MAX_NUMBER_CHARS:
+        raise RecipeError(f"{loader.source}:{node.start_mark.line + 1}: a number of {len(str(node.value))} "
+                          f"characters; numbers in recipes have at most {MAX_NUMBER_CHARS}")
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
 def load_yaml(text: str, source: str = "<recipe>") -> Any:
     """Parse YAML text safely: no Python objects, no anchors/aliases, no duplicate keys; RecipeError otherwise."""
     try:  # the constructor already scans the text: a control character fails here
@@ -115,5 +127,7 @@ def load_yaml(text: str, source: str = "<recipe>") -> Any:
         raise RecipeError(f"{source}{line}: invalid YAML: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{source}: invalid YAML: {exc}") from None
+    except (ValueError, RecursionError, OverflowError) as exc:  # a value YAML parsed but Python cannot hold
+        raise RecipeError(f"{source}: invalid value: {str(exc).splitlines()[0][:200]}") from None
     finally:
         loader.dispose()

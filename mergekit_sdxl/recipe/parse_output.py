@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import PureWindowsPath
+import os
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from mergekit_sdxl.dtypes import CHECKPOINT, COMPUTE, choices, parse_dtype
+from mergekit_sdxl.errors import RecipeError, UsageError
 from mergekit_sdxl.platform.names import output_name_problem
 from mergekit_sdxl.platform.text import to_os
 from mergekit_sdxl.recipe.fields import (
@@ -68,7 +70,33 @@ def parse_output(p: Fields, value: Any, models: dict[str, ModelRef]) -> OutputSp
                                            choices(COMPUTE))),
         seed=seed,
         metadata=_metadata(fields.get("metadata", {}), at("metadata")),
+        base_dir=str(p.base_dir),
     )
+
+
+def output_target(output: OutputSpec, source: str) -> Path:
+    """Where the recipe's `output.path` writes: relative to the recipe's folder (like its model paths), and only
+    inside that folder (a shared recipe must not write elsewhere: absolute paths and symlinks leading out are
+    refused; the command line's --out is the user's own choice and bypasses this).
+
+    Raises:
+        UsageError: no path. RecipeError: an absolute one, or one whose folder resolves outside the recipe's folder.
+    """
+    where = f"{source}: output.path"
+    if not output.path:
+        raise UsageError(f"{source}: no output path: give --out or set output.path in the recipe")
+    text = output.path
+    if Path(text).is_absolute() or PureWindowsPath(text).drive or text.startswith(("/", "\\", "~")):
+        raise RecipeError(f"{where}: {text!r} is absolute; a recipe may only write inside its own folder "
+                          "(give the output with -o/--out)")
+    base = Path(output.base_dir)
+    target = base / text
+    real_base = os.path.realpath(base)
+    real_parent = os.path.realpath(target.parent)
+    if real_parent != real_base and not real_parent.startswith(real_base.rstrip(os.sep) + os.sep):
+        raise RecipeError(f"{where}: {text!r} leads out of the recipe's folder through a symbolic link "
+                          f"(to {real_parent}); give the output with -o/--out")
+    return target
 
 def _flag(p: Fields, fields: dict[str, Any], name: str) -> bool:
     value = fields.get(name, False)

@@ -17,11 +17,11 @@ Per key:
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mergekit_sdxl import patterns
 from mergekit_sdxl.arch.blocks import block_of
 from mergekit_sdxl.arch.detect import MARKERS
 from mergekit_sdxl.arch.mbw import parse_mbw
@@ -205,7 +205,7 @@ class _Planner:
         for alias in self.order:
             seen.update(dict.fromkeys(self.headers[alias].keys))
         out = self.recipe.output
-        drop = [re.compile(pattern) for pattern in out.drop]
+        drop = list(out.drop)  # validated at parse time; matched in linear time (patterns.py)
         vae_keys = self.vae_keys() if out.vae else {}
         keys: list[tuple[str, str | None]] = []
         for key in seen:
@@ -217,7 +217,7 @@ class _Planner:
             keys.append((key, None))
         keys += list(vae_keys.items())
         return [(key, src) for key, src in keys if not (out.prune_ema and key.startswith(EMA_PREFIX))
-                and not any(pattern.search(key) for pattern in drop)]
+                and not any(patterns.search(pattern, key) for pattern in drop)]
 
     def vae_keys(self) -> dict[str, str]:
         """Output VAE key -> key in the VAE model's file."""
@@ -332,6 +332,6 @@ def _linear(terms: list[tuple[Node, float]]) -> Node:
 def _override(param: Param, key: str) -> float | None:
     value = None
     for pattern, number in param.overrides:
-        if re.search(pattern, key):
+        if patterns.search(pattern, key):
             value = number
     return value

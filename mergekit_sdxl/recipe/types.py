@@ -125,6 +125,7 @@ class OutputSpec:
     compute_dtype: str = "F32"
     seed: int = 0
     metadata: tuple[tuple[str, str], ...] = ()
+    base_dir: str = "."  # the recipe's folder: `path` is relative to it (recipe/parse_output.py: output_target)
 
 
 @dataclass(frozen=True)
