@@ -621,9 +621,9 @@ def _(ctx: Ctx) -> list[Case]:
     return [Case("convert-drop-regex/backtracking", ("convert", str(ctx.sd15), str(out), "--dtype", "fp16", "--drop",
                                                      "^(([a-z_0-9])+.)+[A-Z]$", "--drop", "(.*a){15}$"), 0, (),
                  (ctx.sd15,), creates=out),
-            Case("convert-drop-regex/backreference", ("convert", str(ctx.sd15), str(folder / "o2.safetensors"), "--dtype",
-                                                      "fp16", "--drop", r"(model)\1"), 2, ("--drop", "linear time"),
-                 (ctx.sd15,), folder / "o2.safetensors")]
+            Case("convert-drop-regex/backreference", ("convert", str(ctx.sd15), str(folder / "o2.safetensors"),
+                                                      "--dtype", "fp16", "--drop", r"(model)\1"), 2,
+                 ("--drop", "linear time"), (ctx.sd15,), folder / "o2.safetensors")]
 
 
 @case("recipe-output-absolute", new=True)
