@@ -747,6 +747,7 @@ if __name__ == "__main__":  # the counts for benchmarks/RESULTS.md
     report.unlink(missing_ok=True)
     env = {**os.environ, "HARDENING_REPORT": str(report)}
     files = sorted(str(p) for p in (root / "tests").glob("test_hardening_*.py")) + \
+        sorted(str(p) for p in (root / "tests").glob("test_safety_*.py")) + \
         sorted(str(p) for p in (root / "tests").glob("test_fuzz_*.py"))
     rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", *files, *sys.argv[1:]],
                          cwd=root, env=env)
@@ -759,8 +760,13 @@ if __name__ == "__main__":  # the counts for benchmarks/RESULTS.md
         if "grown_mb" in entry:
             totals.setdefault("peak RSS growth, MB", {})[entry["name"]] = entry["grown_mb"]  # type: ignore[index]
         if kind != "fuzz":
-            tried, passed = totals.get(kind, (0, 0))  # type: ignore[misc]
-            totals[kind] = (tried + 1, passed + int(entry["passed"]))
+            for name in (kind, f"{kind} (new in issue 10)") if entry.get("new") else (kind,):
+                tried, passed = totals.get(name, (0, 0))  # type: ignore[misc]
+                totals[name] = (tried + 1, passed + int(entry["passed"]))
+        if "rss_mb" in entry:
+            worst = totals.setdefault("corpus worst case", {"rss_mb": 0.0, "seconds": 0.0})
+            worst["rss_mb"] = max(worst["rss_mb"], entry["rss_mb"])  # type: ignore[index]
+            worst["seconds"] = max(worst["seconds"], entry["seconds"])  # type: ignore[index]
     print(json.dumps(totals, indent=2, sort_keys=True))
     sys.exit(rc)
 

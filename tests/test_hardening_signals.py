@@ -124,7 +124,7 @@ def test_stop_signals_during_a_merge(server, make_ckpt, tmp_path):
                 assert sha(out) == reference, (name, point)
             assert {p: sha(p) for p in inputs} == inputs
             checked += 1
-            record("signals", f"merge/{name}/{point}", True)
+            record("signals", f"merge/{name}/{point}", True, new=True)
     assert checked == len(SIGNALS) * (len(BEFORE) + len(AFTER))
 
 
@@ -136,7 +136,7 @@ def test_stop_signals_during_an_export(server, tiny_sd15, tmp_path, name):
     assert result["code"] == SIGNALS[name], result
     assert lines(result["stderr"]) == [f"interrupted ({name}): no output was written"], result
     assert list(tmp_path.iterdir()) == []  # no folder, no temporary folder
-    record("signals", f"export/{name}", True)
+    record("signals", f"export/{name}", True, new=True)
 
 
 def test_sigterm_from_outside(make_ckpt, tmp_path):
@@ -167,4 +167,4 @@ def test_sigterm_from_outside(make_ckpt, tmp_path):
     assert lines(err) == ["interrupted (SIGTERM): no output was written"], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "recipe.yaml"] or \
         sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
-    record("signals", "merge/SIGTERM-external", True)
+    record("signals", "merge/SIGTERM-external", True, new=True)

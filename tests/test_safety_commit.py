@@ -52,7 +52,7 @@ def test_file_noreplace_never_clobbers(tmp_path, monkeypatch, way):
         assert got == "renameat2"
     elif way != "renameat2":
         assert got == way
-    record("commit", f"file-noreplace-{way}", True)
+    record("commit", f"file-noreplace-{way}", True, new=True)
 
 
 @pytest.mark.parametrize("way", ["renameat2", "mkdir"])
@@ -69,7 +69,7 @@ def test_folder_noreplace_never_clobbers(tmp_path, monkeypatch, way):
     dst.rmdir()
     assert commit.rename_noreplace(src, dst) in ("renameat2", "mkdir")
     assert (dst / "f").read_bytes() == b"new" and not src.exists()
-    record("commit", f"folder-noreplace-{way}", True)
+    record("commit", f"folder-noreplace-{way}", True, new=True)
 
 
 @pytest.mark.parametrize("way", ["renameat2", "link", "checked"])
@@ -86,7 +86,7 @@ def test_output_that_appears_during_the_run_is_kept(tmp_path, monkeypatch, way):
             out.write_bytes(b"the other run's output")
     assert out.read_bytes() == b"the other run's output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
-    record("commit", f"appeared-during-run-{way}", True)
+    record("commit", f"appeared-during-run-{way}", True, new=True)
 
 
 def test_overwrite_replaces_only_a_regular_file(tmp_path):
@@ -110,7 +110,7 @@ def test_overwrite_replaces_only_a_regular_file(tmp_path):
     with pytest.raises(OutputError, match="symbolic link"):
         save_file(spec, dangling, overwrite=True)
     assert not (tmp_path / "nowhere").exists()
-    record("commit", "overwrite-only-regular-files", True)
+    record("commit", "overwrite-only-regular-files", True, new=True)
 
 
 def test_input_set_sees_through_links(tmp_path):
@@ -130,7 +130,7 @@ def test_input_set_sees_through_links(tmp_path):
             with pytest.raises(OutputError, match="is one of the inputs"):
                 save_file({"a": torch.zeros(2)}, target, overwrite=True)
     assert real.read_bytes() == before
-    record("commit", "input-set-links", True)
+    record("commit", "input-set-links", True, new=True)
 
 
 def test_input_folder_is_protected(tmp_path):
@@ -144,7 +144,7 @@ def test_input_folder_is_protected(tmp_path):
             commit.check_target(folder / "unet" / "new.safetensors", overwrite=True)
         with pytest.raises(OutputError, match="holds the input folder"):
             commit.check_target(tmp_path, overwrite=True, folder=True)
-    record("commit", "input-folder", True)
+    record("commit", "input-folder", True, new=True)
 
 
 def test_folder_overwrite_rules(tmp_path):
@@ -170,7 +170,7 @@ def test_folder_overwrite_rules(tmp_path):
     with commit.staged_folder(empty, overwrite=True) as tmp:
         (tmp / "d.txt").write_text("4")
     assert (empty / "d.txt").exists()
-    record("commit", "folder-overwrite-rules", True)
+    record("commit", "folder-overwrite-rules", True, new=True)
 
 
 def test_folder_swap_without_exchange(tmp_path, monkeypatch):
@@ -182,7 +182,7 @@ def test_folder_swap_without_exchange(tmp_path, monkeypatch):
         (tmp / "b.txt").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == [commit.MANIFEST, "b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    record("commit", "folder-swap-fallback", True)
+    record("commit", "folder-swap-fallback", True, new=True)
 
 
 def test_failed_staging_leaves_nothing(tmp_path):
@@ -192,7 +192,7 @@ def test_failed_staging_leaves_nothing(tmp_path):
             (tmp / "a.txt").write_text("1")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
-    record("commit", "staging-interrupted", True)
+    record("commit", "staging-interrupted", True, new=True)
 
 
 def test_signal_during_commit_is_held_and_the_run_counts_as_done(tmp_path, monkeypatch):
@@ -212,7 +212,7 @@ def test_signal_during_commit_is_held_and_the_run_counts_as_done(tmp_path, monke
         os.kill(os.getpid(), signal.SIGHUP)  # after the commit: recorded only
         assert signals.late_signal() == "SIGHUP"
     assert out.exists()
-    record("signals", "held-during-commit", True)
+    record("signals", "held-during-commit", True, new=True)
 
 
 def test_signal_before_commit_interrupts_and_cleans(tmp_path):
@@ -224,7 +224,7 @@ def test_signal_before_commit_interrupts_and_cleans(tmp_path):
                 os.kill(os.getpid(), signal.SIGHUP)
         assert info.value.exit_code == 129
     assert list(tmp_path.iterdir()) == []
-    record("signals", "before-commit", True)
+    record("signals", "before-commit", True, new=True)
 
 
 def test_handlers_are_restored():

@@ -54,7 +54,7 @@ def test_output_path_is_relative_to_the_recipe(tmp_path, tiny_sd15, capsys, monk
     code, err = _run(["-q", "merge", str(recipe), "--no-input-hashes"], capsys)
     assert code == 0, err
     assert (folder / "merged.safetensors").is_file() and list(elsewhere.iterdir()) == []
-    record("rules", "output-path-relative-to-recipe", True)
+    record("rules", "output-path-relative-to-recipe", True, new=True)
 
 
 def test_absolute_output_path_needs_out(tmp_path, tiny_sd15, capsys):
@@ -68,7 +68,7 @@ def test_absolute_output_path_needs_out(tmp_path, tiny_sd15, capsys):
     chosen = tmp_path / "chosen.safetensors"
     code, err = _run(["-q", "merge", str(recipe), "-o", str(chosen), "--no-input-hashes"], capsys)
     assert code == 0 and chosen.is_file(), err  # --out is the user's own choice
-    record("rules", "absolute-output-path", True)
+    record("rules", "absolute-output-path", True, new=True)
 
 
 @pytest.mark.parametrize("text", ["/tmp/x.safetensors", "~/x.safetensors", "C:\\models\\x.safetensors",
@@ -96,7 +96,7 @@ def test_symlink_escape_refused(tmp_path, tiny_sd15, capsys):
     (folder / "alias").symlink_to(inside)  # a link that stays inside the folder is fine
     assert output_target(load_recipe(_recipe(folder, tiny_sd15, "alias/m.safetensors")).output,
                          str(recipe)) == folder / "alias" / "m.safetensors"
-    record("rules", "symlink-escape", True)
+    record("rules", "symlink-escape", True, new=True)
 
 
 def test_no_output_path_is_a_usage_error(tmp_path, tiny_sd15):
@@ -122,7 +122,7 @@ def test_backtracking_patterns_are_linear(pattern):
     patterns.compile_user(pattern, "test")
     patterns.search(pattern, text)
     assert time.monotonic() - start < 10
-    record("rules", f"regex-linear/{pattern}", True)
+    record("rules", f"regex-linear/{pattern}", True, new=True)
 
 
 @pytest.mark.parametrize("pattern", [r"(a)\1", r"(?=x)y", r"(?<!x)y", r"(?P<n>a)(?P=n)"])
@@ -196,7 +196,7 @@ def test_node_walks_visit_each_node_once(tmp_path, tiny_sd15, monkeypatch):
         calls[n] = count[0]
         assert loads_of(lowered) == loads_of(kp.node)
     assert calls[20] <= 2.5 * calls[10], calls
-    record("rules", "node-walks-linear", True)
+    record("rules", "node-walks-linear", True, new=True)
 
 
 def test_forty_step_dag_dry_run_and_merge(tmp_path, tiny_sd15, capsys):
@@ -206,7 +206,7 @@ def test_forty_step_dag_dry_run_and_merge(tmp_path, tiny_sd15, capsys):
     linear = _chain(tmp_path, tiny_sd15, 40, "weighted_sum")
     code, err = _run(["-q", "merge", str(linear), "-o", str(tmp_path / "o.safetensors"), "--no-input-hashes"], capsys)
     assert code == 0 and (tmp_path / "o.safetensors").is_file(), err
-    record("rules", "dag-dry-run-and-merge", True)
+    record("rules", "dag-dry-run-and-merge", True, new=True)
 
 
 # ------------------------------------------------------------------------------------------------ grid
@@ -232,4 +232,4 @@ def test_ctrl_c_in_grid_leaves_no_folder(tmp_path, tiny_sd15, capsys, monkeypatc
     assert code == 130, err
     assert [line for line in err.splitlines() if line.strip()] == ["interrupted (SIGINT): no output was written"]
     assert list(tmp_path.iterdir()) == []
-    record("rules", "grid-ctrl-c", True)
+    record("rules", "grid-ctrl-c", True, new=True)

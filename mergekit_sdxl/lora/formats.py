@@ -184,12 +184,16 @@ class Adapter:
         self.check_shapes(layer)
         try:
             with small_op_threads(_numel(layer.module.shape)):
-                return _DELTAS[layer.algo](self, layer)
+                result = _DELTAS[layer.algo](self, layer)
         except (RuntimeError, ValueError, IndexError) as exc:
             shapes = {part: list(self.reader.info(key).shape) for part, key in layer.keys.items()}
             raise CheckpointError(f"{self.path}: module {layer.module.name} ({layer.algo}): tensors {shapes} do not "
                                   f"fit the layer's weight {list(layer.module.shape)}: {exc}") from None
-
+        for part in (result.weight, result.bias, result.dora_scale):  # NaN/Inf in a file: named here, not by an SVD
+            if part is not None and not bool(torch.isfinite(part).all()):
+                raise CheckpointError(f"{self.path}: module {layer.module.name} ({layer.algo}): the adapter holds "
+                                      "non-finite values (NaN or Inf)")
+        return result
 
     def check_shapes(self, layer: AdapterLayer) -> None:
         """CheckpointError unless the layer's factors (header shapes only) multiply out to the layer's weight."""
