@@ -216,16 +216,17 @@ def test_ctrl_c_in_grid_leaves_no_folder(tmp_path, tiny_sd15, capsys, monkeypatc
     pytest.importorskip("diffusers")
     from mergekit_sdxl.sampler import grid as grid_mod
 
-    real = grid_mod._save_png
+    real = grid_mod._save_cell
     calls = [0]
 
-    def save(image, path, **options):
+    def save(*args, **kwargs):
         calls[0] += 1
-        real(image, path, **options)
+        record_ = real(*args, **kwargs)
         if calls[0] == 1:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C after the first cell landed in the temporary folder
+        return record_
 
-    monkeypatch.setattr(grid_mod, "_save_png", save)
+    monkeypatch.setattr(grid_mod, "_save_cell", save)
     out = tmp_path / "grid"
     code, err = _run(["-q", "grid", "--models", str(tiny_sd15), "--seeds", "1,2", "--steps", "1", "--size", "64x64",
                       "--device", "cpu", "-o", str(out)], capsys)
