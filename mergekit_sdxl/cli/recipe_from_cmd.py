@@ -117,19 +117,8 @@ def _print_tree(pub, lookup: _Lookup, as_json: bool) -> None:  # noqa: ANN001
 
 
 def _write_text(out: Path, text: str, overwrite: bool, source: Path) -> None:
-    """Write `text` to `out` atomically: never replaces an existing file without --overwrite, never the source."""
-    from mergekit_sdxl.errors import OutputError
+    """Write `text` to `out` like every output (io/commit.py): atomically, never onto the source or any other input,
+    never replacing an existing file without --overwrite."""
+    from mergekit_sdxl.io.commit import write_file
 
-    if out.exists() and os.path.samefile(out, source):
-        raise OutputError(f"{out}: is the file the recipe is read from; choose another -o")
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.mergekit-tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot write: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file(out, text.encode("utf-8"), overwrite=overwrite, inputs=[source])
