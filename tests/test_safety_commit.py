@@ -167,9 +167,16 @@ def test_folder_overwrite_rules(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    with commit.staged_folder(empty, overwrite=True) as tmp:
+    with commit.staged_folder(empty) as tmp:  # an empty folder holds nothing to lose: no --overwrite needed
         (tmp / "d.txt").write_text("4")
     assert (empty / "d.txt").exists()
+    late = tmp_path / "late"
+    late.mkdir()
+    with pytest.raises(OutputError, match="appeared while the output was being written"):
+        with commit.staged_folder(late) as tmp:
+            (tmp / "e.txt").write_text("5")
+            (late / "theirs.txt").write_text("arrived meanwhile")
+    assert sorted(p.name for p in late.iterdir()) == ["theirs.txt"]
     record("commit", "folder-overwrite-rules", True, new=True)
 
 

@@ -3,7 +3,7 @@
 Rules (README "Safety", docs/safety.md):
 - An output is a new path, an existing regular file (with `--overwrite`), or an existing folder this tool wrote
   (with `--overwrite`; recognised by the manifest `MANIFEST` listing every file we wrote, and refused if it holds
-  anything else). Symlinks, devices, FIFOs and other people's folders are never replaced.
+  anything else), or an empty folder. Symlinks, devices, FIFOs and other people's folders are never replaced.
 - Nothing that the run reads is ever an output (io/inputs.py), checked before any work and again at the commit.
 - Without `--overwrite` the commit itself refuses to replace anything, even a file that appeared during the run:
   `renameat2(RENAME_NOREPLACE)` where the kernel and filesystem have it (Linux), else `link()` + `unlink()` for
@@ -171,6 +171,8 @@ def _check_existing(dest: Path, st: os.stat_result, overwrite: bool, folder: boo
     if folder:
         if not stat.S_ISDIR(st.st_mode):
             raise OutputError(f"{dest}: exists and is not a folder")
+        if _is_empty(dest):
+            return  # an empty folder holds nothing to lose (`mkdir out && ... -o out` works)
         if not overwrite:
             raise OutputError(f"{dest}: already exists; pass --overwrite to replace it")
         _check_ours(dest)
@@ -187,8 +189,6 @@ def _check_ours(folder: Path) -> None:
     """An existing output folder may be replaced only if it is empty or every file in it is one we wrote (listed
     by our manifest)."""
     listed = read_manifest(folder)
-    if listed is None and next(_files(folder), None) is None:
-        return  # an empty folder: nothing in it to lose
     if listed is None:
         raise OutputError(f"{folder}: exists and was not written by mergekit-sdxl (no {MANIFEST}); refusing to "
                           "replace it: remove it yourself or choose another folder")
@@ -197,6 +197,14 @@ def _check_ours(folder: Path) -> None:
         if rel != MANIFEST and rel not in listed:
             raise OutputError(f"{folder}: holds {rel!r}, which mergekit-sdxl did not write; refusing to replace "
                               "the folder: move that file or choose another folder")
+
+
+def _is_empty(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
 
 
 def read_manifest(folder: Path) -> set[str] | None:
@@ -271,6 +279,8 @@ def commit_folder(tmp: str | os.PathLike[str], dest: str | os.PathLike[str], *, 
     with signals.critical():
         try:
             _write_manifest(tmp)
+            if os.path.isdir(dest) and not os.path.islink(dest) and _is_empty(dest):
+                _remove_empty(dest)
             if not overwrite and os.path.lexists(dest):
                 raise FileExistsError(errno.EEXIST, "exists", str(dest))
             check_target(dest, overwrite=overwrite, folder=True, inputs=inputs)
@@ -290,6 +300,17 @@ def commit_folder(tmp: str | os.PathLike[str], dest: str | os.PathLike[str], *, 
             raise OutputError(f"{dest}: finishing the folder failed: {exc.strerror or exc}") from None
         fsync_dir(dest.parent)
         signals.note_committed(dest)
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove an empty output folder so the new one can take its name; if something arrived in it meanwhile,
+    rmdir fails and it is kept (FileExistsError)."""
+    try:
+        os.rmdir(folder)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(errno.EEXIST, "appeared during the run", str(folder)) from None
+        raise
 
 
 def _swap_in(tmp: Path, dest: Path) -> None:
