@@ -48,7 +48,7 @@ def test_file_noreplace_never_clobbers(tmp_path, monkeypatch, way):
     dst.unlink()
     got = commit.rename_noreplace(src, dst)
     assert dst.read_bytes() == b"new" and not src.exists()
-    if way == "renameat2" and commit._renameat2() is not None:
+    if way == "renameat2" and commit.libc.renameat2() is not None:
         assert got == "renameat2"
     elif way != "renameat2":
         assert got == way

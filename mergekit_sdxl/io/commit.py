@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import json
 import os
@@ -39,6 +38,7 @@ from pathlib import Path
 from mergekit_sdxl.errors import OutputError
 from mergekit_sdxl.io import inputs as run_inputs
 from mergekit_sdxl.io import jsonio, signals
+from mergekit_sdxl.platform import libc
 from mergekit_sdxl.platform.names import check_output_name
 from mergekit_sdxl.platform.process import pid_alive, replace_failure
 
@@ -65,24 +65,9 @@ def _test_kill(point: str) -> None:
         os.kill(os.getpid(), getattr(signal, name) if name else getattr(signal, "SIGKILL", 9))
 
 
-def _renameat2():  # noqa: ANN202 - a ctypes function or None
-    """libc's renameat2 (glibc >= 2.28), or None."""
-    if not hasattr(_renameat2, "fn"):
-        fn = None
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-            fn = libc.renameat2
-            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-        except (OSError, AttributeError, TypeError):
-            fn = None
-        _renameat2.fn = fn  # type: ignore[attr-defined]
-    return _renameat2.fn  # type: ignore[attr-defined]
-
-
 def _call_renameat2(src: Path, dst: Path, flags: int) -> bool:
     """True if done; False if renameat2 or the flag is not available here; OSError for real failures."""
-    fn = _renameat2()
+    fn = libc.renameat2()
     if fn is None:
         return False
     if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:

@@ -69,3 +69,19 @@ def advise_hugepages(address: int, length: int) -> bool:
     """Ask Linux to back [address, address + length) with transparent huge pages (page-aligned range)."""
     fn = _madvise()
     return fn is not None and fn(address, length, MADV_HUGEPAGE) == 0
+
+
+@functools.cache
+def renameat2() -> Any:  # noqa: ANN401 - a ctypes function pointer
+    """Linux's `renameat2(olddirfd, oldpath, newdirfd, newpath, flags)` (glibc >= 2.28), or None: io/commit.py's
+    atomic no-clobber rename (RENAME_NOREPLACE) and folder swap (RENAME_EXCHANGE). Looked up in a handle that keeps
+    errno (`ctypes.get_errno()` after a call)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn

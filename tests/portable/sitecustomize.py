@@ -6,7 +6,8 @@ Put this folder first on PYTHONPATH and set MERGEKIT_TEST_HIDE_POSIX=1: every Py
 - `os.pread`, `os.preadv`, `os.pwrite`, `os.pwritev` (absent on Windows; `preadv` absent on macOS < 11),
   `os.posix_fallocate` (absent on Windows and macOS);
 - `signal.SIGHUP` (absent on Windows);
-- glibc's symbols, looked up through ctypes (`mallopt`, `malloc_trim`, `gnu_get_libc_version`, `madvise` ...):
+- glibc's symbols, looked up through ctypes (`mallopt`, `malloc_trim`, `gnu_get_libc_version`, `madvise`,
+  `renameat2` ...):
   a lookup fails as it does on macOS or Windows, whose C libraries have none of them.
 
 `tests/conftest.py` checks that the mode took effect when the variable is set, so a run cannot silently test the
@@ -19,7 +20,7 @@ import os
 HIDDEN_OS = ("pread", "preadv", "pwrite", "pwritev", "posix_fallocate")
 HIDDEN_SIGNALS = ("SIGHUP",)
 HIDDEN_LIBC = frozenset({"mallopt", "malloc_trim", "mallinfo", "mallinfo2", "malloc_info", "gnu_get_libc_version",
-                         "gnu_get_libc_release", "madvise", "posix_madvise"})
+                         "gnu_get_libc_release", "madvise", "posix_madvise", "renameat2"})
 
 
 def _hide() -> None:
