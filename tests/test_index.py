@@ -282,3 +282,33 @@ def test_resolve_models_by_each_hash_and_path_checks(tmp_path, models):
             resolve_models(mixed, index)
         plain = _recipe(tmp_path, "  a: x.safetensors\n  b: y.safetensors\n")
         assert resolve_models(plain, index) == plain  # nothing named by hash: untouched
+
+
+def test_set_up_retries_a_lock_that_sqlite_reports_without_waiting(tmp_path, monkeypatch):
+    """Two runs switching a new database to WAL at once: SQLite may answer "database is locked" at once (it skips
+    the busy handler where waiting could deadlock). The set-up tries again instead of calling the file unusable."""
+    from mergekit_sdxl.index import store
+
+    real, calls = store._open_once, []
+
+    def flaky(path, where):
+        calls.append(path)
+        if len(calls) <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        return real(path, where)
+
+    monkeypatch.setattr(store, "_open_once", flaky)
+    ModelIndex(tmp_path / "db.sqlite3").close()
+    assert len(calls) == 3
+
+
+def test_a_lock_held_past_the_busy_timeout_is_one_clear_error(tmp_path, monkeypatch):
+    from mergekit_sdxl.index import store
+
+    def locked(path, where):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store, "_open_once", locked)
+    monkeypatch.setattr(store, "BUSY_TIMEOUT_MS", 200)
+    with pytest.raises(UsageError, match="locked by another program"):
+        ModelIndex(tmp_path / "db.sqlite3")

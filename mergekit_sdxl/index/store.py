@@ -251,8 +251,35 @@ def _connect(path: Path) -> sqlite3.Connection:
     where = f"model index {path}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot open: {exc}") from exc
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return _open_once(path, where)
+        except sqlite3.OperationalError as exc:
+            # Switching a new database to WAL (or migrating it) while another run does the same can fail with
+            # "database is locked" at once: SQLite skips the busy handler where waiting could deadlock. The
+            # other run finishes its set-up within milliseconds, so try again until the busy timeout.
+            if time.monotonic() > deadline:
+                raise UsageError(f"{where}: locked by another program for over {BUSY_TIMEOUT_MS // 1000} s "
+                                 f"({exc}); try again when it has finished") from exc
+            time.sleep(0.05)
+
+
+def _is_lock(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _open_once(path: Path, where: str) -> sqlite3.Connection:
+    try:
         db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
     except (OSError, sqlite3.Error) as exc:
+        if isinstance(exc, sqlite3.OperationalError) and _is_lock(exc):
+            raise
         raise UsageError(f"{where}: cannot open: {exc}") from exc
     try:
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -261,6 +288,8 @@ def _connect(path: Path) -> sqlite3.Connection:
         _migrate(db, where)
     except sqlite3.DatabaseError as exc:
         db.close()
+        if isinstance(exc, sqlite3.OperationalError) and _is_lock(exc):
+            raise
         raise UsageError(f"{where}: not a usable index database ({exc}); move it away and index again, or give "
                          "another file with --db") from exc
     except BaseException:
