@@ -15,6 +15,21 @@ from pathlib import Path
 
 import pytest
 
+try:  # hypothesis is a test extra; the torch-free checks on other Pythons may run without it
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # pragma: no cover
+    _hypothesis_settings = None
+
+if _hypothesis_settings is not None:
+    # CI runs derandomised: the same examples every run, no example database carried between runs, so a failure is
+    # a regression and never luck. HYPOTHESIS_PROFILE=explore searches with fresh random examples while developing.
+    _hypothesis_settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+    _hypothesis_settings.register_profile("explore", derandomize=False, database=None, deadline=None,
+                                          max_examples=1000)
+    import os as _os
+
+    _hypothesis_settings.load_profile(_os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """In the portability test mode (tests/portable/sitecustomize.py) refuse to run unless the POSIX-only calls

@@ -121,7 +121,7 @@ class _Parser:
         value, terms = self.terms()
         if self.current.kind != "end":
             self.fail(f"unexpected {self.current.text!r} at position {self.current.pos + 1}")
-        self.check_sum(value, self.text.strip(), terms, top=True)
+        self.check_sum(value, " ".join(self.text.split()), terms, top=True)
         return value
 
     def fail(self, message: str) -> NoReturn:
@@ -129,7 +129,8 @@ class _Parser:
 
     def snippet(self, start: int) -> str:
         end = self.tokens[self.index - 1].pos + len(self.tokens[self.index - 1].text) if self.index else start
-        return self.text[start:end].strip()
+        # whitespace collapsed: a formula written over several YAML lines must still give a one-line message
+        return " ".join(self.text[start:end].split())
 
     def sum_(self) -> _Value:
         start = self.current.pos
