@@ -1,8 +1,10 @@
-"""Regenerate the packaged key tables `mergekit_sdxl/arch/data/{sdxl,sd15}.json` from `../shared/data`.
+"""Regenerate the packaged key tables `mergekit_sdxl/arch/data/{sdxl,sd15}.json` from the source tables.
 
-Usage: python scripts/gen_key_tables.py [--shared PATH] [--check]
+Usage: python scripts/gen_key_tables.py [--source DIR] [--check]
 
-The shared tables map every key of a real single-file checkpoint to {shape, dtype, optional, component}.
+The source tables (`tests/data/key_tables/*.json.gz`, gzip-compressed JSON, kept in the repository so the
+generator and its test run on any clone) map every key of a real single-file checkpoint to
+{shape, dtype, optional, component}.
 The packaged copy is compact (one key a line, short lists) and uses the project's component names:
 `diffuser` -> `unet`, `scheduler` -> `other`; `clip_l`, `clip_g`, `vae` and `ema` stay as they are.
 `--check` exits 1 when the packaged files differ from what would be generated (CI guard).
@@ -11,11 +13,13 @@ The packaged copy is compact (one key a line, short lists) and uses the project'
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SOURCE_DIR = ROOT / "tests" / "data" / "key_tables"
 SOURCES = {"sdxl": "sdxl_sgm_keys.json", "sd15": "sd1_ldm_keys.json"}
 COMPONENTS = {"diffuser": "unet", "scheduler": "other", "clip_l": "clip_l", "clip_g": "clip_g", "vae": "vae",
               "ema": "ema"}
@@ -35,23 +39,29 @@ def render(arch: str, table: dict) -> str:
     return head + ",\n".join(lines) + "\n}}\n"
 
 
-def generate(shared: Path) -> dict[str, str]:
-    """arch -> packaged JSON text, built from the shared tables under `shared/data`."""
-    out = {}
-    for arch, name in SOURCES.items():
-        with open(shared / "data" / name, encoding="utf-8") as fh:
-            out[arch] = render(arch, json.load(fh))
-    return out
+def read_source(source: Path, name: str) -> dict:
+    """One source table from `source`: `name` as plain JSON if present, else `name`.gz."""
+    plain = source / name
+    if plain.exists():
+        return json.loads(plain.read_text(encoding="utf-8"))
+    with gzip.open(source / f"{name}.gz", "rt", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def generate(source: Path = SOURCE_DIR) -> dict[str, str]:
+    """arch -> packaged JSON text, built from the source tables in `source`."""
+    return {arch: render(arch, read_source(source, name)) for arch, name in SOURCES.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    parser.add_argument("--source", type=Path, default=SOURCE_DIR,
+                        help="folder of the source tables (*.json or *.json.gz)")
     parser.add_argument("--check", action="store_true", help="compare instead of writing")
     args = parser.parse_args(argv)
     target = ROOT / "mergekit_sdxl" / "arch" / "data"
     stale = []
-    for arch, text in generate(args.shared).items():
+    for arch, text in generate(args.source).items():
         path = target / f"{arch}.json"
         if args.check:
             if not path.exists() or path.read_text(encoding="utf-8") != text:
