@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recipe-from": ("recipe_from_cmd", "Rebuild the recipe a merged file carries (A1111, SuperMerger, ours)."),
     "index": ("index_cmd", "Index model folders by sha256/AutoV2/AutoV3/legacy hash (SQLite, incremental)."),
     "optimize": ("optimize_cmd", "Search a recipe's parameters (Optuna; Ray for many GPUs): best recipe + report."),
+    "methods": ("methods_cmd", "Print the merge-method reference (formulas, parameters, peers' names)."),
+    "presets": ("presets_cmd", "Print the MBW and LoRA Block Weight presets."),
 }
 
 

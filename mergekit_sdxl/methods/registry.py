@@ -51,58 +51,67 @@ _BETA = ParamSpec("beta", float, None, doc="weight of the third model")
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec(
         "copy", LazyFunction("interpolate.copy"), ("a",), doc="Keep A unchanged.",
-        elementwise=True, linear=lambda p: (1.0,), identities=(Identity(0),)),
+        elementwise=True, linear=lambda p: (1.0,), identities=(Identity(0),), peers={"mergekit": "passthrough"},
+        formula="A"),
     MethodSpec(
-        "keep", LazyFunction("interpolate.copy"), ("a",), doc="Keep A unchanged (alias of copy).",
-        elementwise=True, linear=lambda p: (1.0,), identities=(Identity(0),), alias_of="copy"),
+        "keep", LazyFunction("interpolate.copy"), ("a",), doc="Keep A unchanged.",
+        elementwise=True, linear=lambda p: (1.0,), identities=(Identity(0),), alias_of="copy",
+        peers={"mergekit": "passthrough"}, formula="A"),
     MethodSpec(
         "weighted_sum", LazyFunction("interpolate.weighted_sum"), ("a", "b"), (_alpha(),),
-        "(1 - alpha)·A + alpha·B.", elementwise=True,
+        "Weighted sum; alpha is the weight of B (A1111 and SuperMerger direction).", elementwise=True,
         linear=lambda p: (1.0 - p["alpha"], p["alpha"]),
         identities=(Identity(0, (("alpha", 0.0),)), Identity(1, (("alpha", 1.0),))),
         peers={"a1111": "Weighted sum", "supermerger": "Weight sum", "sd-mecha": "weighted_sum",
-               "mergekit": "linear"}),
+               "mergekit": "linear"}, formula="(1 - alpha)·A + alpha·B"),
     MethodSpec(
         "add_difference", LazyFunction("interpolate.add_difference"), ("a", "b", "c"),
-        (_alpha("weight of the difference B - C"),), "A + alpha·(B - C).", elementwise=True,
+        (_alpha("weight of the difference B - C"),), "Add the difference B - C to A.", elementwise=True,
         linear=lambda p: (1.0, p["alpha"], -p["alpha"]), identities=(Identity(0, (("alpha", 0.0),)),),
-        peers={"a1111": "Add difference", "supermerger": "Add difference", "sd-mecha": "add_difference"}),
+        peers={"a1111": "Add difference", "supermerger": "Add difference", "sd-mecha": "add_difference"},
+        formula="A + alpha·(B - C)"),
     MethodSpec(
         "add_rounded_difference", LazyFunction("interpolate.add_rounded_difference"), ("a", "b", "c"),
         (_alpha("weight of the difference B - C"),
          ParamSpec("bf16", bool, False, doc="round B - C to bf16 instead of fp16")),
-        "A + alpha·rnd(B - C), B - C rounded to fp16 first (SuperMerger's Add difference, 2023-07 to 2025-11).",
+        "Add difference with B - C rounded to fp16 first (SuperMerger's Add difference, 2023-07 to 2025-11).",
         elementwise=True, identities=(Identity(0, (("alpha", 0.0),)),),
-        peers={"supermerger": "Add difference (2023-07 to 2025-11)"}),
+        peers={"supermerger": "Add difference (2023-07 to 2025-11)"},
+        formula="A + alpha·round(B - C), round: to fp16 (bf16 when bf16 is true), then back to the compute dtype"),
     MethodSpec(
         "triple_sum", LazyFunction("interpolate.triple_sum"), ("a", "b", "c"), (_alpha(), _BETA),
-        "(1 - alpha - beta)·A + alpha·B + beta·C.", elementwise=True,
+        "Three-model weighted sum.", elementwise=True,
         linear=lambda p: (1.0 - p["alpha"] - p["beta"], p["alpha"], p["beta"]),
-        peers={"supermerger": "Triple sum"}),
+        peers={"supermerger": "Triple sum"}, formula="(1 - alpha - beta)·A + alpha·B + beta·C"),
     MethodSpec(
         "sum_twice", LazyFunction("interpolate.sum_twice"), ("a", "b", "c"), (_alpha(), _BETA),
-        "(1 - beta)·((1 - alpha)·A + alpha·B) + beta·C.", elementwise=True,
+        "Two weighted sums in a row: A with B, then the result with C.", elementwise=True,
         linear=lambda p: ((1.0 - p["beta"]) * (1.0 - p["alpha"]), (1.0 - p["beta"]) * p["alpha"], p["beta"]),
         identities=(Identity(2, (("beta", 1.0),)), Identity(0, (("alpha", 0.0), ("beta", 0.0))),
                     Identity(1, (("alpha", 1.0), ("beta", 0.0)))),
-        peers={"supermerger": "sum Twice"}),
+        peers={"supermerger": "sum Twice"}, formula="(1 - beta)·((1 - alpha)·A + alpha·B) + beta·C"),
     MethodSpec(
         "train_difference", LazyFunction("interpolate.train_difference"), ("a", "b", "c"),
         (_alpha("weight of the scaled difference"),),
-        "SuperMerger trainDifference: A + 1.8·alpha·(B - C)·|B - A| / (|B - A| + |B - C|).",
+        "SuperMerger's trainDifference: add difference, scaled per element by how far A still is from B.",
         elementwise=True, identities=(Identity(0, (("alpha", 0.0),)),),
-        peers={"supermerger": "trainDifference"}),
+        peers={"supermerger": "trainDifference"},
+        formula="A + 1.8·alpha·s·(B - C), s = |B - A| / (|B - A| + |B - C|) per element (0 where both are 0)"),
     MethodSpec(
         "slerp", LazyFunction("interpolate.slerp"), ("a", "b"), (_alpha(),),
         "Spherical interpolation from A (alpha=0) to B (alpha=1).",
         identities=(Identity(0, (("alpha", 0.0),)), Identity(1, (("alpha", 1.0),))),
-        peers={"sd-mecha": "slerp", "mergekit": "slerp"}),
+        peers={"sd-mecha": "slerp", "mergekit": "slerp"},
+        formula="sin((1 - alpha)·θ)/sin θ·A + sin(alpha·θ)/sin θ·B, cos θ = <A, B>/(|A|·|B|) over the whole "
+                "tensor; (1 - alpha)·A + alpha·B when |cos θ| > 0.9995 or A or B is all zeros"),
     MethodSpec(
         "ties", LazyFunction("task_vectors.ties"), ("base",),
         (ParamSpec("alpha", float, 1.0, doc="weight of the merged delta"),
          ParamSpec("density", float, 0.2, 0.0, 1.0, "fraction of each delta's entries kept (largest |x|)")),
         "TIES: trim deltas to top density, elect sign by mass, disjoint mean; base + alpha·merged.",
-        variadic=True, peers={"sd-mecha": "ties_sum", "mergekit": "ties"}),
+        variadic=True, peers={"sd-mecha": "ties_sum", "mergekit": "ties"},
+        formula="base + alpha·(sum of the t_i whose sign is e) / (their count), t_i = M_i - base trimmed to its "
+                "round(density·n) largest |values|, e = sign(sum_i t_i) per element (no sign elected at 0)"),
     MethodSpec(
         "dare", LazyFunction("task_vectors.dare"), ("base",),
         (ParamSpec("seed", int, None, doc="seeds the drop masks (the planner derives one per key)"),
@@ -110,11 +119,15 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
          ParamSpec("alpha", float, 1.0, doc="weight of the summed deltas"),
          ParamSpec("ties_sign", bool, False, doc="sum only entries agreeing with the elected sign (dare_ties)")),
         "DARE: drop delta entries with probability p, rescale by 1/(1 - p), sum; base + alpha·sum.",
-        variadic=True, peers={"mergekit": "dare_linear"}),
+        variadic=True, peers={"mergekit": "dare_linear (dare_ties: ties_sign true)"},
+        formula="base + alpha·sum_i m_i·(M_i - base)/(1 - p), m_i: keep masks, each entry kept with probability "
+                "1 - p, drawn from seed; ties_sign: only the entries whose sign agrees with the elected one"),
     MethodSpec(
         "model_stock", LazyFunction("task_vectors.model_stock"), ("base",), (),
         "Model Stock: t·avg(models) + (1 - t)·base, t from the mean pairwise delta cosine.",
-        variadic=True, min_variadic=2, peers={"sd-mecha": "model_stock", "mergekit": "model_stock"}),
+        variadic=True, min_variadic=2, peers={"sd-mecha": "model_stock", "mergekit": "model_stock"},
+        formula="base + t·mean_i(M_i - base), t = k·c / ((k - 1)·c + 1), k models, c = mean pairwise cosine of "
+                "the deltas clamped to [0, 1]"),
 )}
 
 

@@ -116,7 +116,9 @@ class MethodSpec:
         fn: the pure function, called as fn(*tensors, **params).
         inputs: names of the fixed tensor inputs, in call order.
         params: keyword parameters, in signature order.
-        doc: the formula in one line.
+        doc: what the method does, in one line.
+        formula: the result as a formula of the inputs and parameters (plain text, one line; the method
+            reference, `mergekit-sdxl methods` and docs/methods.md, prints it).
         variadic: further tensors follow `inputs` (at least `min_variadic` of them).
         elementwise, linear, identities: traits (module docstring).
         peers: tool -> the name that tool gives this method ("supermerger": "Weight sum", ...).
@@ -135,6 +137,7 @@ class MethodSpec:
     identities: tuple[Identity, ...] = ()
     peers: Mapping[str, str] = field(default_factory=dict)
     alias_of: str | None = None
+    formula: str = ""
 
     def param(self, name: str) -> ParamSpec:
         """The spec of parameter `name`; KeyError if the method has none."""
