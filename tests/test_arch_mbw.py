@@ -37,19 +37,53 @@ def test_anime_diffusion_high_res_replace_sd15():
     assert low["M00"] == 1 and low["IN11"] == 1 and low["OUT00"] == 1 and low["OUT11"] == 0
 
 
-def test_26_values_for_sdxl_keep_supermerger_positions():
+def _sd1_on_sdxl(in_run: tuple[float, float, float] | None = None,
+                 out_run: tuple[float, float, float] | None = None) -> list[float]:
+    """Distinct values 0..25 at every SD1 position; IN09-IN11 default to IN08 (9), OUT09-OUT11 to OUT08 (22)."""
     values = [float(i) for i in range(26)]
-    w = parse_mbw(values, "sdxl")
+    values[10:13] = in_run or (9.0, 9.0, 9.0)
+    values[23:26] = out_run or (22.0, 22.0, 22.0)
+    return values
+
+
+def test_26_values_for_sdxl_keep_supermerger_positions():
+    w = parse_mbw(_sd1_on_sdxl(), "sdxl")
     assert to_list(w, "sdxl") == [*range(0, 10), *range(13, 23)]
     assert w["M00"] == 13 and w["OUT00"] == 14 and w["OUT08"] == 22 and w["IN08"] == 9
+    # a dropped IN value may also equal M00, its other kept neighbour
+    assert to_list(parse_mbw(_sd1_on_sdxl(in_run=(9, 13, 13)), "sdxl"), "sdxl") == [*range(0, 10), *range(13, 23)]
+    assert parse_mbw(",".join(["0.5"] * 26), "sdxl") == dict.fromkeys(block_names("sdxl"), 0.5)
+
+
+@pytest.mark.parametrize(("in_run", "out_run", "named"), [
+    ((9, 9, 0.5), None, ["IN11 = 0.5 (not IN08 = 9 or M00 = 13)"]),
+    ((10, 9, 9), None, ["IN09 = 10 (not IN08 = 9 or M00 = 13)"]),
+    (None, (22, 22, 0), ["OUT11 = 0 (not OUT08 = 22)"]),
+    (None, (13, 22, 22), ["OUT09 = 13 (not OUT08 = 22)"]),  # M00's value is no neighbour of the OUT run
+    ((9, 1, 13), (23, 24, 22), ["IN10 = 1", "OUT09 = 23", "OUT10 = 24"]),
+])
+def test_26_values_for_sdxl_refuse_dropping_a_weight_of_their_own(in_run, out_run, named):
+    values = _sd1_on_sdxl(in_run, out_run)
+    with pytest.raises(RecipeError, match=r"^steps\.m\.alpha: 26 values .* drop IN09-IN11 and OUT09-OUT11") as info:
+        parse_mbw(values, "sdxl", where="steps.m.alpha")
+    message = str(info.value)
+    assert all(part in message for part in named), message
+    dropped = [f"IN{i:02d}" for i in (9, 10, 11)] + [f"OUT{i:02d}" for i in (9, 10, 11)]
+    assert sum(f"{name} = " in message for name in dropped) == len(named)  # only the offending ones are listed
+    with pytest.raises(RecipeError, match="IN09-IN11"):  # the string form is checked the same way
+        parse_mbw(",".join(repr(v) for v in values), "sdxl")
+    assert to_list(parse_mbw(values, "sd15"), "sd15") == values  # SD1.x keeps all 26
 
 
 def test_25_values_with_base_alpha():
     values = [float(i + 1) for i in range(25)]
     sd15 = parse_mbw(values, "sd15", base_alpha=0.5)
     assert to_list(sd15, "sd15") == [0.5, *values]
-    sdxl = parse_mbw(values, "sdxl", base_alpha=0.5)
+    sdxl_values = _sd1_on_sdxl()[1:]
+    sdxl = parse_mbw(sdxl_values, "sdxl", base_alpha=0.5)
     assert sdxl["BASE"] == 0.5 and sdxl["IN00"] == 1 and sdxl["M00"] == 13 and sdxl["OUT08"] == 22
+    with pytest.raises(RecipeError, match="OUT11 = 25"):
+        parse_mbw(values, "sdxl", base_alpha=0.5)
     with pytest.raises(RecipeError, match="base_alpha"):
         parse_mbw(values, "sd15")
     with pytest.raises(RecipeError, match="base_alpha goes only with 25 values"):
@@ -186,7 +220,11 @@ def test_round_trip_list_dict_list(arch, convention, data):
 @given(st.sampled_from(["sdxl", "sd15"]), st.lists(finite, min_size=0, max_size=40))
 def test_any_length_is_accepted_or_refused_with_its_count(arch, values):
     allowed = {"sdxl": {20, 26}, "sd15": {26}}[arch]
-    if len(values) in allowed:
+    if arch == "sdxl" and len(values) == 26 and not (set(values[10:13]) <= {values[9], values[13]}
+                                                      and set(values[23:26]) <= {values[22]}):
+        with pytest.raises(RecipeError, match="drop IN09-IN11 and OUT09-OUT11"):
+            parse_mbw(values, arch)
+    elif len(values) in allowed:
         weights = parse_mbw(values, arch)
         assert len(weights) == len(block_names(arch)) and all(math.isfinite(v) for v in weights.values())
     else:

@@ -2,7 +2,10 @@
 
 Accepted forms (conventions.md section 2), for `arch` "sdxl" or "sd15":
 - 20 values for SDXL (BASE, IN00..IN08, M00, OUT00..OUT08) or 26 for SD1.x (BASE, IN00..IN11, M00, OUT00..OUT11);
-- 26 values for SDXL: SuperMerger's positions 0-9 and 13-22 (IN09-11 and OUT09-11 are dropped);
+- 26 values for SDXL: SuperMerger's positions 0-9 and 13-22 (IN09-11 and OUT09-11 are dropped). A list or string
+  may drop only values that carry nothing: each of IN09..IN11 must equal IN08 or M00 (its kept neighbours) and each
+  of OUT09..OUT11 must equal OUT08 (its one kept neighbour); otherwise it is refused, naming the dropped positions.
+  Preset names are SuperMerger's own SD1 vectors and keep its rule unchecked;
 - 25 values plus a separate `base_alpha` (bbc-mc MBW, meh): the 25 are IN00..OUT11, base_alpha is BASE;
 - under the sd-mecha convention on SDXL, a 21st value for the VAE (without it the VAE follows BASE);
 - a string "0,0.1, 0.1" of those values, a preset name (GRAD_V, FLAT_25, ...), or a named form
@@ -23,6 +26,9 @@ from mergekit_sdxl.errors import RecipeError
 
 SD1_LEN = 26
 _SDXL_FROM_SD1 = (*range(0, 10), *range(13, 23))  # SuperMerger's 26 -> 20 rule for SDXL
+# the positions that rule drops, each run with the kept positions next to it: IN09..IN11 sit between IN08 and M00,
+# OUT09..OUT11 follow OUT08 (the last block)
+_SD1_DROPPED: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] = (((10, 11, 12), (9, 13)), ((23, 24, 25), (22,)))
 _BLOCK = re.compile(r"^(BASE|VAE|MID|M|IN|OUT)(\d*)$")
 _NAMED = re.compile(r"^([^:=]+?)\s*[:=]\s*(.*)$")
 
@@ -100,7 +106,7 @@ def parse_mbw(
     if isinstance(value, str):
         text = value.strip()
         if text.upper() in PRESETS:
-            return _from_list(list(PRESETS[text.upper()]), arch, names, where, None)
+            return _from_list(list(PRESETS[text.upper()]), arch, names, where, None, preset=True)
         if ":" in text or "=" in text:
             return _from_mapping(_split_named(text, where), names, where, default)
         if re.fullmatch(r"[A-Za-z][\w*/+-]*", text):
@@ -122,7 +128,7 @@ def to_list(weights: Mapping[str, float], arch: str, convention: str = DEFAULT_C
 
 
 def _from_list(values: list[float], arch: str, names: tuple[str, ...], where: str,
-               base_alpha: float | None) -> dict[str, float]:
+               base_alpha: float | None, *, preset: bool = False) -> dict[str, float]:
     n_blocks = len(names) - 1 if names[-1] == "VAE" else len(names)  # the VAE weight is optional
     if len(values) == SD1_LEN - 1:
         if base_alpha is None:
@@ -132,12 +138,32 @@ def _from_list(values: list[float], arch: str, names: tuple[str, ...], where: st
     elif base_alpha is not None:
         raise RecipeError(f"{where}: base_alpha goes only with 25 values; got {len(values)} values")
     if arch == "sdxl" and len(values) == SD1_LEN:
+        if not preset:
+            _check_dropped(values, where)
         values = [values[i] for i in _SDXL_FROM_SD1]
     if len(values) == n_blocks and len(names) > n_blocks:
         values = [*values, values[0]]  # VAE follows BASE
     if len(values) != len(names):
         raise RecipeError(f"{where}: {_expected(arch, names)}, got {len(values)}")
     return dict(zip(names, values))
+
+
+def _check_dropped(values: list[float], where: str) -> None:
+    """Refuse a 26-value SD1 vector on SDXL whose dropped positions carry a weight of their own (see the module
+    docstring): silently dropping them would merge those layers with a weight the user never wrote."""
+    sd1 = block_names("sd15")
+    offending = []
+    for dropped, kept in _SD1_DROPPED:
+        allowed = {values[i] for i in kept}
+        for i in dropped:
+            if values[i] not in allowed:
+                neighbours = " or ".join(f"{sd1[k]} = {values[k]:g}" for k in kept)
+                offending.append(f"{sd1[i]} = {values[i]:g} (not {neighbours})")
+    if offending:
+        raise RecipeError(f"{where}: 26 values (the SD1.x layout) on SDXL drop IN09-IN11 and OUT09-OUT11 (SDXL has "
+                          f"no such blocks), but these differ from their kept neighbours and would be lost: "
+                          f"{'; '.join(offending)}. Give the 20 SDXL values (BASE, IN00..IN08, M00, OUT00..OUT08), "
+                          "or set each of IN09-IN11 to IN08 or M00 and each of OUT09-OUT11 to OUT08")
 
 
 def _expected(arch: str, names: tuple[str, ...]) -> str:
@@ -167,11 +193,11 @@ def _split_named(text: str, where: str) -> dict[str, str]:
     """"IN04:0.3, OUT00..OUT02=0.5" -> {"IN04": "0.3", "OUT00..OUT02": "0.5"}."""
     out: dict[str, str] = {}
     for part in (p.strip() for p in re.split(r"[,;\n]", text)):
-        match = _NAMED.match(part)
-        if part and not match:
-            raise RecipeError(f"{where}: {part!r} is not NAME:VALUE (e.g. IN04:0.3 or OUT00..OUT02:0.5)")
         if not part:
             continue
+        match = _NAMED.match(part)
+        if not match:
+            raise RecipeError(f"{where}: {part!r} is not NAME:VALUE (e.g. IN04:0.3 or OUT00..OUT02:0.5)")
         name, number = match.groups()
         if name in out:
             raise RecipeError(f"{where}: {name!r} is given twice")
