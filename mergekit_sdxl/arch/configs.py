@@ -10,30 +10,33 @@ import json
 from functools import cache
 from importlib import resources
 
-from mergekit_sdxl.arch.tables import check_arch
+from mergekit_sdxl.arch.registry import SPECS, ZTSNR_SCHEDULER_ARCH, arch_spec
 from mergekit_sdxl.errors import ArchError
 
-COMPONENTS = {
-    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler", "model_index"),
-    "sd15": ("unet", "vae", "text_encoder", "scheduler", "model_index"),
-}
+COMPONENTS = {spec.id: spec.configs for spec in SPECS.values()}
 
 
 def load_config(arch: str, component: str) -> dict:
     """The shipped config of `component` for `arch` as a new dict.
 
     Args:
-        arch: `"sdxl"` or `"sd15"`.
-        component: `unet`, `vae`, `text_encoder`, `text_encoder_2` (SDXL only), `scheduler` or `model_index`.
+        arch: an architecture id (arch/registry.py).
+        component: one of the spec's `configs`: `unet`, `vae`, `text_encoder`, `text_encoder_2` (SDXL only),
+            `scheduler` or `model_index`.
 
     Returns:
         The JSON object, including keys starting with `_` (`_class_name`, ...); callers building a diffusers
         model pass `{k: v for k, v in cfg.items() if not k.startswith("_")}`.
     """
-    name = check_arch(arch)
-    if component not in COMPONENTS[name]:
-        raise ArchError(f"{name} has no component {component!r}; expected one of {', '.join(COMPONENTS[name])}")
-    return json.loads(_read(name, component))
+    spec = arch_spec(arch)
+    if component not in spec.configs:
+        raise ArchError(f"{spec.id} has no component {component!r}; expected one of {', '.join(spec.configs)}")
+    return json.loads(_read(spec.id, component))
+
+
+def ztsnr_scheduler_config() -> dict:
+    """The scheduler config a zero-terminal-SNR checkpoint starts from, whatever its architecture."""
+    return load_config(ZTSNR_SCHEDULER_ARCH, "scheduler")
 
 
 @cache

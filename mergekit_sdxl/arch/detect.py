@@ -9,54 +9,22 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from mergekit_sdxl.arch.tables import (
-    ARCH_NAMES,
-    COMPONENTS,
-    check_arch,
-    key_table,
-    mandatory_keys,
-    numel,
-)
+from mergekit_sdxl.arch.registry import ARCH_NAMES, SPECS, arch_spec
+from mergekit_sdxl.arch.tables import COMPONENTS, key_table, mandatory_keys, numel
 from mergekit_sdxl.dtypes import is_float_dtype
 from mergekit_sdxl.errors import ArchError
 
-# Any one of these keys identifies the architecture. SDXL's `ln_final` is optional in the wild (pruned files
-# drop the last text layer), so the bigG token embedding also counts.
-FINGERPRINTS: dict[str, tuple[str, ...]] = {
-    "sdxl": (
-        "conditioner.embedders.1.model.ln_final.weight",
-        "conditioner.embedders.1.model.token_embedding.weight",
-    ),
-    "sd15": (
-        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
-        "cond_stage_model.transformer.embeddings.token_embedding.weight",  # transformers < 4.0 layout
-    ),
-}
-# Files without any text encoder (UNet-only exports): SDXL's `label_emb` tells it apart from SD1.
-# (SD2-unCLIP and the SDXL refiner have one too, but they always come with their text encoders.)
-UNET_ONLY_FINGERPRINT = ("sdxl", "model.diffusion_model.label_emb.0.0.weight")
-_TEXT_ENCODER_PREFIXES = ("conditioner.", "cond_stage_model.")
+# Any one of these keys identifies the architecture (the data: arch/registry.py).
+FINGERPRINTS: dict[str, tuple[str, ...]] = {spec.id: spec.detection.fingerprints for spec in SPECS.values()}
+# Files without any text encoder (UNet-only exports): (architecture, key) for those that can be told apart.
+UNET_ONLY_FINGERPRINTS: tuple[tuple[str, str], ...] = tuple(
+    (spec.id, spec.detection.unet_only) for spec in SPECS.values() if spec.detection.unet_only)
+_TEXT_ENCODER_PREFIXES = ("conditioner.", "cond_stage_model.")  # roots of every known text conditioning
 # Keys that flag how the model predicts (a merge must keep them).
 MARKERS: tuple[str, ...] = ("v_pred", "ztsnr", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
-
-_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
-    "sdxl": (
-        ("model.diffusion_model.", "unet"),
-        ("conditioner.embedders.0.", "clip_l"),
-        ("conditioner.embedders.1.", "clip_g"),
-        ("first_stage_model.", "vae"),
-        ("model_ema.", "ema"),
-    ),
-    "sd15": (
-        ("model.diffusion_model.", "unet"),
-        ("cond_stage_model.", "clip_l"),
-        ("first_stage_model.", "vae"),
-        ("model_ema.", "ema"),
-    ),
-}
-# SD1 checkpoints saved with transformers < 4.0 lack the `text_model.` level (A1111 renames them on load).
-_LEGACY_SD1_CLIP = ("embeddings.", "encoder.", "final_layer_norm.")
-_SD1_CLIP = "cond_stage_model.transformer."
+# Checkpoints saved with transformers < 4.0 lack the `text_model.` level under `ArchSpec.legacy_clip_prefix`
+# (A1111 renames them on load).
+_LEGACY_CLIP = ("embeddings.", "encoder.", "final_layer_norm.")
 # Hints for files that are not a single-file SDXL / SD1 checkpoint: (key prefix, what it probably is).
 _HINTS: tuple[tuple[str, str], ...] = (
     ("lora_unet_", "a LoRA/LyCORIS adapter (use bake or merge-lora)"),
@@ -71,18 +39,18 @@ _HINTS: tuple[tuple[str, str], ...] = (
 
 
 def detect_arch(keys: Iterable[str], source: str = "checkpoint") -> str:
-    """Return "sdxl" or "sd15" from fingerprint keys; ArchError naming `source` and what was looked for."""
+    """Return the architecture id from fingerprint keys; ArchError naming `source` and what was looked for."""
     present = set(keys)
     found = [arch for arch, prints in FINGERPRINTS.items() if any(key in present for key in prints)]
-    if not found and UNET_ONLY_FINGERPRINT[1] in present:
-        if not any(key.startswith(_TEXT_ENCODER_PREFIXES) for key in present):
-            found = [UNET_ONLY_FINGERPRINT[0]]
+    if not found and not any(key.startswith(_TEXT_ENCODER_PREFIXES) for key in present):
+        found = [arch for arch, key in UNET_ONLY_FINGERPRINTS if key in present]
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
-        raise ArchError(f"{source}: has fingerprint keys of both SDXL and SD1.x; is it a corrupted merge?")
+        raise ArchError(f"{source}: has fingerprint keys of both {' and '.join(ARCH_NAMES[a] for a in found)}; "
+                        "is it a corrupted merge?")
     looked = "; ".join(f"{ARCH_NAMES[arch]}: {' or '.join(prints)}" for arch, prints in FINGERPRINTS.items())
-    looked += f"; UNet-only SDXL: {UNET_ONLY_FINGERPRINT[1]}"
+    looked += "".join(f"; UNet-only {ARCH_NAMES[arch]}: {key}" for arch, key in UNET_ONLY_FINGERPRINTS)
     message = f"{source}: unknown architecture: none of the fingerprint keys was found ({looked})"
     hint = _hint(present)
     if hint:
@@ -106,7 +74,7 @@ def component_of(key: str, arch: str) -> str:
     """
     if key in MARKERS:
         return "unet"
-    for prefix, component in _PREFIXES[check_arch(arch)]:
+    for prefix, component in arch_spec(arch).components:
         if key.startswith(prefix):
             return component
     return "other"
@@ -114,10 +82,11 @@ def component_of(key: str, arch: str) -> str:
 
 def canonical_key(key: str, arch: str) -> str:
     """`key` in the layout of the key table: renames the pre-`text_model.` SD1 CLIP layout, else unchanged."""
-    if arch == "sd15" and key.startswith(_SD1_CLIP):
-        rest = key[len(_SD1_CLIP):]
-        if rest.startswith(_LEGACY_SD1_CLIP):
-            return f"{_SD1_CLIP}text_model.{rest}"
+    legacy = arch_spec(arch).legacy_clip_prefix
+    if legacy and key.startswith(legacy):
+        rest = key[len(legacy):]
+        if rest.startswith(_LEGACY_CLIP):
+            return f"{legacy}text_model.{rest}"
     return key
 
 
@@ -128,13 +97,13 @@ def markers(keys: Iterable[str]) -> list[str]:
 
 
 def missing_mandatory(keys: Iterable[str], arch: str) -> list[str]:
-    """Sorted mandatory keys of `arch` that `keys` lacks (legacy SD1 CLIP names count as present)."""
+    """Sorted mandatory keys of `arch` that `keys` lacks (legacy CLIP names count as present)."""
     present = {canonical_key(key, arch) for key in keys}
     return sorted(mandatory_keys(arch) - present)
 
 
 def unknown_keys(keys: Iterable[str], arch: str) -> list[str]:
-    """Sorted keys that are not in the key table of `arch` (after renaming legacy SD1 CLIP names)."""
+    """Sorted keys that are not in the key table of `arch` (after renaming legacy CLIP names)."""
     table = key_table(arch)
     return sorted(key for key in keys if canonical_key(key, arch) not in table)
 

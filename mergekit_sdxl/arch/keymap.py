@@ -43,6 +43,7 @@ from mergekit_sdxl.arch.keymap_rules import (
     vae_to_diffusers,
     vae_to_ldm,
 )
+from mergekit_sdxl.arch.registry import SPECS
 from mergekit_sdxl.arch.tables import check_arch
 from mergekit_sdxl.errors import ArchError
 
@@ -54,19 +55,8 @@ __all__ = [
 OPS = ("copy", "conv1x1_to_linear", "transpose", "qkv0", "qkv1", "qkv2")
 CLIP_L_STYLES = ("flat", "text_model")
 
-PREFIXES: dict[str, dict[str, str]] = {
-    "sdxl": {
-        UNET: "model.diffusion_model.",
-        VAE: "first_stage_model.",
-        TEXT_ENCODER: "conditioner.embedders.0.transformer.",
-        TEXT_ENCODER_2: "conditioner.embedders.1.model.",
-    },
-    "sd15": {
-        UNET: "model.diffusion_model.",
-        VAE: "first_stage_model.",
-        TEXT_ENCODER: "cond_stage_model.transformer.",
-    },
-}
+# architecture -> diffusers component -> single-file key prefix (the data: `ArchSpec.diffusers_prefixes`)
+PREFIXES: dict[str, Mapping[str, str]] = {spec.id: spec.diffusers_prefixes for spec in SPECS.values()}
 # the key tables' `component` names (arch/tables.py) for each diffusers component
 TABLE_COMPONENTS = {UNET: "unet", VAE: "vae", TEXT_ENCODER: "clip_l", TEXT_ENCODER_2: "clip_g"}
 

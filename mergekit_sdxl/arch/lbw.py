@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mergekit_sdxl.arch.blocks import DEFAULT_CONVENTION, block_of
+from mergekit_sdxl.arch.registry import SPECS
 from mergekit_sdxl.arch.tables import check_arch
 from mergekit_sdxl.errors import RecipeError
 
@@ -40,7 +41,8 @@ LAYOUTS: dict[int, tuple[str, ...]] = {
     20: ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9))),
     26: BLOCKS26,
 }
-LAYOUT_FOR_ARCH = {"sd15": 17, "sdxl": 12}  # the layout that covers a plain (attention-only) LoRA of each arch
+# the layout that covers a plain (attention-only) LoRA of each arch
+LAYOUT_FOR_ARCH = {spec.id: spec.blocks.lbw_layout for spec in SPECS.values()}
 
 
 def _preset(text: str) -> tuple[float, ...]:

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mergekit_sdxl.arch.keymap import map_ldm_key
+from mergekit_sdxl.arch.registry import SPECS, arch_spec
 from mergekit_sdxl.arch.tables import check_arch, key_table
 from mergekit_sdxl.errors import ArchError
 
@@ -33,18 +34,8 @@ PRESET_GROUPS: dict[str, frozenset[str]] = {
     "attn+conv": frozenset({"attn", "conv"}),
     "all": frozenset({"attn", "conv", "other"}),
 }
-# component -> (checkpoint key prefix, kohya name prefix, peft/diffusers prefix)
-PREFIXES: dict[str, dict[str, tuple[str, str, str]]] = {
-    "sdxl": {
-        "unet": ("model.diffusion_model.", "lora_unet", "unet"),
-        "clip_l": ("conditioner.embedders.0.transformer.", "lora_te1", "text_encoder"),
-        "clip_g": ("conditioner.embedders.1.model.", "lora_te2", "text_encoder_2"),
-    },
-    "sd15": {
-        "unet": ("model.diffusion_model.", "lora_unet", "unet"),
-        "clip_l": ("cond_stage_model.transformer.", "lora_te", "text_encoder"),
-    },
-}
+# component -> (checkpoint key prefix, kohya name prefix, peft/diffusers prefix), from `ArchSpec.lora_prefixes`
+PREFIXES: dict[str, Mapping[str, tuple[str, str, str]]] = {spec.id: spec.lora_prefixes for spec in SPECS.values()}
 TEXT_COMPONENTS = frozenset({"clip_l", "clip_g"})
 
 _TRANSFORMER = re.compile(
@@ -183,7 +174,8 @@ def _unet_module(arch: str, key: str, local: str, shapes: Mapping[str, tuple[int
     diffusers = _unet_diffusers(arch, key)
     sgm_name = f"{kohya}_{path.replace('.', '_')}"
     diff_name = f"{kohya}_{diffusers.replace('.', '_')}"
-    name, aliases = (sgm_name, (diff_name,)) if arch == "sdxl" else (diff_name, (sgm_name,))
+    sgm = arch_spec(arch).lora_unet_names == "sgm"
+    name, aliases = (sgm_name, (diff_name,)) if sgm else (diff_name, (sgm_name,))
     aliases = tuple(a for a in aliases if a != name)
     return [LoraModule(name=name, key=key, shape=shape, component="unet", group=_unet_group(path, shape),
                        diffusers=f"{peft}.{diffusers}", aliases=aliases, bias_key=_bias(key, shapes))]

@@ -1,6 +1,6 @@
 """MBW (merge block weighted) vectors: parse lists, strings, named dicts and presets into one weight per block.
 
-Accepted forms (conventions.md section 2), for `arch` "sdxl" or "sd15":
+Accepted forms (conventions.md section 2), for `arch` "sdxl" or "sd15" (layouts: `ArchSpec.blocks`):
 - 20 values for SDXL (BASE, IN00..IN08, M00, OUT00..OUT08) or 26 for SD1.x (BASE, IN00..IN11, M00, OUT00..OUT11);
 - 26 values for SDXL: SuperMerger's positions 0-9 and 13-22 (IN09-11 and OUT09-11 are dropped). A list or string
   may drop only values that carry nothing: each of IN09..IN11 must equal IN08 or M00 (its kept neighbours) and each
@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mergekit_sdxl.arch.blocks import DEFAULT_CONVENTION, block_names
-from mergekit_sdxl.arch.tables import ARCH_NAMES, check_arch
+from mergekit_sdxl.arch.registry import arch_spec
+from mergekit_sdxl.arch.tables import check_arch
 from mergekit_sdxl.errors import RecipeError
 
 SD1_LEN = 26
@@ -86,7 +87,7 @@ def parse_mbw(
 
     Args:
         value: a list of numbers, a comma-separated string, a preset name, or a named mapping.
-        arch: "sdxl" or "sd15".
+        arch: an architecture id (arch/registry.py).
         convention: block convention; "sd-mecha" adds SDXL's VAE block.
         where: what the value is, for error messages (e.g. "step rev2b, parameter alpha").
         base_alpha: BASE weight for a 25-value vector (older tools keep it separate).
@@ -137,7 +138,7 @@ def _from_list(values: list[float], arch: str, names: tuple[str, ...], where: st
         values = [base_alpha, *values]
     elif base_alpha is not None:
         raise RecipeError(f"{where}: base_alpha goes only with 25 values; got {len(values)} values")
-    if arch == "sdxl" and len(values) == SD1_LEN:
+    if arch_spec(arch).blocks.sd1_vector and len(values) == SD1_LEN:
         if not preset:
             _check_dropped(values, where)
         values = [values[i] for i in _SDXL_FROM_SD1]
@@ -167,14 +168,15 @@ def _check_dropped(values: list[float], where: str) -> None:
 
 
 def _expected(arch: str, names: tuple[str, ...]) -> str:
-    depth = (len(names) - 2) // 2
+    spec = arch_spec(arch)
+    depth, length = spec.blocks.depth, spec.blocks.length
     layout = f"BASE, IN00..IN{depth - 1:02d}, M00, OUT00..OUT{depth - 1:02d}"
-    if arch == "sd15":
-        return f"expected 26 values ({layout}) for {ARCH_NAMES[arch]}, or 25 with base_alpha"
+    if not spec.blocks.sd1_vector:
+        return f"expected {length} values ({layout}) for {spec.name}, or {length - 1} with base_alpha"
     if names[-1] == "VAE":
         layout = f"BASE, IN00..IN{depth - 1:02d}, M00, OUT00..OUT{depth - 1:02d}[, VAE]"
-        return f"expected 20 or 21 values ({layout}) for SDXL, or 26 (SuperMerger SD1 layout)"
-    return f"expected 20 values ({layout}) for SDXL, or 26 (SuperMerger SD1 layout)"
+        return f"expected {length} or {length + 1} values ({layout}) for {spec.name}, or 26 (SuperMerger SD1 layout)"
+    return f"expected {length} values ({layout}) for {spec.name}, or 26 (SuperMerger SD1 layout)"
 
 
 def _number(item: Any, where: str, what: str) -> float:

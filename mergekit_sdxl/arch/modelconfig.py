@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 from mergekit_sdxl.arch.configs import load_config
 from mergekit_sdxl.arch.keymap import PREFIXES, TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE
+from mergekit_sdxl.arch.registry import arch_spec
 from mergekit_sdxl.arch.tiny import norm_groups, tiny_hparams
 from mergekit_sdxl.errors import ArchError
 
@@ -31,7 +32,7 @@ def derive_configs(arch: str, shapes: Shapes) -> dict[str, dict]:
     """Diffusers/transformers configs (`unet`, `vae`, `text_encoder`, and `text_encoder_2` on SDXL) for `shapes`.
 
     Args:
-        arch: "sdxl" or "sd15" (from `arch.detect.detect_arch`).
+        arch: an architecture id (from `arch.detect.detect_arch`).
         shapes: LDM/SGM key -> shape of the checkpoint (the header is enough).
 
     Raises:
@@ -44,7 +45,7 @@ def derive_configs(arch: str, shapes: Shapes) -> dict[str, dict]:
             raise ArchError(f"the checkpoint has no {component} weights (no key starts with {prefixes[component]!r})")
     configs = {UNET: unet_config(arch, parts[UNET], parts.get(TEXT_ENCODER_2)), VAE: vae_config(arch, parts[VAE])}
     configs[TEXT_ENCODER] = clip_config(arch, TEXT_ENCODER, _clip_l_dims(parts[TEXT_ENCODER]))
-    if arch == "sdxl":
+    if arch_spec(arch).dual_text_encoder:
         configs[TEXT_ENCODER_2] = clip_config(arch, TEXT_ENCODER_2, _open_clip_dims(parts[TEXT_ENCODER_2]))
     return configs
 
@@ -154,8 +155,9 @@ def _unet_heads(arch: str, reference: dict, structure: dict) -> int | list[int]:
     for known in (reference, tiny):
         if all(_same(known.get(k, _UNET_DEFAULTS.get(k)), structure[k]) for k in _UNET_STRUCTURE if k in structure):
             return known["attention_head_dim"]
-    if arch == "sd15":
-        return 8
+    fixed = arch_spec(arch).tiny.unet_heads
+    if fixed is not None:
+        return fixed
     channels = structure["block_out_channels"]
     if any(c % HEAD_DIM for c in channels):
         raise ArchError(f"unet: widths {channels} are not multiples of the {HEAD_DIM}-channel SDXL attention head")
@@ -234,6 +236,6 @@ def fill_rule(arch: str, component: str, key: str) -> str | None:
     `final_layer_norm`: pruned from SDXL files, since SDXL never runs it), or None (it must be in the file)."""
     if key.endswith("embeddings.position_ids"):
         return "arange"
-    if arch == "sdxl" and component == TEXT_ENCODER and "final_layer_norm." in key:
+    if arch_spec(arch).pruned_te1_final_norm and component == TEXT_ENCODER and "final_layer_norm." in key:
         return "ones" if key.endswith("weight") else "zeros"
     return None

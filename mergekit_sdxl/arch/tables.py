@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from importlib import resources
 from types import MappingProxyType
 
-from mergekit_sdxl.errors import ArchError
+from mergekit_sdxl.arch.registry import ARCH_NAMES, ARCHS, check_arch
 
-ARCHS: tuple[str, ...] = ("sdxl", "sd15")
-ARCH_NAMES: dict[str, str] = {"sdxl": "SDXL", "sd15": "SD1.x"}
+__all__ = ["ARCHS", "ARCH_NAMES", "COMPONENTS", "KeyInfo", "check_arch", "key_table", "mandatory_keys", "numel"]
 # Components in display order; `other` holds scheduler buffers and keys outside every model part.
 COMPONENTS: tuple[str, ...] = ("unet", "clip_l", "clip_g", "vae", "ema", "other")
 
@@ -31,16 +30,9 @@ class KeyInfo:
     component: str
 
 
-def check_arch(arch: str) -> str:
-    """Return `arch` if it is a known architecture id, else raise ArchError listing the known ones."""
-    if arch not in ARCHS:
-        raise ArchError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
-    return arch
-
-
 @functools.cache
 def key_table(arch: str) -> Mapping[str, KeyInfo]:
-    """Read-only mapping key -> KeyInfo for `arch` ("sdxl" or "sd15"), sorted by key."""
+    """Read-only mapping key -> KeyInfo for architecture `arch`, sorted by key."""
     check_arch(arch)
     text = resources.files("mergekit_sdxl.arch").joinpath("data", f"{arch}.json").read_text(encoding="utf-8")
     raw = json.loads(text)["keys"]

@@ -19,36 +19,17 @@ A real dimension that a map does not know raises `ArchError` (never a guess).
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Mapping
 
+from mergekit_sdxl.arch.registry import SPECS, arch_spec
 from mergekit_sdxl.arch.tables import KeyInfo, check_arch, key_table
 from mergekit_sdxl.errors import ArchError
 
-
-def _unet_map(context: int, tiny_context: int) -> dict[int, int]:
-    dims = {d: d // 20 for d in (320, 640, 960, 1280, 1920, 2560, 5120, 10240)}
-    dims.update({0: 0, 1: 1, 3: 3, 4: 4, context: tiny_context})
-    return dims
-
-
-_CLIP_L = {1: 1, 77: 77, 49408: 49408, 768: 32, 3072: 128}
-_CLIP_G = {1: 1, 77: 77, 49408: 49408, 1280: 64, 3840: 192, 5120: 256}
-_VAE = {1: 1, 3: 3, 4: 4, 8: 8, 128: 16, 256: 32, 512: 64}
-_OTHER = {1000: 1000}
-
-# (arch, component) -> {real dimension: tiny dimension}
-DIM_MAPS: dict[tuple[str, str], dict[int, int]] = {
-    ("sdxl", "unet"): {**_unet_map(2048, 96), 2816: 112},
-    ("sdxl", "clip_l"): _CLIP_L,
-    ("sdxl", "clip_g"): _CLIP_G,
-    ("sdxl", "vae"): _VAE,
-    ("sdxl", "other"): _OTHER,
-    ("sd15", "unet"): _unet_map(768, 32),
-    ("sd15", "ema"): _unet_map(768, 32),
-    ("sd15", "clip_l"): _CLIP_L,
-    ("sd15", "vae"): _VAE,
-    ("sd15", "other"): _OTHER,
-}
+# (arch, component) -> {real dimension: tiny dimension}, from each spec's `tiny.dims`
+DIM_MAPS: dict[tuple[str, str], Mapping[int, int]] = {
+    (spec.id, component): dims for spec in SPECS.values() for component, dims in spec.tiny.dims.items()}
 
 
 def norm_groups(first_channels: int) -> int:
@@ -85,27 +66,7 @@ def tiny_hparams(arch: str) -> dict[str, dict]:
     (layers per block, transformer depth, encoder layers) are the real ones, repeated so that each dict is
     self-describing. Update a real config with it: ``{**real_unet_config, **tiny_hparams("sdxl")["unet"]}``.
     """
-    arch = check_arch(arch)
-    groups = norm_groups(16)
-    vae = {"block_out_channels": [16, 32, 64, 64], "layers_per_block": 2, "norm_num_groups": groups,
-           "latent_channels": 4}
-    te1 = _clip_hparams(width=32, intermediate=128, heads=4, layers=12)
-    if arch == "sd15":
-        unet = {"block_out_channels": [16, 32, 64, 64], "layers_per_block": 2, "norm_num_groups": groups,
-                "attention_head_dim": 2, "cross_attention_dim": 32, "transformer_layers_per_block": 1}
-        return {"unet": unet, "vae": vae, "text_encoder": te1}
-    unet = {"block_out_channels": [16, 32, 64], "layers_per_block": 2, "norm_num_groups": groups,
-            "attention_head_dim": [2, 4, 8], "transformer_layers_per_block": [1, 2, 10],
-            "cross_attention_dim": 96, "addition_time_embed_dim": 8,
-            "projection_class_embeddings_input_dim": 64 + 6 * 8}
-    te2 = _clip_hparams(width=64, intermediate=256, heads=8, layers=32)
-    return {"unet": unet, "vae": vae, "text_encoder": te1, "text_encoder_2": te2}
-
-
-def _clip_hparams(width: int, intermediate: int, heads: int, layers: int) -> dict:
-    return {"hidden_size": width, "intermediate_size": intermediate, "num_attention_heads": heads,
-            "num_hidden_layers": layers, "projection_dim": width, "vocab_size": 49408,
-            "max_position_embeddings": 77}
+    return {name: copy.deepcopy(dict(values)) for name, values in arch_spec(arch).tiny.hparams.items()}
 
 
 def param_count(arch: str, keys: list[str] | None = None, tiny: bool = False) -> int:
