@@ -189,6 +189,18 @@ def test_mixed_architectures_fail_before_reading(tiny_sdxl: Path, tiny_sd15: Pat
     assert not out.exists()
 
 
+def test_declared_arch_names_the_file_that_is_not(tiny_sdxl: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    recipe = _recipe(tmp_path, "arch: sd15\n" + WS_RECIPE)
+    out = tmp_path / "out.safetensors"
+    assert run_cli("merge", recipe, "-m", f"a={tiny_sdxl}", "-m", f"b={tiny_sdxl}", "-o", out) == 4
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {recipe}: the recipe declares `arch: sd15` (SD1.x) but model 'a' ({tiny_sdxl}) "
+                          f"is SDXL, model 'b' ({tiny_sdxl}) is SDXL"), err
+    assert "mix" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_shape_mismatch_names_the_key(tiny_sdxl: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from mergekit_sdxl.io.writer import save_file
 

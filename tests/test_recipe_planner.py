@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mergekit_sdxl.arch.tables import key_table
+from mergekit_sdxl.engine.run import job_arch
 from mergekit_sdxl.errors import ArchError, RecipeError
 from mergekit_sdxl.recipe import InputHeader, build_plan, describe_plan, load_recipe, parse_recipe
 from mergekit_sdxl.recipe.describe import plan_size
@@ -312,13 +314,32 @@ def test_shape_mismatches_reported_all_at_once():
     assert f"{IN00} (a [320, 4, 3, 3], b [320, 9, 3, 3])" in message and "inpainting" in message
 
 
+@pytest.mark.parametrize("declared", ["sd15", "sdxl"])
+def test_declared_arch_against_inputs_names_each_file(declared):
+    other = "sdxl" if declared == "sd15" else "sd15"
+    names = {"sdxl": "SDXL", "sd15": "SD1.x"}
+    recipe = recipe_from({"m": "0.5 * a + 0.5 * b"}, models=("a", "b"), arch=declared)
+    for per_alias, wrong in (({}, ("a", "b")), ({"a": header("a", declared)}, ("b",))):
+        found = headers(recipe, other, **per_alias)
+        for build in (functools.partial(build_plan, recipe, found, arch=declared),
+                      functools.partial(job_arch, recipe, found)):
+            with pytest.raises(ArchError) as info:
+                build()
+            message = str(info.value)
+            assert message.startswith(f"test.yaml: the recipe declares `arch: {declared}` ({names[declared]}) but ")
+            assert "mix" not in message
+            for alias in ("a", "b"):
+                said = f"model '{alias}' (/models/{alias}.safetensors) is {names[other]}"
+                assert (said in message) == (alias in wrong), message
+
+
 def test_mixed_architectures_fail_before_planning():
     recipe = recipe_from({"m": "0.5 * a + 0.5 * b"}, models=("a", "b"))
     with pytest.raises(ArchError, match=r"inputs mix architectures: a is SDXL .*, b is SD1\.x \(/models/b"):
         build_plan(recipe, {"a": header("a"), "b": header("b", "sd15")}, arch="sdxl")
     declared = recipe_from({"m": "0.5 * a + 0.5 * b"}, models=("a", "b"), arch="sdxl")
     with pytest.raises(ArchError, match="the recipe is for SDXL but the inputs are SD1.x"):
-        plan_for(declared, "sd15")
+        build_plan(declared, headers(declared, "sdxl"), arch="sd15")
     with pytest.raises(ArchError, match="unknown architecture"):
         build_plan(recipe, {"a": header("a"), "b": header("b")}, arch="sd3")
 

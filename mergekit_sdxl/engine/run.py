@@ -36,7 +36,7 @@ from mergekit_sdxl.io.writer import SafetensorsWriter, TensorSpec
 from mergekit_sdxl.platform.text import file_name
 from mergekit_sdxl.recipe.nodes import Adapter, KeyPlan
 from mergekit_sdxl.recipe.parse_output import output_target
-from mergekit_sdxl.recipe.planner import InputHeader, Plan, build_plan
+from mergekit_sdxl.recipe.planner import InputHeader, Plan, build_plan, check_declared_arch
 from mergekit_sdxl.recipe.types import LoraStep, Recipe
 
 HEADER_SLACK = 16 << 10  # room for the final metadata, which is only known once the inputs are hashed
@@ -125,10 +125,11 @@ def plan_recipe(recipe: Recipe, headers: Mapping[str, InputHeader], dtype: str |
 
 
 def job_arch(recipe: Recipe, headers: Mapping[str, InputHeader]) -> str:
-    """The recipe's declared architecture, else the first input's."""
+    """The recipe's declared architecture (every input must have it), else the first input's."""
     archs = [h.arch for h in headers.values() if h.arch]
     if not archs:
         raise ArchError("no input has a recognisable SDXL or SD1.5 layout")
+    check_declared_arch(recipe, headers)
     return recipe.arch or archs[0]
 
 

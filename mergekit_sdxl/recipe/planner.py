@@ -112,6 +112,23 @@ def derive_seed(seed: int, step: str, key: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def check_declared_arch(recipe: Recipe, headers: Mapping[str, InputHeader]) -> None:
+    """Refuse inputs whose detected architecture is not the one the recipe declares (`arch:`), naming each such
+    file and what it is; inputs without a detectable architecture (a bare VAE file) are not judged here.
+
+    Raises:
+        ArchError: the recipe's `arch:` against the files that are something else.
+    """
+    if not recipe.arch:
+        return
+    wrong = [(alias, header) for alias, header in headers.items() if header.arch and header.arch != recipe.arch]
+    if wrong:
+        files = ", ".join(f"model {alias!r} ({header.path}) is {ARCH_NAMES.get(str(header.arch), header.arch)}"
+                          for alias, header in wrong)
+        raise ArchError(f"{recipe.source}: the recipe declares `arch: {recipe.arch}` ({ARCH_NAMES[recipe.arch]}) "
+                        f"but {files}; correct `arch:` or the model paths")
+
+
 class _Planner:
     def __init__(self, recipe: Recipe, headers: Mapping[str, InputHeader], arch: str,
                  adapter_keys: Mapping[str, Collection[str]]) -> None:
@@ -139,6 +156,7 @@ class _Planner:
         absent = [alias for alias in needed if alias not in headers]
         if absent:
             raise RecipeError(f"{self.recipe.source}: no input file for model(s) {', '.join(absent)}")
+        check_declared_arch(self.recipe, {alias: headers[alias] for alias in needed})
         if self.recipe.arch and self.recipe.arch != self.arch:
             raise ArchError(f"{self.recipe.source}: the recipe is for {ARCH_NAMES[self.recipe.arch]} but the "
                             f"inputs are {ARCH_NAMES[self.arch]}")
