@@ -1,4 +1,4 @@
-"""Key -> MBW block under each convention (conventions.md section 2), on the doc's examples and full key tables."""
+"""Key -> MBW block under each convention (docs/conventions.md, section 2), on its examples and full key tables."""
 
 from __future__ import annotations
 

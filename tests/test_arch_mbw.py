@@ -1,4 +1,4 @@
-"""MBW vector parsing: lengths, layouts, named form, presets and errors (conventions.md sections 2 and 3)."""
+"""MBW vector parsing: lengths, layouts, named form, presets and errors (docs/conventions.md, sections 2 and 3)."""
 
 from __future__ import annotations
 

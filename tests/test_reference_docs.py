@@ -116,3 +116,12 @@ def test_reference_commands_do_not_import_torch(command):
 def test_markdown_and_json_exclude_each_other():
     result = CliRunner().invoke(cli, ["methods", "--markdown", "--json"])
     assert result.exit_code == 2 and "exclude each other" in result.output
+
+
+def test_sampler_page_tables_come_from_the_catalog():
+    from mergekit_sdxl.sampler.catalog import SAMPLER_NAMES, SCHEDULE_NAMES
+
+    text = (ROOT / "docs" / "sampler.md").read_text(encoding="utf-8")
+    region = text.split("<!-- BEGIN generated: sampler catalog", 1)[1].split("<!-- END generated -->", 1)[0]
+    for row in (*SAMPLER_NAMES.values(), *SCHEDULE_NAMES.values()):
+        assert f"| `{row.name}`" in region and f"`{row.comfyui}`" in region and row.source in region

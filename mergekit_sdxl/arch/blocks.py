@@ -1,4 +1,4 @@
-"""Key -> MBW block, under each block convention users' recipes were made with (see conventions.md section 2).
+"""Key -> MBW block, under each block convention users' recipes were made with (see docs/conventions.md, section 2).
 
 `block_of` returns a block name ("BASE", "IN04", "M00", "OUT08", "VAE") or None, which means *keep A*: the
 key is taken unchanged from the first model of the step, whatever the weights say.

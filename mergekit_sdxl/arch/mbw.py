@@ -1,6 +1,6 @@
 """MBW (merge block weighted) vectors: parse lists, strings, named dicts and presets into one weight per block.
 
-Accepted forms (conventions.md section 2), for `arch` "sdxl" or "sd15" (layouts: `ArchSpec.blocks`):
+Accepted forms (docs/conventions.md, section 2), for `arch` "sdxl" or "sd15" (layouts: `ArchSpec.blocks`):
 - 20 values for SDXL (BASE, IN00..IN08, M00, OUT00..OUT08) or 26 for SD1.x (BASE, IN00..IN11, M00, OUT00..OUT11);
 - 26 values for SDXL: SuperMerger's positions 0-9 and 13-22 (IN09-11 and OUT09-11 are dropped). A list or string
   may drop only values that carry nothing: each of IN09..IN11 must equal IN08 or M00 (its kept neighbours) and each
