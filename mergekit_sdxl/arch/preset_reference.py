@@ -43,7 +43,7 @@ def preset_reference() -> dict[str, Any]:
 
 
 def _values(values: list[float] | str) -> str:
-    return values if isinstance(values, str) else ",".join(_number(v) for v in values)
+    return values if isinstance(values, str) else ", ".join(_number(v) for v in values)
 
 
 def presets_text() -> str:
