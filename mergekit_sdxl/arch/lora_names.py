@@ -261,3 +261,30 @@ def _openclip_modules(key: str, local: str, shapes: Mapping[str, tuple[int, ...]
     path = f"{base}.{_OPENCLIP_RENAMES[inner]}"
     group = "attn" if _TEXT_LINEAR.match(path) and len(shape) == 2 else ""
     return [make(path, shape, group, bias_key=_bias(key, shapes))]
+
+
+def adapter_arch_from_keys(keys: Iterable[str]) -> str | None:
+    """The architecture an adapter's key names reveal (text-encoder prefixes such as `lora_te1_` / `lora_te_`, or
+    peft names such as `text_encoder_2.`), None when they fit every architecture (e.g. only the UNet)."""
+    keys = list(keys)
+    names = {k.split(".", 1)[0] for k in keys}
+    joined = " ".join(sorted(keys))
+    for spec in SPECS.values():
+        found = spec.detection
+        if any(n.startswith(found.lora_prefixes) for n in names) or any(s in joined for s in found.lora_substrings):
+            return spec.id
+    return None
+
+
+def arch_from_kohya_version(version: str) -> str | None:
+    """The architecture of a kohya `ss_base_model_version` value, None when no spec writes it."""
+    return next((spec.id for spec in SPECS.values() if spec.modelspec.kohya_base_version == version), None)
+
+
+def arch_from_sgm_unet_names(names: Iterable[str]) -> str | None:
+    """The architecture whose kohya UNet names follow the single-file layout (`lora_unet_input_blocks_...`), when
+    `names` are such and exactly one architecture names them so; else None."""
+    if not any(name.startswith("lora_unet_input_blocks_") for name in names):
+        return None
+    sgm = [spec.id for spec in SPECS.values() if spec.lora_unet_names == "sgm"]
+    return sgm[0] if len(sgm) == 1 else None

@@ -27,6 +27,7 @@ import torch
 from mergekit_sdxl import __version__
 from mergekit_sdxl.arch.detect import detect_arch
 from mergekit_sdxl.arch.lora_names import PRESETS, LoraModule, lora_modules, select
+from mergekit_sdxl.arch.registry import arch_name
 from mergekit_sdxl.dtypes import WEIGHTS, parse_dtype
 from mergekit_sdxl.engine.memory import limit_arenas
 from mergekit_sdxl.errors import ArchError, CheckpointError, UsageError
@@ -183,9 +184,8 @@ def _check_pair(base_keys: list[str], tuned_keys: list[str], base: Path, tuned: 
     arch_b = detect_arch(base_keys, str(base))
     arch_t = detect_arch(tuned_keys, str(tuned))
     if arch_b != arch_t:
-        names = {"sdxl": "SDXL", "sd15": "SD1.x"}
-        raise ArchError(f"{base} is {names[arch_b]} but {tuned} is {names[arch_t]}: a LoRA needs two checkpoints "
-                        "of the same architecture")
+        raise ArchError(f"{base} is {arch_name(arch_b)} but {tuned} is {arch_name(arch_t)}: a LoRA needs two "
+                        "checkpoints of the same architecture")
     return arch_b
 
 

@@ -31,7 +31,14 @@ from pathlib import Path
 
 import torch
 
-from mergekit_sdxl.arch.lora_names import LoraModule, lora_modules, name_index, normalize_name
+from mergekit_sdxl.arch.lora_names import (
+    LoraModule,
+    adapter_arch_from_keys,
+    lora_modules,
+    name_index,
+    normalize_name,
+)
+from mergekit_sdxl.arch.registry import arch_name
 from mergekit_sdxl.errors import ArchError, CheckpointError
 from mergekit_sdxl.io import jsonio
 from mergekit_sdxl.io.reader import open_checkpoint
@@ -105,14 +112,8 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 
 def guess_arch(keys: Iterable[str]) -> str | None:
-    """"sdxl" or "sd15" from adapter key names (te1/te2 vs te prefixes), None when only the UNet is present."""
-    names = {k.split(".", 1)[0] for k in keys}
-    joined = " ".join(sorted(keys))
-    if any(n.startswith(("lora_te1_", "lora_te2_")) for n in names) or "text_encoder_2." in joined:
-        return "sdxl"
-    if any(n.startswith("lora_te_") for n in names):
-        return "sd15"
-    return None
+    """The architecture id from adapter key names (te1/te2 vs te prefixes), None when only the UNet is present."""
+    return adapter_arch_from_keys(keys)
 
 
 class Adapter:
@@ -136,8 +137,8 @@ class Adapter:
         guessed = guess_arch(keys)
         if guessed is not None and guessed != arch:
             self.close()
-            raise ArchError(f"{self.path}: is an adapter for {_arch_name(guessed)} (key names), but the checkpoint "
-                            f"is {_arch_name(arch)}")
+            raise ArchError(f"{self.path}: is an adapter for {arch_name(guessed)} (key names), but the checkpoint "
+                            f"is {arch_name(arch)}")
         index = name_index(modules if modules is not None else lora_modules(arch))
         self.layers: dict[str, AdapterLayer] = {}
         self.unknown: list[str] = []
@@ -271,10 +272,6 @@ _PRODUCTS: dict[str, Callable[[dict[str, tuple[int, ...]]], int | None]] = {
     "full": lambda s: _numel(s["diff"]) if "diff" in s else None,
     "norm": lambda s: _numel(s["w_norm"]) if "w_norm" in s else None,
 }
-
-
-def _arch_name(arch: str) -> str:
-    return {"sdxl": "SDXL", "sd15": "SD1.x"}.get(arch, arch)
 
 
 def _scale(alpha: float | None, rank: int) -> float:

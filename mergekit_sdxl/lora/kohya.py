@@ -15,14 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from mergekit_sdxl.arch.lora_names import LoraModule
+from mergekit_sdxl.arch.registry import arch_spec
 from mergekit_sdxl.io.dtypes import torch_dtype
 from mergekit_sdxl.io.writer import SafetensorsWriter, TensorSpec, build_header, safetensors_order
 
 FORMATS = ("kohya", "peft")
-BASE_VERSION = {"sdxl": "sdxl_base_v1-0", "sd15": "sd_v1"}
-MODELSPEC_ARCH = {"sdxl": "stable-diffusion-xl-v1-base/lora", "sd15": "stable-diffusion-v1/lora"}
-IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models", "sd15": "diffusers"}
-RESOLUTION = {"sdxl": "1024x1024", "sd15": "512x512"}
 
 
 @dataclass
@@ -79,16 +76,17 @@ def kohya_metadata(arch: str, layers: list[LayerFactors], *, rank: int, conv_ran
     linear_alphas = {lf.alpha for lf in layers if not _is_kxk(lf.module)}
     conv_alphas = {lf.alpha for lf in layers if _is_kxk(lf.module)}
     ranks = {lf.rank for lf in layers if not _is_kxk(lf.module)}
+    spec = arch_spec(arch)
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank) if len(ranks) <= 1 and (not ranks or ranks == {rank}) else "Dynamic",
         "ss_network_alpha": _num(next(iter(linear_alphas))) if len(linear_alphas) == 1 else "Dynamic",
-        "ss_base_model_version": BASE_VERSION[arch],
+        "ss_base_model_version": spec.modelspec.kohya_base_version,
         "ss_v2": "False",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCH[arch],
-        "modelspec.implementation": IMPLEMENTATION[arch],
-        "modelspec.resolution": RESOLUTION[arch],
+        "modelspec.architecture": spec.modelspec.lora_architecture,
+        "modelspec.implementation": spec.modelspec.lora_implementation,
+        "modelspec.resolution": spec.sampler.resolution,
         "modelspec.title": title,
     }
     if conv_alphas or conv_rank is not None:

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from mergekit_sdxl import __version__
-from mergekit_sdxl.arch.lora_names import LoraModule, lora_modules
+from mergekit_sdxl.arch.lora_names import LoraModule, arch_from_kohya_version, arch_from_sgm_unet_names, lora_modules
+from mergekit_sdxl.arch.registry import ARCH_NAMES
 from mergekit_sdxl.errors import CheckpointError, UsageError
 from mergekit_sdxl.io.dtypes import parse_dtype
 from mergekit_sdxl.io.reader import open_checkpoint
@@ -33,8 +34,6 @@ from mergekit_sdxl.lora.kohya import (
 )
 from mergekit_sdxl.lora.svd import RankRule, SolverOptions, factorize
 from mergekit_sdxl.platform.text import file_name
-
-ARCH_FROM_META = {"sdxl_base_v1-0": "sdxl", "sd_v1": "sd15"}
 
 
 @dataclass(frozen=True)
@@ -55,11 +54,11 @@ def adapter_arch(path: str | os.PathLike[str], given: str | None = None) -> str:
     if given:
         return given
     with open_checkpoint(path) as reader:
-        arch = guess_arch(reader.keys()) or ARCH_FROM_META.get(reader.metadata.get("ss_base_model_version", ""))
-        if arch is None and any(k.startswith("lora_unet_input_blocks_") for k in reader.keys()):
-            arch = "sdxl"
+        arch = guess_arch(reader.keys()) or arch_from_kohya_version(reader.metadata.get("ss_base_model_version", ""))
+        arch = arch or arch_from_sgm_unet_names(reader.keys())
     if arch is None:
-        raise UsageError(f"{path}: cannot tell whether this adapter is for SDXL or SD1.x; pass --arch")
+        raise UsageError(f"{path}: cannot tell whether this adapter is for {' or '.join(ARCH_NAMES.values())}; "
+                         "pass --arch")
     return arch
 
 
