@@ -264,6 +264,20 @@ def test_dry_run_reads_no_tensor(tiny_sdxl_family: dict[str, Path], tmp_path: Pa
     text = capsys.readouterr().out
     assert "weighted_sum" in text and "0.75*beta7" in text
     assert not out.exists()
+    # -o is where the output goes: the recipe's output.path (kohaku-xl-gamma-rev2.safetensors) appears nowhere
+    assert "kohaku-xl-gamma-rev2" not in text, text
+    assert [line.split(": ")[1] for line in text.splitlines() if line.startswith("output")] == [str(out)]
+
+
+def test_dry_run_without_out_shows_the_recipe_output_where_it_resolves(tiny_sdxl_family: dict[str, Path],
+                                                                       tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    recipe = _recipe(tmp_path, WS_RECIPE + "output: {path: sub/merged.safetensors}\n")
+    (tmp_path / "sub").mkdir()
+    args = ["-m", f"a={tiny_sdxl_family['beta7']}", "-m", f"b={tiny_sdxl_family['anxl2']}"]
+    assert run_cli("merge", recipe, *args, "--dry-run") == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("output")]
+    assert [line.split(": ")[1] for line in lines] == [str(tmp_path / "sub" / "merged.safetensors")]
 
 
 def test_fp8_and_scaled_fp8_outputs(tiny_sdxl_family: dict[str, Path], tmp_path: Path) -> None:

@@ -64,13 +64,13 @@ def command(recipe: Path, models: tuple[str, ...], out: Path | None, device: str
             adapters = open_adapters(parsed, headers, step_adapters, stack)
             plan = plan_recipe(parsed, headers, code, adapters)
             memory = estimate_memory(plan, readers, options)
-        for line in describe_plan(plan):
+        target = resolve_output(parsed, options) if out or parsed.output.path else None
+        for line in describe_plan(plan, target):
             click.echo(line)
         for alias, path in plan.inputs.items():
             known = cached_hashes(path)
             click.echo(f"hash {alias}: " + (f"AutoV2 {known.autov2}, AutoV3 {known.autov3_short}" if known
                                             else "not cached (computed during the merge)"))
-        click.echo(f"output file: {resolve_output(parsed, options) if out or parsed.output.path else '(none given)'}")
         click.echo(f"estimated peak memory: {memory / 2**30:.2f} GiB (independent of model size beyond the largest "
                    "tensor)")
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 from mergekit_sdxl.arch.tables import ARCH_NAMES, numel
 from mergekit_sdxl.dtypes import DTYPES, name_of
@@ -10,8 +11,13 @@ from mergekit_sdxl.recipe.nodes import Call, Linear, Load, Node
 from mergekit_sdxl.recipe.planner import Plan
 
 
-def describe_plan(plan: Plan) -> list[str]:
-    """Human lines for `--dry-run`: inputs, steps, output size and dtype, keys per kind, warnings."""
+def describe_plan(plan: Plan, target: Path | None = None) -> list[str]:
+    """Human lines for `--dry-run`: inputs, steps, output size and dtype, keys per kind, warnings.
+
+    `target` is the file the run would write, as the caller resolved it (--out, else the recipe's output.path
+    relative to the recipe); None when there is none. The recipe's own `output.path` text is never shown: with
+    --out it is not where the output goes.
+    """
     out = plan.output
     lines = [f"architecture: {ARCH_NAMES[plan.arch]}"]
     lines += [f"input {alias}: {path}" + (f" (sha256 {plan.sha256[alias][:12]}... pinned)"
@@ -19,7 +25,7 @@ def describe_plan(plan: Plan) -> list[str]:
     lines += plan.steps
     size = plan_size(plan)
     dtype = name_of(out.dtype) + (" (scaled)" if out.fp8_scaled else "")
-    lines.append(f"output: {out.path or '(path from the command line)'}: {len(plan.keys)} tensors, {dtype}, "
+    lines.append(f"output: {target or '(no path: give -o/--out or output.path)'}: {len(plan.keys)} tensors, {dtype}, "
                  f"{size:,} bytes of tensor data ({size / 1e9:.2f} GB)")
     kinds = Counter(_node_kind(kp.node) for kp in plan.keys)
     lines.append("keys: " + ", ".join(f"{count} {kind}" for kind, count in kinds.most_common()))
