@@ -48,8 +48,11 @@ def a1111_metadata_of(path: Path) -> dict[str, Any]:
 
 def a1111_merge(out: Path, primary: Path, secondary: Path | None, tertiary: Path | None, interp_method: str,
                 multiplier: float, save_as_half: bool = False, custom_name: str = "", discard_weights: str = "",
-                bake_in_vae: str = "None") -> Path:
-    """A1111's `run_modelmerger` with save_metadata and add_merge_recipe on (copy_metadata_fields off)."""
+                bake_in_vae: str = "None", copy_metadata: bool = False) -> Path:
+    """A1111's `run_modelmerger` with save_metadata and add_merge_recipe on; `copy_metadata` is the UI's "Copy
+    metadata from merged models" (on by default there): the inputs' metadata *as A1111 read it* (values starting
+    with "{" parsed) is copied into the output, then only sd_merge_recipe / sd_merge_models are re-serialised, and
+    safetensors' `save_file` raises TypeError on any other parsed value."""
 
     def weighted_sum(theta0, theta1, alpha):
         return ((1 - alpha) * theta0) + (alpha * theta1)
@@ -89,6 +92,11 @@ def a1111_merge(out: Path, primary: Path, secondary: Path | None, tertiary: Path
               "save_as_half": save_as_half, "custom_name": custom_name, "config_source": 0,
               "bake_in_vae": bake_in_vae, "discard_weights": discard_weights, "is_inpainting": False,
               "is_instruct_pix2pix": False}
+    metadata: dict[str, Any] = {}
+    if copy_metadata:
+        for path in infos:
+            if path is not None:
+                metadata.update(a1111_metadata_of(path))
     models: dict[str, Any] = {}
     for path in infos:
         if path is None:
@@ -97,7 +105,7 @@ def a1111_merge(out: Path, primary: Path, secondary: Path | None, tertiary: Path
         meta = a1111_metadata_of(path)
         models[sha] = {"name": path.name, "legacy_hash": legacy, "sd_merge_recipe": meta.get("sd_merge_recipe")}
         models.update(meta.get("sd_merge_models", {}))
-    metadata = {"format": "pt", "sd_merge_recipe": json.dumps(recipe), "sd_merge_models": json.dumps(models)}
+    metadata.update({"format": "pt", "sd_merge_recipe": json.dumps(recipe), "sd_merge_models": json.dumps(models)})
     save_file({k: v.contiguous() for k, v in theta_0.items()}, out, metadata=metadata)
     return out
 

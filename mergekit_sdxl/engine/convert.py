@@ -6,7 +6,6 @@ the largest tensor twice, whatever the model size.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +65,7 @@ def convert_checkpoint(reader: CheckpointReader, dst: Path, dtype: str, *, scale
     from mergekit_sdxl import __version__
     from mergekit_sdxl.dtypes import CHECKPOINT, parse_dtype
     from mergekit_sdxl.io.dtypes import SCALED_MARKER, is_fp8
+    from mergekit_sdxl.io.metadata import a1111_safe, json_value
     from mergekit_sdxl.io.writer import SafetensorsWriter, cleanup_stale_temps
 
     code = parse_dtype(dtype, CHECKPOINT, "--dtype")
@@ -77,11 +77,12 @@ def convert_checkpoint(reader: CheckpointReader, dst: Path, dtype: str, *, scale
     with_marker = any(i.scaled for i in items)
     specs = _specs(reader, items, with_marker, code)
     metadata = {k: v for k, v in reader.metadata.items() if k not in STALE_HASH_KEYS}
-    metadata["mergekit.convert"] = json.dumps({
+    metadata["mergekit.convert"] = json_value({
         "tool": f"mergekit-sdxl {__version__}", "source": file_name(reader.path), "dtype": code,
         "scaled_fp8": scaled_fp8, "prune_ema": prune_ema, "drop": list(drop), "dropped": len(report.dropped),
         "removed_metadata": sorted(set(reader.metadata) & set(STALE_HASH_KEYS)),
-    }, sort_keys=True)
+    })
+    metadata = a1111_safe(metadata)  # copied values too: A1111's merger must be able to re-save the output
     if dst.parent.is_dir():
         cleanup_stale_temps(dst.parent, dst.name)
     with SafetensorsWriter(dst, specs, metadata, overwrite=overwrite, inputs=[reader.path]) as writer:

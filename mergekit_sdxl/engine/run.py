@@ -274,8 +274,9 @@ def _records(plan: Plan, readers: Mapping[str, Checkpoint], known: Mapping[str, 
 
 def _metadata(plan: Plan, records: list[InputRecord], out: Path) -> dict[str, str]:
     extra = dict(plan.output.metadata)
+    vae = next((r.name for r in records if r.alias == plan.output.vae), None) if plan.output.vae else None
     return merge_metadata(arch=plan.arch, recipe=plan.recipe_dict, records=records, summary="; ".join(plan.steps),
-                          output_name=file_name(out), dtype=plan.output.dtype, extra=extra)
+                          output_name=file_name(out), dtype=plan.output.dtype, extra=extra, vae=vae)
 
 
 def execute_in_memory(plan: Plan, readers: Mapping[str, Checkpoint], device: str = "cpu",

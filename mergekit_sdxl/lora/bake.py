@@ -12,7 +12,6 @@ Several adapters add up; a DoRA adapter's change is computed against the origina
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -30,6 +29,7 @@ from mergekit_sdxl.arch.lora_names import LoraModule, lora_modules
 from mergekit_sdxl.dtypes import WEIGHTS, parse_dtype
 from mergekit_sdxl.errors import CheckpointError
 from mergekit_sdxl.io.dtypes import cast, code_of, torch_dtype
+from mergekit_sdxl.io.metadata import a1111_safe, json_value
 from mergekit_sdxl.io.reader import open_checkpoint
 from mergekit_sdxl.io.writer import SafetensorsWriter, TensorSpec
 from mergekit_sdxl.lora.formats import Adapter, AdapterLayer, apply_dora
@@ -211,13 +211,14 @@ def bake(checkpoint: str | os.PathLike[str], specs: Sequence[AdapterSpec], outpu
             out_specs = [TensorSpec(k, _out_dtype(infos[k].dtype, out_code), infos[k].shape) for k in keys]
             # kohya's hashes describe the input's bytes; they would be wrong for the output
             metadata = {k: v for k, v in reader.metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash")}
-            metadata["mergekit_sdxl.bake"] = json.dumps({
+            metadata["mergekit_sdxl.bake"] = json_value({
                 "tool": f"mergekit-sdxl {__version__}",
                 "adapters": [{"name": file_name(s.path), "strength": s.strength, "te_strength": s.te_strength,
                               "blocks": s.blocks if s.blocks is None or isinstance(s.blocks, (str, list)) else
                               str(s.blocks)} for s in specs],
-                "changed_keys": len(touched)}, sort_keys=True)
+                "changed_keys": len(touched)})
             metadata.update(extra_metadata or {})
+            metadata = a1111_safe(metadata)  # A1111's merger must be able to re-save the output (io/metadata.py)
             inputs = [checkpoint, *(s.path for s in specs)]
             with SafetensorsWriter(output, out_specs, metadata, overwrite=overwrite, inputs=inputs) as writer:
                 for done, spec in enumerate(out_specs, start=1):

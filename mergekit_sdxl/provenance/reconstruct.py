@@ -1,7 +1,9 @@
 """`recipe-from`: which tool wrote a file's recipe, and the recipe text that redoes the merge.
 
-Dispatch on the metadata: `mergekit_sdxl.recipe` (ours) first, else `sd_merge_recipe.type`: "webui" (A1111's
-checkpoint merger) or "sd-webui-supermerger" (SuperMerger). Anything else is named in a clear error.
+Dispatch on the metadata: `mergekit_sdxl.recipe` (ours) first, unless `sd_merge_recipe.type` names another tool
+(A1111's merger copies the inputs' metadata, ours included, into the files it writes: there `sd_merge_recipe` is
+the newest record); else `sd_merge_recipe.type`: "webui" (A1111's checkpoint merger) or "sd-webui-supermerger"
+(SuperMerger). Anything else is named in a clear error.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from mergekit_sdxl.provenance import a1111, ours, supermerger
 from mergekit_sdxl.provenance.published import Assumptions, PublishedFile, Reconstruction, _kind
 from mergekit_sdxl.provenance.recipe_text import render
 
-READERS = {a1111.TYPE: a1111.TOOL, supermerger.TYPE: supermerger.TOOL, "mergekit-sdxl": ours.TOOL}
+OURS = "mergekit-sdxl"  # sd_merge_recipe.type in the files this tool writes (io/metadata.py)
+READERS = {a1111.TYPE: a1111.TOOL, supermerger.TYPE: supermerger.TOOL, OURS: ours.TOOL}
 
 
 def reconstruct(pub: PublishedFile, assume: Assumptions | None = None) -> Reconstruction:
@@ -23,9 +26,9 @@ def reconstruct(pub: PublishedFile, assume: Assumptions | None = None) -> Recons
             or malformed metadata (each naming the file, metadata key and field).
     """
     assume = assume or Assumptions()
-    if ours.KEY in pub.metadata:
-        return ours.reconstruct(pub.json(ours.KEY), pub)
     recipe = pub.json("sd_merge_recipe")
+    if ours.KEY in pub.metadata and (not isinstance(recipe, dict) or recipe.get("type") == OURS):
+        return ours.reconstruct(pub.json(ours.KEY), pub)
     if recipe is None:
         raise CheckpointError(f"{pub.name}: carries no merge recipe (no sd_merge_recipe or {ours.KEY} in its "
                               "metadata); nothing to reproduce")

@@ -32,6 +32,7 @@ from mergekit_sdxl.arch.tables import COMPONENTS, check_arch, key_table
 from mergekit_sdxl.arch.tiny import tiny_shape
 from mergekit_sdxl.errors import ArchError, UsageError
 from mergekit_sdxl.io.dtypes import is_float, parse_dtype, torch_dtype
+from mergekit_sdxl.io.metadata import json_value
 from mergekit_sdxl.io.reader import CheckpointReader, open_checkpoint
 from mergekit_sdxl.io.writer import SafetensorsWriter, TensorSpec, safetensors_order
 from mergekit_sdxl.synth.values import Delta, apply_delta, base_tensor, float_code, serial_cast
@@ -214,7 +215,7 @@ class _Source:
                           like=json.loads(like) if like else None)
             title += f" ({self.delta} of another)" if self.delta else " (copy)"
         return {"modelspec.architecture": MODELSPEC_ARCH[self.arch], "modelspec.title": title,
-                METADATA_KEY: json.dumps(record, sort_keys=True, separators=(",", ":"))}
+                METADATA_KEY: json_value(record)}  # A1111-safe: no leading "{" (io/metadata.py)
 
     def close(self) -> None:
         """Close the base checkpoint, if any."""
