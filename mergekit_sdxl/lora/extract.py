@@ -279,5 +279,6 @@ def _metadata(arch: str, layers: list[LayerFactors], report: ExtractReport, opti
         "ss_output_name": file_name(output.stem),
     }
     has_kxk = any(m.module.is_conv and m.module.shape[2:] != (1, 1) for m in layers) or options.preset != "attn"
+    dynamic = options.rank.mode != "fixed" or (has_kxk and options.conv_rank.mode != "fixed")
     return kohya_metadata(arch, layers, rank=options.rank.rank, conv_rank=options.conv_rank.rank if has_kxk else None,
-                          title=output.stem, extra=extra)
+                          title=output.stem, sources=(base, tuned), dynamic=dynamic, extra=extra)

@@ -1,6 +1,12 @@
 """Write adapters: kohya LoRA/LoCon keys (default) or diffusers/peft keys, with `ss_*` and `modelspec.*` metadata.
 
-Files are reproducible: sorted metadata (the writer's), no dates, tensors in safetensors' canonical order.
+Metadata as kohya sd-scripts writes it (`networks/extract_lora_from_models.py`, `networks/resize_lora.py`,
+`library/sai_model_spec.py`): `ss_network_dim` an int, alphas as floats ("16.0"), both "Dynamic" when ranks vary
+per layer, `ss_network_args` JSON ("{}" without conv layers), ModelSpec 1.0.1 with `modelspec.date` and
+`modelspec.prediction_type`.
+
+Files are reproducible: sorted metadata (the writer's), tensors in safetensors' canonical order, and a date that
+depends only on the inputs (`modelspec_date`).
 """
 
 from __future__ import annotations
@@ -9,13 +15,15 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import torch
 
 from mergekit_sdxl.arch.lora_names import LoraModule
 from mergekit_sdxl.arch.registry import arch_spec
+from mergekit_sdxl.errors import UsageError
 from mergekit_sdxl.io.dtypes import torch_dtype
 from mergekit_sdxl.io.writer import SafetensorsWriter, TensorSpec, build_header, safetensors_order
 
@@ -71,38 +79,71 @@ def adapter_tensors(layers: list[LayerFactors], dtype: str, fmt: str = "kohya") 
 
 
 def kohya_metadata(arch: str, layers: list[LayerFactors], *, rank: int, conv_rank: int | None, title: str,
+                   sources: Sequence[str | os.PathLike[str]], dynamic: bool = False,
                    extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """kohya `ss_*` and `modelspec.*` metadata (strings); alpha is "Dynamic" when layers differ."""
+    """kohya `ss_*` and ModelSpec 1.0.1 `modelspec.*` metadata (strings), as sd-scripts writes them.
+
+    Args:
+        rank / conv_rank: the requested ranks (conv_rank None: no 3x3 conv layers, `ss_network_args` "{}").
+        sources: the input files (the date is taken from them, see `modelspec_date`).
+        dynamic: ranks were chosen per layer: dim and alpha are "Dynamic", as kohya's dynamic resize writes them.
+    """
     linear_alphas = {lf.alpha for lf in layers if not _is_kxk(lf.module)}
     conv_alphas = {lf.alpha for lf in layers if _is_kxk(lf.module)}
     ranks = {lf.rank for lf in layers if not _is_kxk(lf.module)}
+    dynamic = dynamic or len(ranks) > 1 or bool(ranks and ranks != {rank})
     spec = arch_spec(arch)
-    meta = {
+    args: dict[str, str] = {}  # kohya: conv_dim an int, conv_alpha a float, in this order
+    if conv_alphas or conv_rank is not None:
+        args["conv_dim"] = str(conv_rank)
+        args["conv_alpha"] = _alpha_text(conv_alphas, conv_rank or 0)
+    return {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank) if len(ranks) <= 1 and (not ranks or ranks == {rank}) else "Dynamic",
-        "ss_network_alpha": _num(next(iter(linear_alphas))) if len(linear_alphas) == 1 else "Dynamic",
+        "ss_network_dim": "Dynamic" if dynamic else str(rank),
+        "ss_network_alpha": "Dynamic" if dynamic else _alpha_text(linear_alphas, rank),
+        "ss_network_args": json.dumps(args),
         "ss_base_model_version": spec.modelspec.kohya_base_version,
         "ss_v2": "False",
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": spec.modelspec.lora_architecture,
         "modelspec.implementation": spec.modelspec.lora_implementation,
         "modelspec.resolution": spec.sampler.resolution,
+        "modelspec.prediction_type": spec.sampler.prediction_type,
+        "modelspec.date": modelspec_date(sources),
         "modelspec.title": title,
+        **(extra or {}),
     }
-    if conv_alphas or conv_rank is not None:
-        conv_alpha = _num(next(iter(conv_alphas))) if len(conv_alphas) == 1 else "Dynamic"
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": conv_alpha}, sort_keys=True)
-    if extra:
-        meta.update(extra)
-    return meta
+
+
+def _alpha_text(alphas: set[float], rank: int) -> str:
+    """kohya writes alphas as Python floats ("16.0"); "Dynamic" when layers differ; alpha = rank when none."""
+    if len(alphas) > 1:
+        return "Dynamic"
+    return str(float(next(iter(alphas)) if alphas else rank))
+
+
+def modelspec_date(sources: Sequence[str | os.PathLike[str]]) -> str:
+    """`modelspec.date` (ISO-8601, UTC): $SOURCE_DATE_EPOCH when set, else the newest input's modification time.
+
+    An adapter is a function of its inputs, so it is dated by them: the same inputs give the same bytes (a clock
+    date would make every run's file differ).
+
+    Raises:
+        UsageError: SOURCE_DATE_EPOCH is set but not an integer.
+    """
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is not None:
+        try:
+            stamp = float(int(epoch))
+        except ValueError:
+            raise UsageError(f"SOURCE_DATE_EPOCH={epoch!r} is not an integer number of seconds") from None
+    else:
+        stamp = max((os.stat(path).st_mtime for path in sources), default=0.0)
+    return datetime.fromtimestamp(int(stamp), timezone.utc).isoformat()
 
 
 def _is_kxk(module: LoraModule) -> bool:
     return module.is_conv and module.shape[2:] != (1, 1)
-
-
-def _num(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def kohya_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:

@@ -147,8 +147,12 @@ def merge_loras(inputs: Sequence[tuple[str, float]], output: str | os.PathLike[s
     extra = {"mergekit_sdxl.lora": json.dumps(info, sort_keys=True),
              "mergekit_sdxl.lora_layers": json.dumps({r.name: [r.rank, round(r.energy, 6)] for r in rows},
                                                      sort_keys=True)}
-    metadata = kohya_metadata(arch, layers, rank=options.rank.rank, conv_rank=options.conv_rank.rank,
-                              title=Path(output).stem, extra=extra)
+    has_kxk = any(lf.module.is_conv and lf.module.shape[2:] != (1, 1) for lf in layers)
+    # kohya's dynamic resize writes "Dynamic" for both dim and alpha
+    dynamic = options.rank.mode != "fixed" or (has_kxk and options.conv_rank.mode != "fixed")
+    metadata = kohya_metadata(arch, layers, rank=options.rank.rank,
+                              conv_rank=options.conv_rank.rank if has_kxk else None,
+                              title=Path(output).stem, sources=[p for p, _ in inputs], dynamic=dynamic, extra=extra)
     metadata.update(kohya_hashes(tensors, metadata))
     write_adapter(output, tensors, metadata, overwrite=overwrite, inputs=tuple(p for p, _ in inputs))
     return rows
