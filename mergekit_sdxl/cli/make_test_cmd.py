@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from mergekit_sdxl.arch.registry import ARCHS, DEFAULT_ARCH
 from mergekit_sdxl.cli import console
 from mergekit_sdxl.cli.options import output_path
 from mergekit_sdxl.dtypes import CHECKPOINT, choices
@@ -15,8 +16,8 @@ GROUPS = ("scheduler", "ema", "markers")
 
 
 @click.command("make-test-checkpoint")
-@click.option("--arch", type=click.Choice(["sdxl", "sd15"]), default=None,
-              help="Architecture [default: sdxl, or that of --like].")
+@click.option("--arch", type=click.Choice(ARCHS), default=None,
+              help=f"Architecture [default: {DEFAULT_ARCH}, or that of --like].")
 @click.option("--size", type=click.Choice(["tiny", "full"]), default=None,
               help="tiny: every key, small consistent shapes (a few tens of MB); full: the real shapes "
                    "(SDXL 6.94 GB in fp16) [default: tiny, or that of --like].")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from mergekit_sdxl.arch.registry import ARCHS
 from mergekit_sdxl.cli import console
 from mergekit_sdxl.cli.options import output_path
 from mergekit_sdxl.dtypes import WEIGHTS, choices
@@ -22,7 +23,7 @@ from mergekit_sdxl.errors import UsageError
 @click.option("--exact", is_flag=True, help="Exact SVD per layer.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--save-dtype", type=click.Choice(choices(WEIGHTS)), default="fp16", show_default=True)
-@click.option("--arch", type=click.Choice(("sdxl", "sd15")), help="When the files do not say.")
+@click.option("--arch", type=click.Choice(ARCHS), help="When the files do not say.")
 @click.option("--overwrite", is_flag=True)
 def command(adapters: tuple[str, ...], output: Path, rank: int, conv_rank: int, dynamic: str | None,
             conv_dynamic: str | None, exact: bool, seed: int, save_dtype: str, arch: str | None,

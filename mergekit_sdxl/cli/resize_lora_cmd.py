@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from mergekit_sdxl.arch.registry import ARCHS
 from mergekit_sdxl.cli import console
 from mergekit_sdxl.cli.options import output_path
 from mergekit_sdxl.dtypes import WEIGHTS, choices
@@ -21,7 +22,7 @@ from mergekit_sdxl.dtypes import WEIGHTS, choices
 @click.option("--exact", is_flag=True, help="Exact SVD per layer.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--save-dtype", type=click.Choice(choices(WEIGHTS)), default="fp16", show_default=True)
-@click.option("--arch", type=click.Choice(("sdxl", "sd15")), help="When the file does not say.")
+@click.option("--arch", type=click.Choice(ARCHS), help="When the file does not say.")
 @click.option("--overwrite", is_flag=True)
 def command(adapter: Path, output: Path, rank: int, conv_rank: int, dynamic: str | None, conv_dynamic: str | None,
             exact: bool, seed: int, save_dtype: str, arch: str | None, overwrite: bool) -> None:

@@ -20,7 +20,8 @@ from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 
-from mergekit_sdxl.arch.configs import load_config
+from mergekit_sdxl.arch.configs import load_config, ztsnr_scheduler_config
+from mergekit_sdxl.arch.registry import DEFAULT_ARCH, arch_spec
 from mergekit_sdxl.io import commit
 from mergekit_sdxl.sampler.tokens import TOKENIZER_DIR
 
@@ -39,7 +40,7 @@ def diffusers_version() -> str:
     try:
         return metadata.version("diffusers")
     except metadata.PackageNotFoundError:  # pragma: no cover - diffusers is needed to export anyway
-        return load_config("sdxl", "unet").get("_diffusers_version", "0.19.0")
+        return load_config(DEFAULT_ARCH, "unet").get("_diffusers_version", "0.19.0")
 
 
 def model_index(arch: str, scheduler_class: str) -> dict:
@@ -54,7 +55,7 @@ def scheduler_config(arch: str, markers: tuple[str, ...]) -> dict:
     """The shipped scheduler config, adapted to the `v_pred` / `ztsnr` markers of the checkpoint."""
     config = load_config(arch, "scheduler")
     if "ztsnr" in markers:
-        config = load_config("sdxl", "scheduler")
+        config = ztsnr_scheduler_config()
         config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     if "v_pred" in markers:
         config["prediction_type"] = "v_prediction"
@@ -79,7 +80,7 @@ def write_common(folder: Path, arch: str, markers: tuple[str, ...]) -> None:
     write_json(folder / "model_index.json", model_index(arch, scheduler["_class_name"]))
     write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
     write_tokenizer(folder / "tokenizer", SPECIAL["eos_token"])
-    if arch == "sdxl":
+    if arch_spec(arch).dual_text_encoder:
         write_tokenizer(folder / "tokenizer_2", "!")
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from mergekit_sdxl.arch.keymap import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE
+from mergekit_sdxl.arch.registry import SPECS, arch_spec
 from mergekit_sdxl.errors import UsageError
 from mergekit_sdxl.export.diffusers import ExportReport, component_configs
 from mergekit_sdxl.export.folder import check_output, staged_folder, write_common, write_json
@@ -42,8 +43,7 @@ OPSET = 17
 EXTERNAL_DATA = "model.onnx_data"
 TWO_GB = 2**31 - 1
 VAE_ENCODER, VAE_DECODER = "vae_encoder", "vae_decoder"
-ONNX_PARTS = {"sdxl": (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_ENCODER, VAE_DECODER),
-              "sd15": (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)}
+ONNX_PARTS = {spec.id: (*spec.text_encoders, UNET, VAE_ENCODER, VAE_DECODER) for spec in SPECS.values()}
 
 
 def require_onnx() -> None:
@@ -110,15 +110,17 @@ def _text_spec(config: dict, with_projection: bool, hidden: bool) -> tuple[list[
 def export_part(part: str, module: torch.nn.Module, source: ExportSource, dtype: torch.dtype, path: Path,
                 opset: int = OPSET) -> None:
     """Trace one pipeline part (`text_encoder`, `text_encoder_2`, `unet`, `vae_encoder`, `vae_decoder`) to `path`."""
-    sdxl = source.arch == "sdxl"
+    spec = arch_spec(source.arch)
     configs = source.configs
     if part in (TEXT_ENCODER, TEXT_ENCODER_2):
         projection = part == TEXT_ENCODER_2
-        wrapper: torch.nn.Module = _TextEncoder(module, projection, sdxl)
-        names_in, names_out, axes = _text_spec(configs[part], projection, sdxl)
+        hidden = spec.dual_text_encoder  # SDXL-style encoders also return hidden states
+        wrapper: torch.nn.Module = _TextEncoder(module, projection, hidden)
+        names_in, names_out, axes = _text_spec(configs[part], projection, hidden)
         args: tuple = (torch.zeros(2, 77, dtype=torch.int64),)
     elif part == UNET:
         cfg = configs[UNET]
+        sdxl = spec.sampler.size_conditioning  # pooled text embeddings and size/crop time ids as inputs
         wrapper = _UNet(module, sdxl)
         names_in = ["sample", "timestep", "encoder_hidden_states"]
         args = (torch.randn(2, cfg["in_channels"], 16, 16, dtype=dtype), torch.tensor(999.0, dtype=dtype),
@@ -173,8 +175,8 @@ def part_configs(source: ExportSource) -> dict[str, dict]:
     """config.json of each ONNX part (what optimum registers on its ORT models)."""
     base = component_configs(source)
     out: dict[str, dict] = {}
-    sdxl = source.arch == "sdxl"
-    projection = source.configs[TEXT_ENCODER_2 if sdxl else TEXT_ENCODER]["projection_dim"]
+    spec = arch_spec(source.arch)
+    projection = source.configs[spec.text_encoders[-1]]["projection_dim"]  # the pooled (last) encoder's
     for part in ONNX_PARTS[source.arch]:
         if part in (VAE_ENCODER, VAE_DECODER):
             out[part] = dict(base[VAE])
@@ -182,7 +184,7 @@ def part_configs(source: ExportSource) -> dict[str, dict]:
             out[part] = {**base[UNET], "requires_aesthetics_score": False, "time_cond_proj_dim": None,
                          "text_encoder_projection_dim": projection}
         else:
-            out[part] = {**base[part], "output_hidden_states": sdxl}
+            out[part] = {**base[part], "output_hidden_states": spec.dual_text_encoder}
     return out
 
 

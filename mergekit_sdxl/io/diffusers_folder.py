@@ -16,24 +16,18 @@ from pathlib import Path
 import torch
 
 from mergekit_sdxl.arch.keymap import PREFIXES, TEXT_ENCODER_2, KeyMapping, build_reverse_keymap
+from mergekit_sdxl.arch.registry import ARCH_NAMES, SPECS
 from mergekit_sdxl.errors import ArchError, CheckpointError
 from mergekit_sdxl.io import jsonio
 from mergekit_sdxl.io.keyconvert import to_ldm_tensor
 from mergekit_sdxl.io.reader import SafetensorsReader, TensorInfo
 
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
-PIPELINE_ARCHS = {
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusionXLImg2ImgPipeline": "sdxl",
-    "StableDiffusionXLInpaintPipeline": "sdxl",
-    "StableDiffusionPipeline": "sd15",
-    "StableDiffusionImg2ImgPipeline": "sd15",
-    "StableDiffusionInpaintPipeline": "sd15",
-}
+PIPELINE_ARCHS = {pipeline: spec.id for spec in SPECS.values() for pipeline in spec.detection.pipelines}
 
 
 def folder_arch(path: Path) -> str:
-    """`"sdxl"` or `"sd15"` from `model_index.json` (or, without one, from the presence of `text_encoder_2/`)."""
+    """The architecture id from `model_index.json` (or, without one, from which text-encoder folders exist)."""
     index = path / "model_index.json"
     if index.is_file():
         data = jsonio.load_file(index)  # size- and depth-limited: a 2 GB or 10000-deep file is refused unread
@@ -41,11 +35,13 @@ def folder_arch(path: Path) -> str:
         if not isinstance(name, str):
             raise CheckpointError(f"{index}: not a valid model_index.json (no _class_name string)")
         if name not in PIPELINE_ARCHS:
-            raise ArchError(f"{path}: pipeline {name!r} is not an SDXL or SD1.x text-to-image pipeline")
+            raise ArchError(f"{path}: pipeline {name!r} is not an {' or '.join(ARCH_NAMES.values())} text-to-image "
+                            "pipeline")
         return PIPELINE_ARCHS[name]
     if not (path / "unet").is_dir():
         raise CheckpointError(f"{path}: not a diffusers folder (no model_index.json, no unet/)")
-    return "sdxl" if (path / TEXT_ENCODER_2).is_dir() else "sd15"
+    dual = (path / TEXT_ENCODER_2).is_dir()
+    return next(spec.id for spec in SPECS.values() if spec.dual_text_encoder == dual)
 
 
 def weight_files(folder: Path, stem: str, variant: str | None = None) -> list[Path]:

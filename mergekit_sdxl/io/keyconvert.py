@@ -91,7 +91,7 @@ def ldm_to_diffusers(
     """Split an LDM/SGM state dict into diffusers state dicts.
 
     Args:
-        arch: `"sdxl"` or `"sd15"`.
+        arch: an architecture id (arch/registry.py).
         tensors: LDM/SGM key -> tensor (a dict, or any mapping such as a lazy reader view).
         clip_l_style: CLIP-L name style; defaults to the installed transformers' (`installed_clip_l_style()`).
         layout: block numbering; defaults to the shipped configs.

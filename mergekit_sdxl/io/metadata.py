@@ -21,14 +21,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mergekit_sdxl import __version__
+from mergekit_sdxl.arch.registry import SPECS
 from mergekit_sdxl.errors import CheckpointError
 from mergekit_sdxl.io import jsonio
 
 MAX_LINEAGE_BYTES = 16 << 20
 MAX_LINEAGE_DEPTH = 32
-MODELSPEC_ARCH = {"sdxl": "stable-diffusion-xl-v1-base", "sd15": "stable-diffusion-v1"}
-MODELSPEC_IMPL = {"sdxl": "https://github.com/Stability-AI/generative-models",
-                  "sd15": "https://github.com/Stability-AI/stablediffusion"}
 
 
 @dataclass(frozen=True)
@@ -134,6 +132,7 @@ def merge_metadata(*, arch: str, recipe: Mapping[str, object], records: list[Inp
     resolved = dict(recipe)
     resolved["inputs"] = {r.alias: input_entry(r) for r in records}
     a1111 = a1111_recipe(records, summary, output_name, dtype, multiplier=recipe_multiplier(recipe), vae=vae)
+    spec = SPECS.get(arch)
     meta = {
         "format": "pt",
         "mergekit_sdxl.version": __version__,
@@ -141,8 +140,8 @@ def merge_metadata(*, arch: str, recipe: Mapping[str, object], records: list[Inp
         "sd_merge_recipe": _dumps(a1111),
         "sd_merge_models": _dumps(a1111_models(records)),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCH.get(arch, arch),
-        "modelspec.implementation": MODELSPEC_IMPL.get(arch, ""),
+        "modelspec.architecture": spec.modelspec.architecture if spec else arch,
+        "modelspec.implementation": spec.modelspec.implementation if spec else "",
         "modelspec.title": output_name.rsplit(".", 1)[0],
     }
     meta.update(extra or {})

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mergekit_sdxl.arch.registry import arch_spec
 from mergekit_sdxl.errors import CheckpointError
 from mergekit_sdxl.provenance.published import (
     DTYPE_NAMES,
@@ -42,7 +43,6 @@ ROUNDED_DELTA_SINCE = "2025-01-20"  # 54e0ddc: add difference in fp32 with B - C
 SUPPORTED_CALCMODES = ("normal", "trainDifference")
 KNOWN_CALCMODES = ("normal", "cosineA", "cosineB", "trainDifference", "smoothAdd", "smoothAdd MT", "extract",
                    "tensor", "tensor2", "self", "plus random")
-_SD1_WEIGHTS, _SDXL_WEIGHTS = 25, (19, 20)
 _INEX = ("Include", "Exclude")
 
 
@@ -131,16 +131,20 @@ def _weights(f: Fields, which: str, mbw: bool, arch: str) -> Noted:
             values.append(float(item))
         except ValueError:
             raise CheckpointError(f"{f.where}.weights_{which}[{i}]: {item!r} is not a number"[:200]) from None
-    expected = (_SD1_WEIGHTS,) if arch == "sd15" else _SDXL_WEIGHTS
+    spec = arch_spec(arch)
+    expected = spec.blocks.supermerger_weights
     if len(values) not in expected:
         extra = " (SuperMerger's extended per-layer XL weights are not reproducible here yet)" \
             if len(values) == 109 else ""
         raise CheckpointError(f"{f.where}.weights_{which}: {len(values)} block weights for "
-                              f"{'SD1.x' if arch == 'sd15' else 'SDXL'}; expected "
+                              f"{spec.name}; expected "
                               f"{' or '.join(map(str, expected))}{extra}")
-    vector = [base, *values[: 19 if arch == "sdxl" else 25]]
-    layout = "IN00..IN08, M00, OUT00..OUT08; its unused VAE slot dropped" if arch == "sdxl" \
-        else "IN00..IN11, M00, OUT00..OUT11"
+    blocks = spec.blocks.length - 1  # IN.., M00, OUT..: BASE comes from base_<which>
+    vector = [base, *values[:blocks]]
+    last = spec.blocks.depth - 1
+    layout = f"IN00..IN{last:02d}, M00, OUT00..OUT{last:02d}"
+    if max(expected) > blocks:
+        layout += "; its unused VAE slot dropped"
     return Noted(vector, f"BASE from sd_merge_recipe.base_{which}, then sd_merge_recipe.weights_{which} ({layout})")
 
 

@@ -19,6 +19,7 @@ import torch
 
 from mergekit_sdxl.arch.blocks import block_of
 from mergekit_sdxl.arch.detect import component_of, detect_arch
+from mergekit_sdxl.arch.registry import arch_spec
 from mergekit_sdxl.dtypes import is_float, name_of
 from mergekit_sdxl.errors import ArchError
 from mergekit_sdxl.io.dtypes import torch_dtype
@@ -200,7 +201,7 @@ def _group(key: str, arch: str | None) -> str:
     component = component_of(key, arch)
     if component == "unet":
         return block_of(key, arch, "supermerger") or "UNet other"
-    if component == "clip_l" and arch == "sd15":
+    if component == "clip_l" and not arch_spec(arch).dual_text_encoder:  # the only text encoder
         return "CLIP"
     return _COMPONENT_LABELS.get(component, component)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from mergekit_sdxl.arch.registry import arch_spec
 from mergekit_sdxl.errors import UsageError
 from mergekit_sdxl.io.commit import staged_folder
 from mergekit_sdxl.sampler.axes import Setting
@@ -26,7 +27,7 @@ from mergekit_sdxl.sampler.models import ModelSlot
 from mergekit_sdxl.sampler.pipeline import GenParams, Renderer, to_pil
 from mergekit_sdxl.sampler.pngmeta import parameters_text, png_info
 from mergekit_sdxl.sampler.prompt_schedule import check_prompt
-from mergekit_sdxl.sampler.sizes import DEFAULT_SIZE, size_warning
+from mergekit_sdxl.sampler.sizes import size_warning
 
 GRID_CHUNK = "mergekit_grid"
 
@@ -172,7 +173,8 @@ def _check_render(base: GenParams, cells: Sequence[Cell]) -> None:
 
 def _sized(params: GenParams, arch: str, notify: Callable[[str], None] | None) -> GenParams:
     if not params.width or not params.height:
-        params = dataclasses.replace(params, width=DEFAULT_SIZE[arch][0], height=DEFAULT_SIZE[arch][1])
+        width, height = arch_spec(arch).sampler.size
+        params = dataclasses.replace(params, width=width, height=height)
     warning = size_warning(arch, params.width, params.height)
     if warning and notify is not None:
         notify(f"warning: {warning}")

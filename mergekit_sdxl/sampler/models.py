@@ -31,12 +31,12 @@ from mergekit_sdxl.arch.keymap import (
     build_keymap,
 )
 from mergekit_sdxl.arch.modelconfig import derive_configs, fill_rule
+from mergekit_sdxl.arch.registry import arch_spec
 from mergekit_sdxl.errors import CheckpointError
 from mergekit_sdxl.io.dtypes import dequantize_scaled, scaled_key_of, torch_dtype
 from mergekit_sdxl.io.keyconvert import clip_l_style_of, to_diffusers_tensor
 from mergekit_sdxl.io.reader import open_checkpoint
 
-LATENT_SCALE = {"sdxl": 0.13025, "sd15": 0.18215}
 EDM_MARKERS = ("edm_vpred.sigma_max", "edm_vpred.sigma_min")
 
 
@@ -82,7 +82,7 @@ class Model:
     @property
     def latent_scale(self) -> float:
         """VAE latent scaling factor (SDXL 0.13025, SD1.5 0.18215)."""
-        return LATENT_SCALE[self.arch]
+        return arch_spec(self.arch).sampler.latent_scale
 
 
 def build_modules(configs: Mapping[str, dict]) -> dict[str, torch.nn.Module]:

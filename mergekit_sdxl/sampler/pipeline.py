@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mergekit_sdxl.arch.keymap import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE
+from mergekit_sdxl.arch.registry import arch_spec
 from mergekit_sdxl.errors import UsageError
 from mergekit_sdxl.sampler.catalog import sampler_name, schedule_name
 from mergekit_sdxl.sampler.conditioning import Cond, PromptEncoder
@@ -83,7 +84,7 @@ class Renderer:
 
     def encode(self, prompt: str, negative: bool = False, clip_skip: int = 1) -> Cond:
         """Conditioning of `prompt` (cached for this model and its current adapters)."""
-        key = (prompt, negative, clip_skip if self.model.arch == "sd15" else 1)
+        key = (prompt, negative, clip_skip if arch_spec(self.model.arch).sampler.clip_skip else 1)
         if key not in self._conds:
             self._conds[key] = self._encoder(key[2]).encode(prompt, negative=negative)
         return self._conds[key]
@@ -145,8 +146,8 @@ class Renderer:
         conds = [(self.schedule_conds(text, total_steps, params.clip_skip), weight)
                  for text, weight in split_and(prompt)]
         uncond = self.schedule_conds(params.negative, total_steps, params.clip_skip, negative=True)
-        sdxl = self.model.arch == "sdxl"
-        time_ids = sdxl_time_ids(params.height, params.width).to(self.device) if sdxl else None
+        sized = arch_spec(self.model.arch).sampler.size_conditioning
+        time_ids = sdxl_time_ids(params.height, params.width).to(self.device) if sized else None
         guidance = Guidance(conds, uncond, params.cfg, time_ids)
         shape = (self.model.configs[UNET]["in_channels"], params.height // LATENT_FACTOR,
                  params.width // LATENT_FACTOR)

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import torch
 
+from mergekit_sdxl.arch.registry import DEFAULT_ARCH, arch_spec
 from mergekit_sdxl.sampler.catalog import schedule_name
 
 BETA_START, BETA_END, TRAIN_STEPS = 0.00085, 0.012, 1000
@@ -142,17 +143,10 @@ def get_sigmas_kl_optimal(n: int, sigma_min: float, sigma_max: float, device: st
     return torch.tan(k / n * a_min + (1.0 - k / n) * a_max).to(device)
 
 
-# NVIDIA's Align Your Steps 10-step schedules (11 sigmas), as A1111 ships them
-AYS_SIGMAS = {
-    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
-    "sd15": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
-}
-
-
 def get_sigmas_align_your_steps(n: int, arch: str, device: str = "cpu") -> torch.Tensor:
     """Align Your Steps (Sabour et al. 2024): the published table for `arch`, log-linearly resampled to n sigmas
     (used as is for n = 11), then 0, as A1111 does."""
-    table = np.array(AYS_SIGMAS["sdxl" if arch == "sdxl" else "sd15"], dtype=np.float64)
+    table = np.array(arch_spec(arch).sampler.ays_sigmas, dtype=np.float64)  # NVIDIA's 10-step table, 11 sigmas
     if n == len(table):
         values = table
     else:
@@ -175,7 +169,7 @@ def get_sigmas_beta(n: int, sigma_min: float, sigma_max: float, device: str = "c
                         dtype=torch.float32, device=device)
 
 
-def get_sigmas(name: str, n: int, schedule: DiscreteSchedule, device: str = "cpu", arch: str = "sdxl",
+def get_sigmas(name: str, n: int, schedule: DiscreteSchedule, device: str = "cpu", arch: str = DEFAULT_ARCH,
                discard_penultimate: bool = False) -> torch.Tensor:
     """Sigmas of schedule `name` (or an alias) for an n-step run, as A1111 computes them.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from mergekit_sdxl.arch.registry import arch_spec
 from mergekit_sdxl.errors import UsageError
 
 # name -> (width, height); the ratio names are those of the Animagine XL 3.1 model card
@@ -15,9 +16,6 @@ NAMED: dict[str, str] = {
     "square": "1:1", "portrait": "13:19", "landscape": "19:13", "portrait-mild": "7:9", "landscape-mild": "9:7",
     "tall": "4:7", "wide": "7:4", "ultratall": "5:12", "ultrawide": "12:5",
 }
-DEFAULT_SIZE = {"sdxl": (1024, 1024), "sd15": (512, 512)}
-# pixel-count ranges the model cards recommend (SDXL: Kohaku-XL's 786,432 - 1,310,720; SD1.5: 384-768 px sides)
-PIXEL_RANGE = {"sdxl": (786_432, 1_310_720), "sd15": (384 * 384, 768 * 768)}
 _WXH = re.compile(r"(\d+)\s*[x×*]\s*(\d+)")
 
 
@@ -39,7 +37,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def size_warning(arch: str, width: int, height: int) -> str | None:
     """A sentence when (width, height) lies outside what the model cards recommend for `arch`, else None."""
-    low, high = PIXEL_RANGE[arch]
+    low, high = arch_spec(arch).sampler.pixel_range  # what the model cards recommend
     if low <= width * height <= high:
         return None
     return (f"{width}x{height} is {width * height:,} pixels, outside the {low:,}-{high:,} the {arch.upper()} model "

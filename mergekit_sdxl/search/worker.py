@@ -20,6 +20,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
+from mergekit_sdxl.arch.registry import arch_spec
 from mergekit_sdxl.errors import UsageError
 from mergekit_sdxl.search.scoring import ScoredImage, ScorerSpec, build_scorer, combine
 from mergekit_sdxl.search.space import Dimension, Payload, SearchSpace, apply_values
@@ -184,9 +185,7 @@ class TrialWorker:
 
 def _gen_params(payload: Payload, arch: str) -> Any:
     from mergekit_sdxl.sampler.pipeline import GenParams
-    from mergekit_sdxl.sampler.sizes import DEFAULT_SIZE
-
-    width, height = (payload.width, payload.height) if payload.width else DEFAULT_SIZE[arch]
+    width, height = (payload.width, payload.height) if payload.width else arch_spec(arch).sampler.size
     params = GenParams(payload.prompts[0], payload.negative, payload.steps, payload.cfg, payload.sampler,
                        payload.schedule, width, height, payload.clip_skip, payload.rng)
     try:

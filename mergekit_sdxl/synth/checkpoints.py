@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from mergekit_sdxl.arch.detect import component_of, detect_arch
+from mergekit_sdxl.arch.registry import DEFAULT_ARCH, arch_spec
 from mergekit_sdxl.arch.tables import COMPONENTS, check_arch, key_table
 from mergekit_sdxl.arch.tiny import tiny_shape
 from mergekit_sdxl.errors import ArchError, UsageError
@@ -43,7 +44,6 @@ DELTA_COMPONENTS = ("unet", "clip_l", "clip_g")
 _BACKGROUND_WRITE = 64 << 20  # files from this size are written by a background thread
 _WRITE_WINDOW = 256 << 20  # bytes generated but not yet written, at most (plus one tensor)
 METADATA_KEY = "mergekit_sdxl.synth"
-MODELSPEC_ARCH = {"sdxl": "stable-diffusion-xl-v1-base", "sd15": "stable-diffusion-v1"}
 
 
 def checkpoint_keys(arch: str, include_optional: bool | Collection[str] = False) -> list[str]:
@@ -72,7 +72,7 @@ def plan_test_checkpoint(arch: str | None = None, size: str | None = None, dtype
         with open_checkpoint(like) as reader:
             _like_arch(reader, arch)
             return [_spec_like(reader, key, code) for key in sorted(reader.keys())]
-    arch, size = check_arch(arch or "sdxl"), _check_size(size or "tiny")
+    arch, size = check_arch(arch or DEFAULT_ARCH), _check_size(size or "tiny")
     table = key_table(arch)
     return [TensorSpec(key, code if is_float(_code(table[key].dtype)) else _code(table[key].dtype),
                        key_shape(arch, size, key)) for key in checkpoint_keys(arch, include_optional)]
@@ -179,7 +179,7 @@ class _Source:
         if like is None:
             if self.delta is not None:
                 raise UsageError("a delta needs a base checkpoint (like=...)")
-            self.arch, self.size = check_arch(arch or "sdxl"), _check_size(size or "tiny")
+            self.arch, self.size = check_arch(arch or DEFAULT_ARCH), _check_size(size or "tiny")
             self.specs = plan_test_checkpoint(self.arch, self.size, self.code, include_optional)
             return
         if self.groups:
@@ -214,7 +214,7 @@ class _Source:
             record.update(delta=str(self.delta) if self.delta else None, components=list(self.components),
                           like=json.loads(like) if like else None)
             title += f" ({self.delta} of another)" if self.delta else " (copy)"
-        return {"modelspec.architecture": MODELSPEC_ARCH[self.arch], "modelspec.title": title,
+        return {"modelspec.architecture": arch_spec(self.arch).modelspec.architecture, "modelspec.title": title,
                 METADATA_KEY: json_value(record)}  # A1111-safe: no leading "{" (io/metadata.py)
 
     def close(self) -> None:
