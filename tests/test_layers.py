@@ -50,11 +50,15 @@ def _layer(path: Path) -> str:
 
 
 def _imports(path: Path) -> list[tuple[str, int]]:
+    """Dotted names of every absolute import; `from mergekit_sdxl import x` counts as `mergekit_sdxl.x` (a
+    layer, or a name the package root re-exports, resolved to its source module by `_root_name`)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     found: list[tuple[str, int]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module == "mergekit_sdxl" and node.level == 0:
+            found += [(_root_name(alias.name), node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.append((node.module, node.lineno))
         elif isinstance(node, ast.ImportFrom) and node.level > 0:
@@ -62,6 +66,22 @@ def _imports(path: Path) -> list[tuple[str, int]]:
     return found
 
 
+def _root_name(name: str) -> str:
+    """`mergekit_sdxl.<layer>` for a layer, the source module of a name the root `__init__` re-exports, and the
+    bare package for what the root defines itself (`__version__`)."""
+    if (PKG / name).is_dir() or (PKG / f"{name}.py").is_file():
+        return f"mergekit_sdxl.{name}"
+    return ROOT_EXPORTS.get(name, "mergekit_sdxl")
+
+
+def _root_exports() -> dict[str, str]:
+    """name -> module for each `from mergekit_sdxl.x import name` in the package's `__init__.py`."""
+    tree = ast.parse((PKG / "__init__.py").read_text())
+    return {alias.asname or alias.name: node.module for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 for alias in node.names}
+
+
+ROOT_EXPORTS = _root_exports()
 FILES = [p for p in sorted(PKG.rglob("*.py")) if p.name != "__init__.py" or p.parent != PKG]
 
 
@@ -96,3 +116,10 @@ def test_help_does_not_import_torch() -> None:
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False"), out
+
+
+def test_root_imports_name_their_layer(tmp_path: Path) -> None:
+    """`from mergekit_sdxl import engine` is an import of the engine layer, not of the harmless package root."""
+    source = tmp_path / "planted.py"
+    source.write_text("from mergekit_sdxl import __version__, engine\nfrom mergekit_sdxl import errors as e\n")
+    assert [name for name, _ in _imports(source)] == ["mergekit_sdxl", "mergekit_sdxl.engine", "mergekit_sdxl.errors"]
