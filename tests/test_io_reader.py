@@ -169,3 +169,21 @@ def test_folder_without_diffusers_support(tmp_path):
         pytest.skip("diffusers folders are supported: covered by their own tests")
     with pytest.raises(CheckpointError, match="diffusers folders are not supported yet"):
         open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("length", [0x280, 0x380, 0x480, 0x580])
+def test_sniff_a_header_length_that_looks_like_a_pickle_opcode(tmp_path, length):
+    """A header length of 128 + 256*k (k = 2..5) starts with the bytes `\\x80\\x0k`, pickle's PROTO opcode."""
+    import json
+    import struct
+
+    header = json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    header += b" " * (length - len(header))
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", length) + header + b"\0\0\0\0")
+    assert sniff(path) == "safetensors"
+    with open_checkpoint(path) as reader:
+        assert reader.read("a").tolist() == [0.0]
+    pickled = tmp_path / "m.ckpt"
+    torch.save({"a": torch.ones(1)}, pickled, _use_new_zipfile_serialization=False)
+    assert sniff(pickled) == "torch-pickle"

@@ -321,12 +321,14 @@ def sniff(path: Path) -> str:
             head = file.read(0, min(9, os.fstat(file.fd).st_size))
         except (OSError, EOFError) as exc:
             raise CheckpointError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    # safetensors first: a header length of 128 + 256*k (k = 2..5) starts with the bytes of a pickle's PROTO
+    # opcode, while a pickle's first 8 bytes never read as a length up to MAX_HEADER
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= MAX_HEADER:
+        return "safetensors"
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         return "torch-pickle"
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= MAX_HEADER:
-        return "safetensors"
     return "unknown"
 
 
