@@ -113,27 +113,56 @@ def test_convert_fp8_clamps_and_warns(tmp_path, capsys, fp32_model):
 
 
 def test_convert_scaled_fp8_and_back(tmp_path, capsys, fp32_model):
+    """ComfyUI's layout: only UNet Linear weights scaled, the rest fp16, the marker under the UNet prefix (the
+    full check against ComfyUI's loading rules is tests/test_scaled_fp8_comfyui.py)."""
+    code, _, err = run_cli(capsys, "convert", fp32_model, tmp_path / "x.safetensors", "--dtype", "fp8_e4m3fn",
+                           "--scaled-fp8")
+    assert code == 2 and "no UNet Linear weights" in err and not (tmp_path / "x.safetensors").exists()
+    g = torch.Generator().manual_seed(1)
+    linear = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+    src = {**load_file(fp32_model), linear: torch.randn(8, 8, generator=g) * 1000}
+    model = tmp_path / "with_linear.safetensors"
+    save_file(src, model)
     scaled = tmp_path / "scaled.safetensors"
-    code, _, err = run_cli(capsys, "convert", fp32_model, scaled, "--dtype", "fp8_e4m3fn", "--scaled-fp8")
+    code, _, err = run_cli(capsys, "convert", model, scaled, "--dtype", "fp8_e4m3fn", "--scaled-fp8")
     assert code == 0, err
     assert "warning" not in err  # the scale keeps every value in range
-    src, dst = load_file(fp32_model), load_file(scaled)
+    dst = load_file(scaled)
     vae = "first_stage_model.decoder.conv_in.weight"
-    assert dst["scaled_fp8"].dtype == torch.float8_e4m3fn and dst["scaled_fp8"].numel() == 0
-    assert "first_stage_model.decoder.conv_in.scale_weight" in dst
-    assert "model.diffusion_model.input_blocks.1.0.in_layers.2.bias" in dst  # plain cast, no scale
-    assert not any(k.endswith("bias.scale_weight") or k.endswith("in_layers.2.scale_bias") for k in dst)
-    scale = dst["first_stage_model.decoder.conv_in.scale_weight"]
+    marker = dst["model.diffusion_model.scaled_fp8"]
+    assert marker.dtype == torch.float8_e4m3fn and marker.numel() == 0 and "scaled_fp8" not in dst
+    assert [k for k in dst if k.endswith("scale_weight")] == [linear.replace(".weight", ".scale_weight")]
+    assert dst[linear].dtype == torch.float8_e4m3fn
+    assert dst[vae].dtype == dst[UNET_W].dtype == dst[UNET_B].dtype == torch.float16  # the rest: plain fp16
+    assert torch.equal(dst[vae], src[vae].half()) and dst[POS_IDS].dtype == torch.int64
+    scale = dst[linear.replace(".weight", ".scale_weight")]
     assert scale.dtype == torch.float32 and scale.dim() == 0
-    restored = dst[vae].float() * scale
-    assert ((restored - src[vae]).norm() / src[vae].norm()).item() < 0.05
+    restored = dst[linear].float() * scale
+    assert ((restored - src[linear]).norm() / src[linear].norm()).item() < 0.05
 
     back = tmp_path / "back.safetensors"
     code, _, err = run_cli(capsys, "convert", scaled, back, "--dtype", "fp16")
     assert code == 0, err
     again = load_file(back)
     assert set(again) == set(src)  # scales and the marker are consumed
-    assert torch.equal(again[vae], restored.half())
+    assert torch.equal(again[linear], restored.half()) and torch.equal(again[vae], src[vae].half())
+
+
+def test_convert_reads_the_first_scaled_layout(tmp_path, capsys, fp32_model):
+    """Files of this tool's first layout (top-level marker, convs and VAE scaled too) still convert back."""
+    from mergekit_sdxl.io.dtypes import to_scaled_fp8
+
+    src = load_file(fp32_model)
+    vae = "first_stage_model.decoder.conv_in.weight"
+    q, scale, _ = to_scaled_fp8(src[vae], "F8_E4M3")
+    old = {**src, vae: q, vae.replace(".weight", ".scale_weight"): scale,
+           "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    path, back = tmp_path / "old.safetensors", tmp_path / "back.safetensors"
+    save_file(old, path)
+    code, _, err = run_cli(capsys, "convert", path, back, "--dtype", "fp32")
+    assert code == 0, err
+    again = load_file(back)
+    assert set(again) == set(src) and torch.equal(again[vae], q.float() * scale)
 
 
 def test_convert_prune_ema_and_drop(tmp_path, capsys, fp32_model):

@@ -121,7 +121,8 @@ def test_oddities_missing_unknown_shapes_and_fp8_scales(tmp_path):
     entries = table_entries("sdxl", "F8_E4M3")
     del entries["model.diffusion_model.out.2.weight"]
     entries["model.diffusion_model.input_blocks.1.0.in_layers.2.scale_weight"] = ("F32", ())
-    entries["scaled_fp8"] = ("F8_E4M3", (0,))
+    entries["scaled_fp8"] = ("F8_E4M3", (0,))  # this tool's first marker, and ComfyUI's below: neither is unknown
+    entries["model.diffusion_model.scaled_fp8"] = ("F8_E4M3", (0,))
     entries["lora_unet_extra.alpha"] = ("F32", ())
     entries["model.diffusion_model.out.0.weight"] = ("F8_E4M3", (7,))
     report = inspect_json(write_sparse(tmp_path / "odd.safetensors", entries), "--no-hash")

@@ -198,16 +198,25 @@ def test_markers(make_ckpt: object, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_scaled_fp8_input(tiny_sd15: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("marker", ["model.diffusion_model.scaled_fp8", "scaled_fp8"], ids=["comfyui", "first"])
+def test_scaled_fp8_input(tiny_sd15: Path, tmp_path: Path, marker: str) -> None:
+    """ComfyUI's layout (and this tool's first one, marker at the top level): scaled weights are dequantized, the
+    marker and the scales are left out."""
+    from safetensors.torch import load_file, save_file
+
     from mergekit_sdxl.engine.convert import convert_checkpoint
     from mergekit_sdxl.io.dtypes import dequantize_scaled
 
     fp8 = tmp_path / "fp8.safetensors"
     with open_checkpoint(tiny_sd15) as reader:
         convert_checkpoint(reader, fp8, "fp8_e4m3fn", scaled_fp8=True)
+    tensors = load_file(fp8)
+    tensors[marker] = tensors.pop("model.diffusion_model.scaled_fp8")
+    save_file(tensors, fp8)
     report = export_diffusers(fp8, tmp_path / "out", dtype="fp16")
-    assert "scaled_fp8" in report.unmapped
-    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    assert marker in report.unmapped
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
     with open_checkpoint(fp8) as src, DiffusersFolderReader(tmp_path / "out") as folder:
+        assert src.info(key).dtype == "F8_E4M3"
         expected = dequantize_scaled(src.read(key), src.read(key.replace(".weight", ".scale_weight")), "F16")
         assert torch.equal(folder.read(key), expected)

@@ -119,8 +119,13 @@ def test_scale_key_names():
     assert scaled_key_of("model.x.weight") is None
     with pytest.raises(ValueError):
         scale_key("model.x.bias")
-    assert is_scalable("a.weight", (3, 4)) and is_scalable("a.weight", (3, 4, 1, 1))
-    assert not is_scalable("a.weight", (3,)) and not is_scalable("a.bias", (3, 4))
+    # ComfyUI dequantises only the UNet's Linear layers (2-D weights); convs, VAE and text encoders stay plain
+    unet = "model.diffusion_model.input_blocks.4.1.proj_in"
+    assert is_scalable(f"{unet}.weight", (3, 4))
+    assert not is_scalable(f"{unet}.weight", (3, 4, 1, 1)) and not is_scalable(f"{unet}.weight", (3,))
+    assert not is_scalable(f"{unet}.bias", (3, 4))
+    assert not is_scalable("conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight", (3, 4))
+    assert not is_scalable("first_stage_model.encoder.mid.attn_1.q.weight", (3, 4))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn,

@@ -332,6 +332,25 @@ def test_scaled_fp8_is_dequantized(tiny_sdxl):
     torch.testing.assert_close(model.modules["unet"].conv_in.weight, original, rtol=0.07, atol=0.0)
 
 
+def test_comfyui_scaled_fp8_file_is_dequantized(tiny_sdxl, tmp_path):
+    """A `convert --scaled-fp8` file (ComfyUI's layout): Linear weights dequantized, the fp16 rest read as is."""
+    from mergekit_sdxl.engine.convert import convert_checkpoint
+    from mergekit_sdxl.io.reader import open_checkpoint
+
+    scaled = tmp_path / "scaled.safetensors"
+    with open_checkpoint(tiny_sdxl) as reader:
+        convert_checkpoint(reader, scaled, "fp8_e4m3fn", scaled_fp8=True)
+    stored, original = _file_tensors(scaled), _file_tensors(tiny_sdxl)
+    model = ModelSlot().load(WeightSource.from_file(scaled))
+    proj = "model.diffusion_model.input_blocks.4.1.proj_in"
+    unet = model.modules["unet"]
+    assert stored[proj + ".weight"].dtype == torch.float8_e4m3fn
+    got = unet.down_blocks[1].attentions[0].proj_in.weight
+    torch.testing.assert_close(got, stored[proj + ".weight"].float() * stored[proj + ".scale_weight"])
+    torch.testing.assert_close(got, original[proj + ".weight"].float(), rtol=0.07, atol=1e-3)
+    assert torch.equal(unet.conv_in.weight, original["model.diffusion_model.input_blocks.0.0.weight"].float())
+
+
 def test_swap_reads_straight_into_fp16_parameters(tiny_sdxl, make_ckpt):
     other = make_ckpt(seed=5, like=tiny_sdxl, delta="noise:0.2")
     slot = ModelSlot(dtype=torch.float16)

@@ -26,9 +26,9 @@ from mergekit_sdxl.dtypes import is_float_dtype
 from mergekit_sdxl.errors import ArchError, CheckpointError
 from mergekit_sdxl.io import jsonio
 from mergekit_sdxl.io.dtypes import SCALE_SUFFIX as _SUFFIX
-from mergekit_sdxl.io.dtypes import SCALED_MARKER
+from mergekit_sdxl.io.dtypes import is_marker
 
-# Scaled fp8: `<prefix>.scale_weight` scales and the empty `scaled_fp8` flag are not parameters, nor unknown keys
+# Scaled fp8: `<prefix>.scale_weight` scales and the empty `scaled_fp8` flags are not parameters, nor unknown keys
 SCALE_SUFFIX = "." + _SUFFIX
 
 SCHEMA = "mergekit-sdxl.inspect/1"
@@ -54,7 +54,7 @@ def build_report(checkpoint: Any, path: Path, *, convention: str | None = None, 
     """
     infos = {key: checkpoint.info(key) for key in checkpoint.keys()}
     arch, arch_error = _arch(infos, path)
-    params = {k: i for k, i in infos.items() if not (k.endswith(SCALE_SUFFIX) or k == SCALED_MARKER)}
+    params = {k: i for k, i in infos.items() if not (k.endswith(SCALE_SUFFIX) or is_marker(k))}
     components = _components(params, arch)
     metadata = dict(checkpoint.metadata)
     return {

@@ -24,6 +24,7 @@ from mergekit_sdxl.errors import ArchError
 
 _SGM = "https://github.com/Stability-AI/generative-models"
 _UNET_PREFIX, _VAE_PREFIX, _EMA_PREFIX = "model.diffusion_model.", "first_stage_model.", "model_ema."
+UNET_PREFIX = _UNET_PREFIX  # every architecture's diffusion model; the scaled-fp8 layout keys off it
 
 
 def _unet_dims(context: int, tiny_context: int) -> dict[int, int]:

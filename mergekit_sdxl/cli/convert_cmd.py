@@ -17,8 +17,9 @@ from mergekit_sdxl.dtypes import CHECKPOINT, choices
 @click.option("--dtype", required=True, type=click.Choice(choices(CHECKPOINT)),
               help="Storage dtype for float tensors (integer tensors such as position_ids keep theirs).")
 @click.option("--scaled-fp8", is_flag=True,
-              help="fp8 with one float32 scale per weight (ComfyUI's scale_weight layout); loaders that ignore "
-                   "scales will read wrong weights, so only use it for tools that know the format.")
+              help="ComfyUI's scaled-fp8 layout (needs --dtype fp8_e4m3fn): the UNet's Linear weights in fp8 "
+                   "with a float32 scale each, every other float tensor in fp16. Loaders that ignore the scales "
+                   "(A1111) read wrong UNet weights, so use it for ComfyUI only.")
 @click.option("--prune-ema", is_flag=True, help="Drop the EMA copy (model_ema.*).")
 @click.option("--drop", multiple=True, metavar="REGEX", help="Drop keys matching REGEX (re.search); repeatable.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never an input).")

@@ -54,28 +54,34 @@ def convert_checkpoint(reader: CheckpointReader, dst: Path, dtype: str, *, scale
 
     Args:
         dtype: any name io.dtypes.parse_dtype accepts (fp16, bf16, fp32, fp8_e4m3fn, fp8_e5m2).
-        scaled_fp8: store matrix/conv weights as scaled fp8 (io.dtypes docstring); needs an fp8 dtype.
+        scaled_fp8: ComfyUI's scaled-fp8 layout (arch/scaled_fp8.py): the UNet's Linear weights in fp8_e4m3fn
+            with a scale each, every other float tensor in fp16; needs dtype fp8_e4m3fn.
         prune_ema: drop `model_ema.*`.
         drop: regular expressions; keys matching any (re.search) are dropped.
         progress: callable(bytes) advanced by the bytes read.
 
     Raises:
-        UsageError: bad dtype, --scaled-fp8 without fp8, invalid regex. CheckpointError / OutputError from io.
+        UsageError: bad dtype, --scaled-fp8 without fp8_e4m3fn or on a file without UNet Linear weights, invalid
+            regex. CheckpointError / OutputError from io.
     """
     from mergekit_sdxl import __version__
     from mergekit_sdxl.dtypes import CHECKPOINT, parse_dtype
-    from mergekit_sdxl.io.dtypes import SCALED_MARKER, is_fp8
+    from mergekit_sdxl.io.dtypes import SCALED_DTYPE, SCALED_MARKER
     from mergekit_sdxl.io.metadata import a1111_safe, json_value
     from mergekit_sdxl.io.writer import SafetensorsWriter, cleanup_stale_temps
 
     code = parse_dtype(dtype, CHECKPOINT, "--dtype")
-    if scaled_fp8 and not is_fp8(code):
-        raise UsageError(f"--scaled-fp8 needs an fp8 --dtype (fp8_e4m3fn or fp8_e5m2), not {dtype}")
+    if scaled_fp8 and code != SCALED_DTYPE:
+        raise UsageError(f"--scaled-fp8 needs --dtype fp8_e4m3fn (ComfyUI reads every scaled weight as e4m3fn), "
+                         f"not {dtype}")
     patterns = _compile(drop)
     report = ConvertReport()
     items = _plan(reader, code, scaled_fp8, prune_ema, patterns, report)
     with_marker = any(i.scaled for i in items)
-    specs = _specs(reader, items, with_marker, code)
+    if scaled_fp8 and not with_marker:
+        raise UsageError(f"--scaled-fp8: {file_name(reader.path)} has no UNet Linear weights (2-D "
+                         "model.diffusion_model.*.weight), the only tensors ComfyUI reads scaled")
+    specs = _specs(reader, items, with_marker)
     metadata = {k: v for k, v in reader.metadata.items() if k not in STALE_HASH_KEYS}
     metadata["mergekit.convert"] = json_value({
         "tool": f"mergekit-sdxl {__version__}", "source": file_name(reader.path), "dtype": code,
@@ -87,7 +93,7 @@ def convert_checkpoint(reader: CheckpointReader, dst: Path, dtype: str, *, scale
         cleanup_stale_temps(dst.parent, dst.name)
     with SafetensorsWriter(dst, specs, metadata, overwrite=overwrite, inputs=[reader.path]) as writer:
         if with_marker:
-            writer.write(SCALED_MARKER, _empty(code))
+            writer.write(SCALED_MARKER, _empty(SCALED_DTYPE))
         _stream(reader, writer, items, report, progress)
         report.bytes_out = writer.size
     return report
@@ -100,15 +106,15 @@ def _compile(drop: tuple[str, ...]) -> list[Any]:
 
 def _plan(reader: CheckpointReader, code: str, scaled_fp8: bool, prune_ema: bool, patterns: list[Any],
           report: ConvertReport) -> list[_Item]:
-    """Which input tensors go out, in which dtype; input scales and ComfyUI's marker are consumed, not copied."""
-    from mergekit_sdxl.io.dtypes import SCALED_MARKER, is_float, is_scalable, scale_key, scaled_key_of
+    """Which input tensors go out, in which dtype; input scales and scaled-fp8 markers are consumed, not copied."""
+    from mergekit_sdxl.io.dtypes import is_float, is_marker, is_scalable, scale_key, scaled_key_of, storage_dtype
 
     keys = reader.keys()
     present = set(keys)
     input_scales = {k for k in keys if scaled_key_of(k) in present}
     items = []
     for key in keys:
-        if key in input_scales or key == SCALED_MARKER:
+        if key in input_scales or is_marker(key):
             continue
         if (prune_ema and key.startswith(EMA_PREFIX)) or any(p.search(key) for p in patterns):
             report.dropped.append(key)
@@ -117,13 +123,16 @@ def _plan(reader: CheckpointReader, code: str, scaled_fp8: bool, prune_ema: bool
         scale_of = scale_key(key) if key.endswith(".weight") and scale_key(key) in input_scales else None
         if not is_float(info.dtype):
             items.append(_Item(key, info.dtype))
+        elif scaled_fp8:
+            items.append(_Item(key, storage_dtype(key, info.shape), is_scalable(key, info.shape), scale_of))
         else:
-            items.append(_Item(key, code, scaled_fp8 and is_scalable(key, info.shape), scale_of))
+            items.append(_Item(key, code, False, scale_of))
     return items
 
 
-def _specs(reader: CheckpointReader, items: list[_Item], with_marker: bool, code: str) -> list[TensorSpec]:
-    from mergekit_sdxl.io.dtypes import SCALED_MARKER, scale_key
+def _specs(reader: CheckpointReader, items: list[_Item], with_marker: bool) -> list[TensorSpec]:
+    from mergekit_sdxl.arch.scaled_fp8 import MARKER_SHAPE, SCALE_DTYPE, SCALE_SHAPE
+    from mergekit_sdxl.io.dtypes import SCALED_DTYPE, SCALED_MARKER, scale_key
     from mergekit_sdxl.io.writer import TensorSpec
 
     specs = []
@@ -131,9 +140,9 @@ def _specs(reader: CheckpointReader, items: list[_Item], with_marker: bool, code
         shape = reader.info(item.key).shape
         specs.append(TensorSpec(item.key, item.dtype, shape))
         if item.scaled:
-            specs.append(TensorSpec(scale_key(item.key), "F32", ()))
+            specs.append(TensorSpec(scale_key(item.key), SCALE_DTYPE, SCALE_SHAPE))
     if with_marker:
-        specs.append(TensorSpec(SCALED_MARKER, code, (0,)))
+        specs.append(TensorSpec(SCALED_MARKER, SCALED_DTYPE, MARKER_SHAPE))
     taken = [s.key for s in specs]
     if len(taken) != len(set(taken)):
         dup = next(k for k in taken if taken.count(k) > 1)

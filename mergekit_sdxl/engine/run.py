@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 
 from mergekit_sdxl.arch.detect import detect_arch
+from mergekit_sdxl.arch.scaled_fp8 import MARKER_SHAPE, SCALE_DTYPE, SCALE_SHAPE
 from mergekit_sdxl.engine.device import check_compute_dtype, resolve_device
 from mergekit_sdxl.engine.evaluate import AdapterFn, KeyEvaluator
 from mergekit_sdxl.engine.input_hashes import InputHashes
@@ -27,7 +28,15 @@ from mergekit_sdxl.engine.memory import tame_malloc
 from mergekit_sdxl.engine.pipeline import DEFAULT_BUDGET, Progress, RunStats, run_pipeline
 from mergekit_sdxl.errors import ArchError, CheckpointError, RecipeError
 from mergekit_sdxl.io.commit import check_target
-from mergekit_sdxl.io.dtypes import SCALED_MARKER, is_scalable, scale_key, torch_dtype
+from mergekit_sdxl.io.dtypes import (
+    SCALED_DTYPE,
+    SCALED_MARKER,
+    is_marker,
+    is_scalable,
+    scale_key,
+    scaled_key_of,
+    torch_dtype,
+)
 from mergekit_sdxl.io.hashes import FileHashes
 from mergekit_sdxl.io.inputs import note_read
 from mergekit_sdxl.io.metadata import InputRecord, merge_metadata
@@ -105,6 +114,10 @@ def headers_of(recipe: Recipe, readers: Mapping[str, Checkpoint]) -> dict[str, I
     headers = {}
     for alias, reader in readers.items():
         keys = {k: (reader.info(k).dtype, tuple(reader.info(k).shape)) for k in reader.keys()}
+        scaled = next((k for k in keys if is_marker(k) or scaled_key_of(k) in keys), None)
+        if scaled is not None:  # merging fp8 codes and scales as numbers would give nonsense
+            raise CheckpointError(f"model {alias!r} ({reader.path}) is a scaled-fp8 file (key {scaled!r}); convert it "
+                                  "first: mergekit-sdxl convert IN OUT --dtype fp16")
         try:
             arch: str | None = detect_arch(keys, f"model {alias!r} ({reader.path})")
         except ArchError:
@@ -155,14 +168,14 @@ def output_specs(plan: Plan) -> list[TensorSpec]:
     """Every tensor the output will hold, incl. scaled-fp8 scales and ComfyUI's `scaled_fp8` marker."""
     specs = [TensorSpec(kp.key, kp.dtype, tuple(kp.shape)) for kp in plan.keys]
     if plan.output.fp8_scaled:
-        specs += [TensorSpec(scale_key(kp.key), "F32", ()) for kp in plan.keys if is_scaled(plan, kp)]
-        specs.append(TensorSpec(SCALED_MARKER, plan.output.dtype, (0,)))
+        specs += [TensorSpec(scale_key(kp.key), SCALE_DTYPE, SCALE_SHAPE) for kp in plan.keys if is_scaled(plan, kp)]
+        specs.append(TensorSpec(SCALED_MARKER, SCALED_DTYPE, MARKER_SHAPE))
     return specs
 
 
 def is_scaled(plan: Plan, kp: KeyPlan) -> bool:
-    """Scaled fp8 applies to matrix/conv weights stored in the fp8 output dtype."""
-    return plan.output.fp8_scaled and kp.dtype == plan.output.dtype and is_scalable(kp.key, tuple(kp.shape))
+    """Scaled fp8 applies to the UNet's Linear weights the planner put in the fp8 dtype (arch/scaled_fp8.py)."""
+    return plan.output.fp8_scaled and kp.dtype == SCALED_DTYPE and is_scalable(kp.key, tuple(kp.shape))
 
 
 def resolve_output(recipe: Recipe, options: MergeOptions) -> Path:
@@ -225,7 +238,7 @@ def _sink(writer: SafetensorsWriter, plan: Plan) -> Callable[[str, torch.Tensor]
         nonlocal marker_done
         writer.write(name, tensor)
         if plan.output.fp8_scaled and not marker_done:
-            writer.write(SCALED_MARKER, torch.empty(0, dtype=torch_dtype(plan.output.dtype)))
+            writer.write(SCALED_MARKER, torch.empty(MARKER_SHAPE, dtype=torch_dtype(SCALED_DTYPE)))
             marker_done = True
     return sink
 

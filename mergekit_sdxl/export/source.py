@@ -24,11 +24,11 @@ from mergekit_sdxl.arch.modelconfig import derive_configs, fill_rule
 from mergekit_sdxl.dtypes import WEIGHTS, parse_dtype
 from mergekit_sdxl.errors import CheckpointError, UsageError
 from mergekit_sdxl.io.dtypes import (
-    SCALED_MARKER,
     cast,
     dequantize_scaled,
     is_float,
     is_fp8,
+    is_marker,
     scaled_key_of,
     torch_dtype,
 )
@@ -104,7 +104,7 @@ class ExportSource:
                                   "pipeline equivalent; not exported")
         self.markers = tuple(k for k in ("v_pred", "ztsnr") if k in keys)
         self.scales = {scaled_key_of(k): k for k in keys if scaled_key_of(k)}
-        weights = [k for k in keys if scaled_key_of(k) is None and k != SCALED_MARKER]
+        weights = [k for k in keys if scaled_key_of(k) is None and not is_marker(k)]
         self.configs = derive_configs(self.arch, {k: tuple(self.reader.info(k).shape) for k in weights})
         layout = Layout.from_configs(self.configs[UNET], self.configs[VAE])
         self.keymap: KeyMap = build_keymap(self.arch, weights, layout=layout, clip_l_style="text_model")
@@ -119,7 +119,7 @@ class ExportSource:
     def unmapped_keys(self) -> tuple[str, ...]:
         """Checkpoint keys with no diffusers equivalent (left out of the export)."""
         return self.keymap.unmapped_keys + tuple(self.scales.values()) + \
-            ((SCALED_MARKER,) if SCALED_MARKER in self.reader else ())
+            tuple(k for k in self.reader.keys() if is_marker(k))
 
     def _targets(self) -> dict[str, list[Target]]:
         targets: dict[str, list[Target]] = {c: [] for c in self.components}

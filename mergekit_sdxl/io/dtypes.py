@@ -7,14 +7,12 @@ Casting rules (`cast`):
   (e4m3fn ±448, e5m2 ±57344, fp16 ±65504) and reports how many values were clamped (±inf counts as clamped;
   NaN stays NaN). A plain `.to()` would turn them into inf or NaN.
 
-Scaled fp8 (`to_storage(..., scaled=True)`, explicit opt-in only), in ComfyUI's layout: a weight `W` stored
-under `<prefix>.weight` is written as `q = fp8(W / s)` with one float32 scalar per tensor,
-`s = amax(|W|) / fmax` (s = 1 when W is all zero or has no finite value), stored beside it as a 0-dim F32 tensor
-under `<prefix>.scale_weight` (`scale_key`); the file also holds an empty tensor `scaled_fp8` in the fp8 dtype
-(`SCALED_MARKER`, ComfyUI's flag). Only matrix and conv weights (`.weight`, 2+ dims: `is_scalable`) get a scale;
-biases, norms and embeddings-as-vectors get a plain clamped cast. The value is recovered as `q.float() * s`
-(`dequantize_scaled`). Non-finite inputs (±inf) clamp to ±fmax and are counted. A loader that does not know the
-convention reads `W / s` instead of `W`, which is why it is never implicit.
+Scaled fp8 (`to_storage(..., scaled=True)`, explicit opt-in only), in ComfyUI's layout (the facts: which tensors,
+key names, marker, dtypes, are in `mergekit_sdxl.arch.scaled_fp8`, re-exported here): a weight `W` is written as
+`q = fp8(W / s)` with one float32 scalar per tensor, `s = amax(|W|) / fmax` (s = 1 when W is all zero or has no
+finite value), stored beside it as a 0-dim F32 tensor under `<prefix>.scale_weight` (`scale_key`). The value is
+recovered as `q.float() * s` (`dequantize_scaled`). Non-finite inputs (±inf) clamp to ±fmax and are counted.
+A loader that does not know the convention reads `W / s` instead of `W`, which is why it is never implicit.
 """
 
 from __future__ import annotations
@@ -23,6 +21,18 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mergekit_sdxl.arch.scaled_fp8 import (
+    LEGACY_MARKER,
+    REST_DTYPE,
+    SCALE_SUFFIX,
+    SCALED_DTYPE,
+    SCALED_MARKER,
+    is_marker,
+    is_scalable,
+    scale_key,
+    scaled_key_of,
+    storage_dtype,
+)
 from mergekit_sdxl.dtypes import (
     CHECKPOINT,
     DTYPES,
@@ -37,10 +47,11 @@ from mergekit_sdxl.dtypes import (
     parse_dtype,
 )
 
-__all__ = [  # the table's names are re-exported for callers that also cast
-    "CHECKPOINT", "CLI_TARGETS", "DTYPES", "SCALED_MARKER", "SCALE_SUFFIX", "DtypeInfo", "Stored", "amax", "cast",
-    "choices", "code_of", "dequantize_scaled", "info", "is_float", "is_fp8", "is_scalable", "itemsize", "lookup",
-    "name_of", "parse_dtype", "scale_key", "scaled_key_of", "to_scaled_fp8", "to_storage", "torch_dtype",
+__all__ = [  # the table's names and the scaled-fp8 layout facts are re-exported for callers that also cast
+    "CHECKPOINT", "CLI_TARGETS", "DTYPES", "LEGACY_MARKER", "REST_DTYPE", "SCALED_DTYPE", "SCALED_MARKER",
+    "SCALE_SUFFIX", "DtypeInfo", "Stored", "amax", "cast", "choices", "code_of", "dequantize_scaled", "info",
+    "is_float", "is_fp8", "is_marker", "is_scalable", "itemsize", "lookup", "name_of", "parse_dtype", "scale_key",
+    "scaled_key_of", "storage_dtype", "to_scaled_fp8", "to_storage", "torch_dtype",
 ]
 
 from mergekit_sdxl.errors import CheckpointError
@@ -49,8 +60,6 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, so header-only us
     import torch
 
 
-SCALE_SUFFIX = "scale_weight"
-SCALED_MARKER = "scaled_fp8"  # ComfyUI's flag for scaled-fp8 files: an empty tensor in the fp8 dtype
 CLI_TARGETS = choices(CHECKPOINT)
 
 
@@ -68,26 +77,6 @@ def code_of(dtype: torch.dtype) -> str:
     if found is None or found.torch_name != name:
         raise KeyError(f"torch dtype {dtype} has no safetensors code in this tool")
     return found.code
-
-
-
-
-def is_scalable(key: str, shape: tuple[int, ...]) -> bool:
-    """Whether scaled fp8 gives this tensor a scale: matrix and conv weights (`.weight`, 2+ dims)."""
-    return key.endswith(".weight") and len(shape) >= 2
-
-
-def scale_key(key: str) -> str:
-    """Where the scale of the scaled-fp8 weight `<prefix>.weight` is stored: `<prefix>.scale_weight`."""
-    if not key.endswith(".weight"):
-        raise ValueError(f"only .weight tensors carry a scale, not {key!r}")
-    return key[: -len("weight")] + SCALE_SUFFIX
-
-
-def scaled_key_of(key: str) -> str | None:
-    """The inverse of `scale_key`: `<prefix>.weight` for `<prefix>.scale_weight`, else None."""
-    suffix = "." + SCALE_SUFFIX
-    return key[: -len(SCALE_SUFFIX)] + "weight" if key.endswith(suffix) else None
 
 
 @dataclass

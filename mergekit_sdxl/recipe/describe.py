@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from mergekit_sdxl.arch.scaled_fp8 import REST_DTYPE, SCALE_DTYPE, SCALED_DTYPE, is_scalable
 from mergekit_sdxl.arch.tables import ARCH_NAMES, numel
 from mergekit_sdxl.dtypes import DTYPES, name_of
 from mergekit_sdxl.recipe.nodes import Call, Linear, Load, Node
@@ -24,7 +25,8 @@ def describe_plan(plan: Plan, target: Path | None = None) -> list[str]:
                                           if alias in plan.sha256 else "") for alias, path in plan.inputs.items()]
     lines += plan.steps
     size = plan_size(plan)
-    dtype = name_of(out.dtype) + (" (scaled)" if out.fp8_scaled else "")
+    scaled = f" (scaled: UNet Linear weights; the rest {name_of(REST_DTYPE)})"
+    dtype = name_of(out.dtype) + (scaled if out.fp8_scaled else "")
     lines.append(f"output: {target or '(no path: give -o/--out or output.path)'}: {len(plan.keys)} tensors, {dtype}, "
                  f"{size:,} bytes of tensor data ({size / 1e9:.2f} GB)")
     kinds = Counter(_node_kind(kp.node) for kp in plan.keys)
@@ -34,12 +36,12 @@ def describe_plan(plan: Plan, target: Path | None = None) -> list[str]:
 
 
 def plan_size(plan: Plan) -> int:
-    """Bytes of tensor data the output will hold (scaled fp8 adds one float32 scale per float tensor)."""
+    """Bytes of tensor data the output will hold (scaled fp8 adds one float32 scale per scaled weight)."""
     total = 0
     for kp in plan.keys:
         total += numel(kp.shape) * DTYPES[kp.dtype].itemsize
-        if plan.output.fp8_scaled and kp.dtype == plan.output.dtype:
-            total += 4
+        if plan.output.fp8_scaled and kp.dtype == SCALED_DTYPE and is_scalable(kp.key, tuple(kp.shape)):
+            total += DTYPES[SCALE_DTYPE].itemsize
     return total
 
 

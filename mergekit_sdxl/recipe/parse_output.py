@@ -6,7 +6,8 @@ import os
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
-from mergekit_sdxl.dtypes import CHECKPOINT, COMPUTE, choices, parse_dtype
+from mergekit_sdxl.arch.scaled_fp8 import SCALED_DTYPE
+from mergekit_sdxl.dtypes import CHECKPOINT, COMPUTE, choices, name_of, parse_dtype
 from mergekit_sdxl.errors import RecipeError, UsageError
 from mergekit_sdxl.platform.names import output_name_problem
 from mergekit_sdxl.platform.text import to_os
@@ -21,6 +22,7 @@ from mergekit_sdxl.recipe.fields import (
 from mergekit_sdxl.recipe.types import MISSING_POLICIES, ModelRef, OutputSpec
 
 MAX_METADATA = 256
+SCALED_NAME = name_of(SCALED_DTYPE)
 MAX_METADATA_VALUE = 65_536
 _OUTPUT_FIELDS = ("path", "dtype", "fp8_scaled", "vae", "prune_ema", "drop", "missing_keys", "compute_dtype",
                   "seed", "metadata")
@@ -42,8 +44,8 @@ def parse_output(p: Fields, value: Any, models: dict[str, ModelRef]) -> OutputSp
         raise fail(at("path"), f"{problem}; choose another name (refused on every OS: Windows could not write it)")
     dtype = parse_dtype(p.choice(fields.get("dtype", "fp16"), at("dtype"), choices(CHECKPOINT)))
     fp8_scaled = _flag(p, fields, "fp8_scaled")
-    if fp8_scaled and not dtype.startswith("F8"):
-        raise fail(at("fp8_scaled"), "applies only to fp8 output dtypes (fp8_e4m3fn, fp8_e5m2)")
+    if fp8_scaled and dtype != SCALED_DTYPE:
+        raise fail(at("fp8_scaled"), f"applies only to {SCALED_NAME} (ComfyUI reads every scaled weight as e4m3fn)")
     vae = fields.get("vae")
     if vae is not None and vae not in models:
         raise fail(at("vae"), f"{vae!r} is not a model alias{suggest(str(vae), models)} "

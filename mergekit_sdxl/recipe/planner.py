@@ -25,8 +25,9 @@ from mergekit_sdxl import patterns
 from mergekit_sdxl.arch.blocks import block_of
 from mergekit_sdxl.arch.detect import MARKERS
 from mergekit_sdxl.arch.mbw import parse_mbw
+from mergekit_sdxl.arch.scaled_fp8 import SCALED_DTYPE, storage_dtype
 from mergekit_sdxl.arch.tables import ARCH_NAMES, check_arch
-from mergekit_sdxl.dtypes import is_float_dtype
+from mergekit_sdxl.dtypes import is_float_dtype, name_of
 from mergekit_sdxl.errors import ArchError, RecipeError
 from mergekit_sdxl.methods.registry import METHODS
 from mergekit_sdxl.recipe.formula import ZERO_COEFF
@@ -101,8 +102,12 @@ def build_plan(recipe: Recipe, inputs: Mapping[str, InputHeader], *, arch: str,
     Raises:
         ArchError: inputs of different architectures, or not the recipe's declared arch.
         RecipeError: keys missing from some inputs (all listed at once, per model), shape mismatches (all at once),
-            MBW vectors that do not fit the architecture, a VAE file without VAE keys.
+            MBW vectors that do not fit the architecture, a VAE file without VAE keys, `fp8_scaled` with a dtype
+            (e.g. from --dtype) other than fp8_e4m3fn.
     """
+    if recipe.output.fp8_scaled and recipe.output.dtype != SCALED_DTYPE:
+        raise RecipeError(f"{recipe.source}: output.fp8_scaled needs dtype fp8_e4m3fn (ComfyUI reads every scaled "
+                          f"weight as e4m3fn), not {name_of(recipe.output.dtype)}")
     return _Planner(recipe, inputs, arch, adapter_keys or {}).plan()
 
 
@@ -201,7 +206,7 @@ class _Planner:
             if len({shape for _, shape in shapes.values()}) > 1:
                 mismatched.append(f"{key} ({', '.join(f'{ld.alias} {list(s)}' for ld, (_, s) in shapes.items())})")
             dtype, shape = next(iter(shapes.values()))
-            out_dtype = self.recipe.output.dtype if self.is_mergeable(key, dtype) else dtype
+            out_dtype = self.out_dtype(key, dtype, tuple(shape))
             plans.append(KeyPlan(key, node, out_dtype, tuple(shape)))
         self.report(missing, mismatched, taken_first)
         return Plan(
@@ -248,6 +253,12 @@ class _Planner:
             raise RecipeError(f"{self.recipe.source}: output.vae: model {alias!r} ({self.headers[alias].path}) "
                               f"has no VAE keys ({VAE_PREFIX}* or encoder.*/decoder.*)")
         return keys
+
+    def out_dtype(self, key: str, dtype: str, shape: tuple[int, ...]) -> str:
+        """The output dtype; scaled fp8 stores only the UNet's Linear weights in fp8 (arch/scaled_fp8.py)."""
+        if not self.is_mergeable(key, dtype):
+            return dtype
+        return storage_dtype(key, shape) if self.recipe.output.fp8_scaled else self.recipe.output.dtype
 
     def is_mergeable(self, key: str, dtype: str) -> bool:
         return is_float_dtype(dtype) and key not in MARKERS

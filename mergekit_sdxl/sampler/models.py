@@ -33,7 +33,7 @@ from mergekit_sdxl.arch.keymap import (
 from mergekit_sdxl.arch.modelconfig import derive_configs, fill_rule
 from mergekit_sdxl.arch.registry import arch_spec
 from mergekit_sdxl.errors import CheckpointError
-from mergekit_sdxl.io.dtypes import dequantize_scaled, scaled_key_of, torch_dtype
+from mergekit_sdxl.io.dtypes import dequantize_scaled, is_marker, scaled_key_of, torch_dtype
 from mergekit_sdxl.io.keyconvert import clip_l_style_of, to_diffusers_tensor
 from mergekit_sdxl.io.reader import open_checkpoint
 
@@ -124,7 +124,7 @@ class ModelSlot:
             raise CheckpointError(f"{source.name}: EDM v-prediction checkpoints (edm_vpred.*) are not supported by "
                                   "the preview sampler")
         scales = {scaled_key_of(k): k for k in keys if scaled_key_of(k)}
-        weights = [k for k in keys if scaled_key_of(k) is None]
+        weights = [k for k in keys if scaled_key_of(k) is None and not is_marker(k)]
         configs = derive_configs(arch, {k: source.shape(k) for k in weights})
         reuse = self.model is not None and self.model.arch == arch and self.model.configs == configs
         modules = self.model.modules if reuse else build_modules(configs)
