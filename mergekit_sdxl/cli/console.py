@@ -11,13 +11,15 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 
-# markup=False: prompts like "[abstract]" and paths like "models/[v2]" must print verbatim.
-console = Console(stderr=True, markup=False, highlight=False)
+# markup=False: prompts like "[abstract]" and paths like "models/[v2]" must print verbatim; soft_wrap: a message
+# stays one line (rich would break it at 80 columns on a pipe or file).
+console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
 _state = {"quiet": False, "verbose": False, "debug": False}
 
 
@@ -43,10 +45,17 @@ def verbose(message: str) -> None:
         console.print(message)
 
 
+def _bar_shown() -> bool:
+    """A live bar only on a terminal: on a pipe or file it is noise, and rich ends even a transient one with an empty
+    line there."""
+    return not _state["quiet"] and console.is_terminal
+
+
 @contextlib.contextmanager
 def byte_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """Yield `advance(n_bytes)`; shows a transient bar on stderr (nothing with --quiet)."""
-    if _state["quiet"] or total <= 0:
+    """Yield `advance(n_bytes)`; shows a transient bar of `total` bytes on a terminal's stderr (nothing with --quiet,
+    when stderr is not a terminal, or when there is no total)."""
+    if not _bar_shown() or total <= 0:
         yield lambda n: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -58,8 +67,12 @@ def byte_progress(description: str, total: int) -> Iterator[Callable[[int], None
 
 @contextlib.contextmanager
 def key_progress(description: str) -> Iterator[Callable[[int, int, int], None]]:
-    """Yield `update(done, total, n_bytes)` driving a transient keys/bytes/throughput bar on stderr."""
-    if _state["quiet"]:
+    """Yield `update(done, total, n_bytes)` driving a transient keys/bytes/throughput bar on a terminal's stderr.
+
+    The bar appears with the first update, which carries the total (the engine sends `done = 0` once the plan is
+    known), so it never shows an open-ended bar.
+    """
+    if not _bar_shown():
         yield lambda done, total, n: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} keys"),
@@ -69,9 +82,11 @@ def key_progress(description: str) -> Iterator[Callable[[int, int, int], None]]:
 
     start = time.perf_counter()
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(description, total=None, gb=0.0, rate=0.0)
+        tasks: list[TaskID] = []
 
         def update(done: int, total: int, n_bytes: int) -> None:
             elapsed = max(time.perf_counter() - start, 1e-6)
-            progress.update(task, completed=done, total=total, gb=n_bytes / 1e9, rate=n_bytes / 1e9 / elapsed)
+            if not tasks:
+                tasks.append(progress.add_task(description, total=total, gb=0.0, rate=0.0))
+            progress.update(tasks[0], completed=done, gb=n_bytes / 1e9, rate=n_bytes / 1e9 / elapsed)
         yield update

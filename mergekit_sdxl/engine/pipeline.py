@@ -80,6 +80,8 @@ def run_pipeline(keys: Sequence[KeyPlan], readers: Mapping[str, Checkpoint], sin
     every element is computed by the same code path whatever the worker count: outputs are bit-identical.
     """
     stats = RunStats(keys=len(keys))
+    if progress is not None:  # the total before any work: a progress bar can show it from its first frame
+        progress(Progress(0, len(keys), 0, 0, ""))
     stop, limiter = threading.Event(), ByteBudget(budget)
     to_compute: queue.Queue = queue.Queue(maxsize=64)
     to_write: queue.Queue = queue.Queue(maxsize=4)
