@@ -9,6 +9,12 @@ where u is the unit roundoff of the coarser stored dtype of the two inputs (fp16
 u / √3 is the RMS relative error of rounding a weight once, so re-saving a model in another precision
 (‖ΔW‖/‖W‖ ≈ 3e-4 for fp16, 2e-3 for bf16) stays below the floor while a real fine-tune (1e-3 and up) passes.
 Every decision is reported with its number.
+
+Attention blocks are decided whole: A1111 applies a LoRA to CLIP-G's attention (`nn.MultiheadAttention`, q/k/v
+fused in `in_proj_weight`) only when the q, k, v and out projections of that layer are all present, and silently
+skips a partial block. So a text-encoder attention block is kept when any of its four projections passes the
+floor (in `on` mode: changed at all), and then all four are written; a projection that did not change at all gets
+rank-1 zero factors.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -50,6 +58,7 @@ HashFn = Callable[[Path], dict[str, "str | None"]]
 UNIT_ROUNDOFF = {"F32": 2.0**-24, "F64": 2.0**-53, "F16": 2.0**-11, "BF16": 2.0**-8, "F8_E4M3": 2.0**-4,
                  "F8_E5M2": 2.0**-3}
 MIN_FLOOR = 1e-3
+_ATTN_PROJECTION = re.compile(r"^(lora_te\d?_.+_self_attn)_(?:q|k|v|out)_proj$")
 
 
 @dataclass(frozen=True)
@@ -163,13 +172,12 @@ def extract_lora(base: str | os.PathLike[str], tuned: str | os.PathLike[str], ou
         report = ExtractReport(arch, te_floor=floor, output=str(output))
         layers: list[LayerFactors] = []
         total = len(modules)
-        for done, (module, delta, weight_norm) in enumerate(_deltas(modules, rb, rt, device), start=1):
-            row, factors = _extract_one(module, delta, weight_norm, options, floor)
+        for row, factors in _extract_all(modules, _deltas(modules, rb, rt, device), options, floor):
             report.layers.append(row)
             if factors is not None:
                 layers.append(factors)
             if progress is not None:
-                progress(row, done, total)
+                progress(row, len(report.layers), total)
     if not layers:
         warnings.warn(f"{tuned}: no layer differs from {base}; writing an empty adapter", stacklevel=2)
     tensors = adapter_tensors(layers, parse_dtype(options.save_dtype), options.fmt)
@@ -232,16 +240,76 @@ def _deltas(modules: list[LoraModule], rb: object, rt: object,
                 yield module, d, float(torch.linalg.vector_norm(w))
 
 
-def _extract_one(module: LoraModule, delta: torch.Tensor, weight_norm: float, options: ExtractOptions,
-                 floor: float) -> tuple[LayerReport, LayerFactors | None]:
+def attention_block(module: LoraModule) -> str | None:
+    """The text-encoder attention block (name without the projection) `module` is one projection of, else None."""
+    match = _ATTN_PROJECTION.match(module.name) if module.is_text else None
+    return match.group(1) if match else None
+
+
+Delta = tuple[LoraModule, torch.Tensor, float]
+
+
+def _extract_all(modules: list[LoraModule], deltas: Iterator[Delta], options: ExtractOptions,
+                 floor: float) -> Iterator[tuple[LayerReport, LayerFactors | None]]:
+    """Rows and factors in stream order; the projections of a text-encoder attention block are held until the
+    block is complete (they arrive together: q/k/v share one key, out is the next) and decided together."""
+    sizes = Counter(block for block in map(attention_block, modules) if block is not None)
+    pending: dict[str, list[Delta]] = {}
+    for item in deltas:
+        block = attention_block(item[0])
+        if block is None:
+            yield _extract_one(*item, options, floor)
+            continue
+        pending.setdefault(block, []).append(item)
+        if len(pending[block]) == sizes[block]:
+            yield from _extract_block(pending.pop(block), options, floor)
+    for items in pending.values():  # a block the preset selects only partly: decided on what it has
+        yield from _extract_block(items, options, floor)
+
+
+def _extract_block(items: list[Delta], options: ExtractOptions,
+                   floor: float) -> Iterator[tuple[LayerReport, LayerFactors | None]]:
+    """One attention block, all projections or none (module docstring)."""
+    rels = [_relative(delta, weight_norm) for _, delta, weight_norm in items]
+    changed = [rel > 0 for rel in rels]
+    keep = any(changed) if options.text_encoders != "auto" else any(rel > floor for rel in rels)
+    for (module, delta, weight_norm), rel, moved in zip(items, rels, changed):
+        if not keep:
+            yield _extract_one(module, delta, weight_norm, options, floor, block_rel=max(rels))
+        elif not moved:
+            yield _zero_layer(module, options)
+        else:
+            row, factors = _extract_one(module, delta, weight_norm, options, -1.0)
+            if options.text_encoders == "auto" and rel <= floor:
+                row.reason = f"below noise floor ({rel:.2e} <= {floor:.2e}) but kept with its attention block"
+            yield row, factors
+
+
+def _relative(delta: torch.Tensor, weight_norm: float) -> float:
     delta_norm = float(torch.linalg.vector_norm(delta))
-    rel = delta_norm / weight_norm if weight_norm > 0 else (math.inf if delta_norm > 0 else 0.0)
+    return delta_norm / weight_norm if weight_norm > 0 else (math.inf if delta_norm > 0 else 0.0)
+
+
+def _zero_layer(module: LoraModule, options: ExtractOptions) -> tuple[LayerReport, LayerFactors]:
+    """Rank-1 zero factors for an unchanged projection of a kept attention block (A1111 needs all four)."""
+    row = LayerReport(module.name, module.key, module.component, 1, 1.0, 0.0, True,
+                      "unchanged; zero factors written to complete its attention block")
+    target = torch_dtype(parse_dtype(options.save_dtype))
+    out_dim, in_dim = module.shape[0], math.prod(module.shape[1:])
+    return row, with_alpha(module, torch.zeros(out_dim, 1, dtype=target), torch.zeros(1, in_dim, dtype=target), None)
+
+
+def _extract_one(module: LoraModule, delta: torch.Tensor, weight_norm: float, options: ExtractOptions,
+                 floor: float, block_rel: float | None = None) -> tuple[LayerReport, LayerFactors | None]:
+    """One layer; `block_rel`: the largest change in its attention block, which decided it (dropped)."""
+    rel = _relative(delta, weight_norm)
     row = LayerReport(module.name, module.key, module.component, 0, 1.0, rel, False)
-    if delta_norm == 0.0:
+    if rel == 0.0:
         row.reason = "unchanged"
         return row, None
-    if module.is_text and options.text_encoders == "auto" and rel <= floor:
-        row.reason = f"below noise floor ({rel:.2e} <= {floor:.2e})"
+    if module.is_text and options.text_encoders == "auto" and max(rel, block_rel or 0.0) <= floor:
+        row.reason = f"below noise floor ({rel:.2e} <= {floor:.2e})" + (
+            "" if block_rel is None else f"; its attention block too (max {block_rel:.2e})")
         row.energy = 0.0
         return row, None
     kxk = module.is_conv and module.shape[2:] != (1, 1)
