@@ -193,7 +193,7 @@ def build_keymap(
     """Map a checkpoint's LDM/SGM keys to diffusers keys.
 
     Args:
-        arch: `"sdxl"` or `"sd15"`.
+        arch: an architecture id (arch/registry.py).
         ldm_keys: the checkpoint's keys (any order; the map keeps it).
         layout: block numbering; defaults to the shipped configs of `arch`.
         clip_l_style: `"flat"` (transformers >= 5.6 CLIPTextModel) or `"text_model"`.

@@ -77,7 +77,7 @@ class Identity:
 class Entry:
     """One indexed file. Hashes are lower-case hex: `sha256` and `autov3` full (64), `legacy` 8.
 
-    `kind` is "checkpoint", "vae", "lora" or "other"; `arch` "sdxl"/"sd15" for checkpoints; `dtype` the
+    `kind` is "checkpoint", "vae", "lora" or "other"; `arch` the architecture id for checkpoints; `dtype` the
     safetensors code holding most of the tensor bytes. `merge_recipe` / `merge_models` are the file's own
     `sd_merge_recipe` / `sd_merge_models` metadata (raw JSON text, None when absent or too large). `error` says
     why the header could not be read (the hashes are still valid).

@@ -35,7 +35,7 @@ LORA_PARAMS = ("strength", "te_strength", "blocks")
 
 def set_value(recipe: Recipe, address: ParamAddress, value: Any, arch: str | None = None) -> Recipe:
     """`recipe` with `value` at `address`; RecipeError naming the address when the recipe has no such place or the
-    value does not fit it. `arch` ("sdxl"/"sd15", default the recipe's) is needed to edit blocks of a vector."""
+    value does not fit it. `arch` (an architecture id, default the recipe's) is needed to edit blocks of a vector."""
     arch = arch or recipe.arch
     step = recipe.steps.get(address.step)
     if step is None:

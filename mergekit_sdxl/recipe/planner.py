@@ -65,7 +65,7 @@ class Plan:
     """Everything the engine needs to write the output, and nothing it has to read to know it.
 
     Attributes:
-        arch: "sdxl" or "sd15".
+        arch: an architecture id (arch/registry.py).
         keys: one KeyPlan per output tensor, in output order (the first input's storage order, then extra keys).
         inputs: alias -> path of every model the plan reads.
         output: the recipe's output options (dtype codes, VAE, pruning, seed, metadata ...).
@@ -92,7 +92,7 @@ def build_plan(recipe: Recipe, inputs: Mapping[str, InputHeader], *, arch: str,
     Args:
         recipe: a validated recipe.
         inputs: alias -> header, for at least every model the output uses.
-        arch: the architecture of the job ("sdxl" or "sd15"); every input must have it.
+        arch: the architecture id of the job (arch/registry.py); every input must have it.
         adapter_keys: LoRA step name -> the checkpoint keys its adapters change (read from the adapter files'
             headers by the caller); those keys get an `Adapter` term, the others pass through.
 

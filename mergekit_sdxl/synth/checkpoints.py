@@ -103,7 +103,7 @@ def write_test_checkpoint(path: str | os.PathLike[str], arch: str | None = None,
 
     Args:
         path: output `.safetensors` file (written to a temporary name, then renamed).
-        arch: "sdxl" or "sd15"; default "sdxl", or the architecture of `like`.
+        arch: an architecture id (arch/registry.py); default `DEFAULT_ARCH`, or the architecture of `like`.
         size: "tiny" (every key, small consistent shapes) or "full" (real shapes); default "tiny". Ignored
             with `like` (the shapes are those of `like`); a value that contradicts `like` raises UsageError.
         seed: seeds every value (with `like`: the delta).
