@@ -175,8 +175,8 @@ def _unet_module(arch: str, key: str, local: str, shapes: Mapping[str, tuple[int
     sgm_name = f"{kohya}_{path.replace('.', '_')}"
     diff_name = f"{kohya}_{diffusers.replace('.', '_')}"
     sgm = arch_spec(arch).lora_unet_names == "sgm"
-    name, aliases = (sgm_name, (diff_name,)) if sgm else (diff_name, (sgm_name,))
-    aliases = tuple(a for a in aliases if a != name)
+    name, other = (sgm_name, diff_name) if sgm else (diff_name, sgm_name)
+    aliases = () if other == name else (other,)
     return [LoraModule(name=name, key=key, shape=shape, component="unet", group=_unet_group(path, shape),
                        diffusers=f"{peft}.{diffusers}", aliases=aliases, bias_key=_bias(key, shapes))]
 

@@ -114,10 +114,10 @@ class ArchSpec:
 
     `components`: (single-file key prefix, key-table component) in match order; `diffusers_prefixes`: diffusers
     component -> single-file key prefix of its weights; `legacy_clip_prefix`: the CLIP prefix under which
-    transformers < 4.0 files lack the `text_model.` level (None: no such files); `lora_prefixes`: key-table
-    component -> (single-file prefix, kohya name prefix, peft prefix); `lora_unet_names`: whether kohya names
-    UNet modules by the single-file path ("sgm") or the diffusers path ("diffusers"); `configs`: shipped
-    diffusers configs (arch/configs/<id>/); `pruned_te1_final_norm`: files may lack CLIP-L's final layer norm
+    transformers < 4.0 files lack the `text_model.` level (None: no such files); `lora_names`: key-table
+    component a LoRA can adapt -> (kohya name prefix, diffusers component = peft prefix); `lora_unet_names`:
+    whether kohya names UNet modules by the single-file path ("sgm") or the diffusers path ("diffusers"); `configs`:
+    shipped diffusers configs (arch/configs/<id>/); `pruned_te1_final_norm`: files may lack CLIP-L's final layer norm
     (the model never runs it), which is then filled with its identity.
     """
 
@@ -129,12 +129,18 @@ class ArchSpec:
     legacy_clip_prefix: str | None
     blocks: BlockLayout
     modelspec: ModelSpecNames
-    lora_prefixes: Mapping[str, tuple[str, str, str]]
+    lora_names: Mapping[str, tuple[str, str]]
     lora_unet_names: str
     configs: tuple[str, ...]
     pruned_te1_final_norm: bool
     sampler: SamplerDefaults
     tiny: TinySpec
+
+    @property
+    def lora_prefixes(self) -> dict[str, tuple[str, str, str]]:
+        """Key-table component -> (single-file key prefix, kohya name prefix, peft prefix) of adaptable parts."""
+        return {component: (self.diffusers_prefixes[part], kohya, part)
+                for component, (kohya, part) in self.lora_names.items()}
 
     @property
     def text_encoders(self) -> tuple[str, ...]:
