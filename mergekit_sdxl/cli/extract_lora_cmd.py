@@ -10,6 +10,7 @@ import click
 from mergekit_sdxl.cli import console
 from mergekit_sdxl.cli.options import output_path
 from mergekit_sdxl.dtypes import WEIGHTS, choices
+from mergekit_sdxl.lora.clients import FORMATS, format_help
 
 
 @click.command("extract-lora")
@@ -28,7 +29,8 @@ from mergekit_sdxl.dtypes import WEIGHTS, choices
                    "down/upsample layers (SDXL UNet 788); all adds embeddings, conv_in and conv_out.")
 @click.option("--text-encoders", type=click.Choice(("auto", "on", "off")), default="auto", show_default=True,
               help="auto keeps a text-encoder layer when ‖ΔW‖/‖W‖ exceeds the noise floor max(1e-3, 4u/√3) "
-                   "(u: unit roundoff of the stored dtype) and reports each decision.")
+                   "(u: unit roundoff of the stored dtype) and reports each decision. Attention blocks are decided "
+                   "whole (q, k, v, out: all or none; A1111 skips partial CLIP-G blocks).")
 @click.option("--te-threshold", type=float, help="Override the auto noise floor (‖ΔW‖/‖W‖).")
 @click.option("--exact", is_flag=True, help="Exact SVD per layer (slow; the randomized default is within ~1% "
               "of its error).")
@@ -40,8 +42,8 @@ from mergekit_sdxl.dtypes import WEIGHTS, choices
 @click.option("--alpha", type=float, help="Alpha written for Linear layers (default: alpha = rank, scale 1).")
 @click.option("--conv-alpha", type=float, help="Alpha for 3x3 conv layers (default: alpha = rank).")
 @click.option("--save-dtype", type=click.Choice(choices(WEIGHTS)), default="fp16", show_default=True)
-@click.option("--format", "fmt", type=click.Choice(("kohya", "peft")), default="kohya", show_default=True,
-              help="kohya LoRA/LoCon keys (A1111, ComfyUI, diffusers) or diffusers/peft keys.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="kohya", show_default=True,
+              help="Key names. " + format_help())
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), callback=output_path,
               help="Also write the per-layer report as JSON.")

@@ -26,8 +26,9 @@ from mergekit_sdxl.arch.registry import arch_spec
 from mergekit_sdxl.errors import UsageError
 from mergekit_sdxl.io.dtypes import torch_dtype
 from mergekit_sdxl.io.writer import SafetensorsWriter, TensorSpec, build_header, safetensors_order
+from mergekit_sdxl.lora import clients
 
-FORMATS = ("kohya", "peft")
+FORMATS = clients.FORMATS
 
 
 @dataclass
