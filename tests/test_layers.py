@@ -123,3 +123,12 @@ def test_root_imports_name_their_layer(tmp_path: Path) -> None:
     source = tmp_path / "planted.py"
     source.write_text("from mergekit_sdxl import __version__, engine\nfrom mergekit_sdxl import errors as e\n")
     assert [name for name, _ in _imports(source)] == ["mergekit_sdxl", "mergekit_sdxl.engine", "mergekit_sdxl.errors"]
+
+
+MAX_MODULE_LINES = 450  # a module past this holds more than one concern; data tables go to data files
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PKG)))
+def test_modules_stay_short(path: Path) -> None:
+    lines = len(path.read_text(encoding="utf-8").splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{path}: {lines} lines (at most {MAX_MODULE_LINES}); split it by concern"
