@@ -1,6 +1,6 @@
 """Shipped diffusers/transformers configs (package data) for building models with no network.
 
-Files live in `mergekit_sdxl/arch/configs/<arch>/<component>.json`, written from the published
+Files live in `mergekit_sdxl/arch/configs/<ArchSpec.data>/<component>.json`, written from the published
 `stabilityai/stable-diffusion-xl-base-1.0` and `runwayml/stable-diffusion-v1-5` config files.
 """
 
@@ -31,7 +31,7 @@ def load_config(arch: str, component: str) -> dict:
     spec = arch_spec(arch)
     if component not in spec.configs:
         raise ArchError(f"{spec.id} has no component {component!r}; expected one of {', '.join(spec.configs)}")
-    return json.loads(_read(spec.id, component))
+    return json.loads(_read(spec.data, component))
 
 
 def ztsnr_scheduler_config() -> dict:
@@ -40,6 +40,6 @@ def ztsnr_scheduler_config() -> dict:
 
 
 @cache
-def _read(arch: str, component: str) -> str:
-    folder = resources.files("mergekit_sdxl.arch").joinpath("configs").joinpath(arch)
+def _read(data: str, component: str) -> str:
+    folder = resources.files("mergekit_sdxl.arch").joinpath("configs").joinpath(data)
     return folder.joinpath(f"{component}.json").read_text("utf-8")

@@ -52,6 +52,7 @@ _TINY_TE1 = _clip_hparams(width=32, intermediate=128, heads=4, layers=12)
 SDXL = ArchSpec(
     id="sdxl",
     name="SDXL",
+    data="sdxl",
     detection=Detection(
         # SDXL's `ln_final` is optional in the wild (pruned files drop the last text layer), so the bigG token
         # embedding also counts. `label_emb` tells UNet-only exports apart from SD1 (SD2-unCLIP and the SDXL
@@ -106,6 +107,7 @@ SDXL = ArchSpec(
 SD15 = ArchSpec(
     id="sd15",
     name="SD1.x",
+    data="sd15",
     detection=Detection(
         fingerprints=("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
                       "cond_stage_model.transformer.embeddings.token_embedding.weight"),  # transformers < 4.0 layout

@@ -112,7 +112,9 @@ class TinySpec:
 class ArchSpec:
     """Everything that differs between architectures, as data. See the module docstring.
 
-    `components`: (single-file key prefix, key-table component) in match order; `diffusers_prefixes`: diffusers
+    `data`: the name of its key table (arch/data/<data>.json) and shipped configs (arch/configs/<data>/), so a
+    variant with the same layout (e.g. a v-prediction SDXL) shares SDXL's; `components`: (single-file key prefix,
+    key-table component) in match order; `diffusers_prefixes`: diffusers
     component -> single-file key prefix of its weights; `legacy_clip_prefix`: the CLIP prefix under which
     transformers < 4.0 files lack the `text_model.` level (None: no such files); `lora_names`: key-table
     component a LoRA can adapt -> (kohya name prefix, diffusers component = peft prefix); `lora_unet_names`:
@@ -123,6 +125,7 @@ class ArchSpec:
 
     id: str
     name: str
+    data: str
     detection: Detection
     components: tuple[tuple[str, str], ...]
     diffusers_prefixes: Mapping[str, str]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from types import MappingProxyType
 
-from mergekit_sdxl.arch.registry import ARCH_NAMES, ARCHS, check_arch
+from mergekit_sdxl.arch.registry import ARCH_NAMES, ARCHS, arch_spec, check_arch
 
 __all__ = ["ARCHS", "ARCH_NAMES", "COMPONENTS", "KeyInfo", "check_arch", "key_table", "mandatory_keys", "numel"]
 # Components in display order; `other` holds scheduler buffers and keys outside every model part.
@@ -33,8 +33,8 @@ class KeyInfo:
 @functools.cache
 def key_table(arch: str) -> Mapping[str, KeyInfo]:
     """Read-only mapping key -> KeyInfo for architecture `arch`, sorted by key."""
-    check_arch(arch)
-    text = resources.files("mergekit_sdxl.arch").joinpath("data", f"{arch}.json").read_text(encoding="utf-8")
+    name = arch_spec(arch).data
+    text = resources.files("mergekit_sdxl.arch").joinpath("data", f"{name}.json").read_text(encoding="utf-8")
     raw = json.loads(text)["keys"]
     table = {key: KeyInfo(tuple(shape), dtype, bool(opt), comp) for key, (shape, dtype, opt, comp) in raw.items()}
     return MappingProxyType(table)
