@@ -145,3 +145,63 @@ def test_quiet_and_piped_runs_draw_no_bar(make_ckpt: Any, tmp_path: Path, capsys
     assert run_cli(capsys, "convert", a, tmp_path / "c.safetensors", "--dtype", "bf16")[0] == 0
     assert run_cli(capsys, "hash", a)[0] == 0
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------- one output spelling
+# commands whose product is a file or folder: each takes it as -o/--out
+WRITERS = {"convert", "make-test-checkpoint", "merge", "extract-lora", "bake", "resize-lora", "merge-lora", "grid",
+           "export", "recipe-from", "optimize"}
+# those that spelled it --output before: still accepted there, so old scripts keep working
+OLD_OUTPUT = {"bake", "export", "extract-lora", "make-test-checkpoint", "merge-lora", "resize-lora"}
+
+
+def _out_params(command: Any) -> list[Any]:
+    import click
+
+    return [p for p in command.params if isinstance(p, click.Option)
+            and any(opt in ("-o", "--out") or opt.startswith("--output") for opt in [*p.opts, *p.secondary_opts])]
+
+
+def test_every_command_spells_its_output_minus_o_dash_dash_out() -> None:
+    import click
+
+    from mergekit_sdxl.cli.main import COMMANDS, cli
+    from mergekit_sdxl.cli.options import OutOption
+
+    ctx = click.Context(cli)
+    seen, old = set(), set()
+    for name in COMMANDS:
+        command = cli.get_command(ctx, name)
+        assert command is not None, name
+        for param in _out_params(command):
+            assert isinstance(param, OutOption), (name, param.opts)
+            shown = [opt for opt in param.opts if opt not in param.hidden_aliases]
+            assert shown == ["-o", "--out"] and not param.secondary_opts, (name, param.opts)
+            assert set(param.opts) - set(shown) <= {"--output"}, (name, param.opts)
+            seen.add(name)
+            old.update([name] if "--output" in param.opts else [])
+        help_text = command.get_help(click.Context(command, info_name=name, parent=ctx))
+        assert "--output" not in help_text, name
+        assert ("-o, --out" in help_text) == (name in WRITERS), name
+    assert seen == WRITERS and old == OLD_OUTPUT
+
+
+def test_old_and_new_output_spellings_run_alike(make_ckpt: Any, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    a = make_ckpt("sd15", seed=1)
+    code, _, err = run_cli(capsys, "bake", a, a)
+    assert code == 2 and "'-o' / '--out'" in err and "--output" not in err  # the hint shows the one spelling
+    for i, spelling in enumerate(["-o", "--out", "--output"]):
+        out = tmp_path / f"t{i}.safetensors"
+        assert run_cli(capsys, "make-test-checkpoint", "--arch", "sd15", spelling, out)[0] == 0
+        assert out.is_file()
+    assert (tmp_path / "t0.safetensors").read_bytes() == (tmp_path / "t2.safetensors").read_bytes()
+    for i, argv in enumerate([[tmp_path / "c0.safetensors"], ["-o", tmp_path / "c1.safetensors"],
+                              ["--out", tmp_path / "c2.safetensors"]]):
+        assert run_cli(capsys, "convert", a, *argv, "--dtype", "bf16")[0] == 0
+        assert (tmp_path / f"c{i}.safetensors").is_file()
+    code, _, err = run_cli(capsys, "convert", a, tmp_path / "c3.safetensors", "-o", tmp_path / "c4.safetensors",
+                           "--dtype", "bf16")
+    assert code == 2 and "given twice" in err and not list(tmp_path.glob("c[34]*"))
+    code, _, err = run_cli(capsys, "convert", a, "--dtype", "bf16")
+    assert code == 2 and "no output given: give OUT or -o/--out" in err

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
-from mergekit_sdxl.cli.options import output_path
+from mergekit_sdxl.cli.options import out_option
 from mergekit_sdxl.dtypes import WEIGHTS, choices
 from mergekit_sdxl.errors import UsageError
 
@@ -15,7 +15,7 @@ from mergekit_sdxl.errors import UsageError
 @click.command("bake")
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.argument("loras", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), callback=output_path,
+@out_option("output", old_spelling=True, required=True, type=click.Path(path_type=Path),
               help="Checkpoint to write.")
 @click.option("--strength", "strengths", multiple=True, type=float,
               help="Strength per adapter, in order (one value applies to all; default 1).")

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
-from mergekit_sdxl.cli.options import output_path
+from mergekit_sdxl.cli.options import out_option
 from mergekit_sdxl.dtypes import WEIGHTS, choices
 
 
@@ -19,7 +19,7 @@ from mergekit_sdxl.dtypes import WEIGHTS, choices
 @click.option("--format", "fmt", type=click.Choice(("diffusers", "onnx")), default="diffusers", show_default=True,
               help="diffusers: StableDiffusion(XL)Pipeline.from_pretrained folder; onnx: optimum's "
                    "ORTStableDiffusion(XL)Pipeline folder (needs the [onnx] extra).")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), callback=output_path,
+@out_option("out", old_spelling=True, required=True, type=click.Path(path_type=Path),
               help="Output folder.")
 @click.option("--dtype", type=click.Choice(choices(WEIGHTS)), default=None,
               help="Weight dtype [diffusers: fp16; onnx: fp32 (fp16 is for GPU execution providers)].")

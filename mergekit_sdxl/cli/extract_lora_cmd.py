@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
-from mergekit_sdxl.cli.options import output_path
+from mergekit_sdxl.cli.options import out_option, output_path
 from mergekit_sdxl.dtypes import WEIGHTS, choices
 from mergekit_sdxl.lora.clients import FORMATS, format_help
 
@@ -16,7 +16,7 @@ from mergekit_sdxl.lora.clients import FORMATS, format_help
 @click.command("extract-lora")
 @click.argument("base", type=click.Path(exists=True, path_type=Path))
 @click.argument("tuned", type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), callback=output_path,
+@out_option("output", old_spelling=True, required=True, type=click.Path(path_type=Path),
               help="Adapter file to write.")
 @click.option("--rank", default=64, show_default=True, help="Rank of Linear and 1x1 conv layers (max rank in "
               "dynamic modes).")

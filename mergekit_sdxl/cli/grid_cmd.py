@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from mergekit_sdxl.cli import console
-from mergekit_sdxl.cli.options import output_path
+from mergekit_sdxl.cli.options import out_option
 from mergekit_sdxl.dtypes import WEIGHTS, choices
 from mergekit_sdxl.sampler.catalog import RNG_MODES, SAMPLER_NAMES, SCHEDULE_NAMES
 
@@ -68,7 +68,7 @@ AXIS_HELP = ("KIND=V1,V2,... (';' between values that hold commas). KIND: model,
               help="Add the block-diff heatmap of the model files involved to index.html (reads them once more).")
 @click.option("--dry-run", is_flag=True, help="Check every variant and setting, print the axes and models, render "
               "nothing.")
-@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), callback=output_path,
+@out_option("out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("grid-out"),
               show_default=True, help="Output folder: grid.png, index.html and one PNG per cell.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is an earlier output folder of this tool.")

@@ -9,7 +9,7 @@ import click
 
 from mergekit_sdxl.arch.registry import ARCHS, DEFAULT_ARCH
 from mergekit_sdxl.cli import console
-from mergekit_sdxl.cli.options import output_path
+from mergekit_sdxl.cli.options import out_option
 from mergekit_sdxl.dtypes import CHECKPOINT, choices
 
 GROUPS = ("scheduler", "ema", "markers")
@@ -22,7 +22,7 @@ GROUPS = ("scheduler", "ema", "markers")
               help="tiny: every key, small consistent shapes (a few tens of MB); full: the real shapes "
                    "(SDXL 6.94 GB in fp16) [default: tiny, or that of --like].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds every value (with --like: the delta).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), callback=output_path,
+@out_option("output", old_spelling=True, type=click.Path(path_type=Path),
               required=True, help="Output .safetensors file.")
 @click.option("--dtype", type=click.Choice(choices(CHECKPOINT)), default="fp16", show_default=True,
               help="Storage dtype of the float tensors.")

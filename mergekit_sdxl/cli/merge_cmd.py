@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
-from mergekit_sdxl.cli.options import output_path
+from mergekit_sdxl.cli.options import out_option
 from mergekit_sdxl.dtypes import CHECKPOINT, choices
 
 
@@ -16,7 +16,7 @@ from mergekit_sdxl.dtypes import CHECKPOINT, choices
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-m", "--model", "models", multiple=True, metavar="ALIAS=PATH",
               help="Override a model path of the recipe (repeatable).")
-@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), callback=output_path,
+@out_option("out", type=click.Path(dir_okay=False, path_type=Path),
               help="Output file (else output.path).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps (macOS).")
 @click.option("--dtype", type=click.Choice(choices(CHECKPOINT)), help="Output dtype (overrides the recipe's).")

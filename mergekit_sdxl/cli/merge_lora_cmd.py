@@ -8,14 +8,14 @@ import click
 
 from mergekit_sdxl.arch.registry import ARCHS
 from mergekit_sdxl.cli import console
-from mergekit_sdxl.cli.options import output_path
+from mergekit_sdxl.cli.options import out_option
 from mergekit_sdxl.dtypes import WEIGHTS, choices
 from mergekit_sdxl.errors import UsageError
 
 
 @click.command("merge-lora")
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), callback=output_path)
+@out_option("output", old_spelling=True, required=True, type=click.Path(path_type=Path))
 @click.option("--rank", default=64, show_default=True, help="Rank of the merged adapter (max in dynamic modes).")
 @click.option("--conv-rank", default=32, show_default=True, help="Rank of 3x3 conv layers.")
 @click.option("--dynamic", metavar="MODE:VALUE", help="fro:τ, ratio:ρ, threshold:t or cumulative:q.")

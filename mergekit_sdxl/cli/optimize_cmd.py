@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
+from mergekit_sdxl.cli.options import out_option
 from mergekit_sdxl.dtypes import WEIGHTS, choices
 from mergekit_sdxl.search.study import ALGORITHMS  # torch-free
 
@@ -23,7 +24,7 @@ DTYPES = ("auto", *choices(WEIGHTS))
               help="Trials the study should have finished (a continued study runs only the rest).")
 @click.option("-m", "--model", "model_paths", multiple=True, metavar="ALIAS=PATH",
               help="Override a model path of the recipe (repeatable).")
-@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("optimize-out"),
+@out_option("out", type=click.Path(file_okay=False, path_type=Path), default=Path("optimize-out"),
               show_default=True, help="Output folder: study.db, trials/, best.yaml, results.csv, report.html, topk/.")
 @click.option("--storage", metavar="URL", help="Optuna storage URL (default: sqlite:///OUT/study.db; e.g. "
               "postgresql://user@host/db for many machines).")

@@ -10,14 +10,14 @@ from pathlib import Path
 import click
 
 from mergekit_sdxl.cli import console
-from mergekit_sdxl.cli.options import output_path
+from mergekit_sdxl.cli.options import out_option
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 @click.command("recipe-from")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), callback=output_path,
+@out_option("out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the recipe here (default: print it).")
 @click.option("--tree", is_flag=True, help="Print the whole lineage (sd_merge_models) instead of the recipe.")
 @click.option("--date", metavar="YYYY-MM-DD",

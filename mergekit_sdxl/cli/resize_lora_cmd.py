@@ -8,13 +8,13 @@ import click
 
 from mergekit_sdxl.arch.registry import ARCHS
 from mergekit_sdxl.cli import console
-from mergekit_sdxl.cli.options import output_path
+from mergekit_sdxl.cli.options import out_option
 from mergekit_sdxl.dtypes import WEIGHTS, choices
 
 
 @click.command("resize-lora")
 @click.argument("adapter", type=click.Path(exists=True, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), callback=output_path)
+@out_option("output", old_spelling=True, required=True, type=click.Path(path_type=Path))
 @click.option("--rank", default=32, show_default=True, help="New rank (max rank in dynamic modes).")
 @click.option("--conv-rank", default=16, show_default=True, help="New rank of 3x3 conv layers.")
 @click.option("--dynamic", metavar="MODE:VALUE", help="fro:τ, ratio:ρ, threshold:t or cumulative:q (see extract-lora).")
