@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from mergekit_sdxl.arch.registry import arch_name
 from mergekit_sdxl.cli.main import main
 from mergekit_sdxl.io.reader import open_checkpoint
 from mergekit_sdxl.lora.bake import AdapterSet, AdapterSpec
@@ -82,3 +83,17 @@ def test_sd15_lora_refused_on_sdxl(make_ckpt, sd15_pair, tmp_path):
     lora = tmp_path / "sd15.safetensors"
     assert _run("extract-lora", *sd15_pair, "-o", lora, "--rank", 2, "--text-encoders", "on") == 0
     assert _run("bake", make_ckpt("sdxl", seed=0), lora, "-o", tmp_path / "out.safetensors") == 4
+
+
+@pytest.mark.parametrize("command", ["resize-lora", "merge-lora", "bake"])
+def test_a_checkpoint_where_a_lora_belongs(command, sd15_pair, tmp_path, capsys):
+    """One line saying the file is a checkpoint (exit 4), nothing written."""
+    out = tmp_path / "out.safetensors"
+    args = [sd15_pair[0], sd15_pair[1]] if command == "bake" else [sd15_pair[1]]
+    for arch in ([], ["--arch", "sd15"]) if command == "resize-lora" else ([],):
+        capsys.readouterr()
+        assert _run(command, *args, *arch, "-o", out) == 4
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert f"{sd15_pair[1]}: is a checkpoint ({arch_name('sd15')}), not a LoRA/LyCORIS adapter" in err
+        assert not out.exists()

@@ -26,7 +26,10 @@ from mergekit_sdxl.dtypes import WEIGHTS, choices
 @click.option("--overwrite", is_flag=True)
 def command(adapter: Path, output: Path, rank: int, conv_rank: int, dynamic: str | None, conv_dynamic: str | None,
             exact: bool, seed: int, save_dtype: str, arch: str | None, overwrite: bool) -> None:
-    """Re-factor an adapter (any readable format) to a new rank or a dynamic rank; writes a kohya LoRA/LoCon."""
+    """Re-factor an adapter (any readable format) to a new rank or a dynamic rank; writes a kohya LoRA/LoCon.
+
+    Exit code 4 when ADAPTER is not a readable adapter, e.g. a checkpoint (the message says so).
+    """
     from mergekit_sdxl.dtypes import parse_dtype
     from mergekit_sdxl.lora.resize import ResizeOptions, resize_lora
     from mergekit_sdxl.lora.svd import RankRule, SolverOptions

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from mergekit_sdxl.arch.detect import detect_arch
 from mergekit_sdxl.arch.lora_names import (
     LoraModule,
     adapter_arch_from_keys,
@@ -111,6 +112,17 @@ def split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
+def refuse_checkpoint(keys: Iterable[str], path: str | os.PathLike[str]) -> None:
+    """CheckpointError (exit 4) when `keys` are a checkpoint's (its fingerprint keys), not an adapter's: a user who
+    passes a model where a LoRA belongs gets that said, not "N keys match no module"."""
+    try:
+        arch = detect_arch(keys, str(path))
+    except ArchError:
+        return
+    raise CheckpointError(f"{path}: is a checkpoint ({arch_name(arch)}), not a LoRA/LyCORIS adapter (to make one "
+                          "from two checkpoints: mergekit-sdxl extract-lora BASE TUNED)")
+
+
 def guess_arch(keys: Iterable[str]) -> str | None:
     """The architecture id from adapter key names (te1/te2 vs te prefixes), None when only the UNet is present."""
     return adapter_arch_from_keys(keys)
@@ -134,6 +146,11 @@ class Adapter:
         self.reader = open_checkpoint(self.path)
         self.metadata = dict(self.reader.metadata)
         keys = self.reader.keys()
+        try:
+            refuse_checkpoint(keys, self.path)
+        except CheckpointError:
+            self.close()
+            raise
         guessed = guess_arch(keys)
         if guessed is not None and guessed != arch:
             self.close()

@@ -23,7 +23,7 @@ from mergekit_sdxl.errors import CheckpointError, UsageError
 from mergekit_sdxl.io.dtypes import parse_dtype
 from mergekit_sdxl.io.reader import open_checkpoint
 from mergekit_sdxl.lora.extract import LayerReport
-from mergekit_sdxl.lora.formats import Adapter, AdapterLayer, guess_arch
+from mergekit_sdxl.lora.formats import Adapter, AdapterLayer, guess_arch, refuse_checkpoint
 from mergekit_sdxl.lora.kohya import (
     LayerFactors,
     adapter_tensors,
@@ -50,10 +50,16 @@ class ResizeOptions:
 
 
 def adapter_arch(path: str | os.PathLike[str], given: str | None = None) -> str:
-    """The architecture of an adapter file: `given`, else from key names, else from `ss_base_model_version`."""
-    if given:
-        return given
+    """The architecture of an adapter file: `given`, else from key names, else from `ss_base_model_version`.
+
+    Raises:
+        CheckpointError: the file is a checkpoint, not an adapter.
+        UsageError: nothing tells the architecture (pass --arch).
+    """
     with open_checkpoint(path) as reader:
+        refuse_checkpoint(reader.keys(), path)
+        if given:
+            return given
         arch = guess_arch(reader.keys()) or arch_from_kohya_version(reader.metadata.get("ss_base_model_version", ""))
         arch = arch or arch_from_sgm_unet_names(reader.keys())
     if arch is None:
