@@ -233,3 +233,19 @@ def test_missing_file_exits_4(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["inspect", str(tmp_path / "nope.safetensors")])
     assert exc.value.code == 4
+
+
+def test_blocks_use_the_convention_the_merge_recorded(tmp_path, full_sdxl):
+    """A merge of ours records its block convention (mergekit_sdxl.recipe); --blocks uses it unless --convention."""
+    from mergekit_sdxl.io.metadata import json_value
+
+    merged = write_sparse(tmp_path / "merged.safetensors", table_entries("sdxl"),
+                          {"mergekit_sdxl.recipe": json_value({"convention": "sd-mecha", "steps": {}})})
+    blocks = inspect_json(merged, "--no-hash", "--blocks")["blocks"]
+    assert (blocks["convention"], blocks["convention_source"]) == ("sd-mecha", "recorded in mergekit_sdxl.recipe")
+    assert "VAE" in blocks["blocks"]  # sd-mecha's table, not the default's
+    assert "convention sd-mecha (recorded in mergekit_sdxl.recipe)" in run(merged, "--no-hash", "--blocks")
+    given = inspect_json(merged, "--no-hash", "--blocks", "--convention", "supermerger-2023")["blocks"]
+    assert (given["convention"], given["convention_source"]) == ("supermerger-2023", "given")
+    plain = inspect_json(full_sdxl, "--no-hash", "--blocks")["blocks"]
+    assert (plain["convention"], plain["convention_source"]) == ("supermerger", "default")

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from mergekit_sdxl.arch.blocks import block_names, block_of
+from mergekit_sdxl.arch.blocks import CONVENTIONS, DEFAULT_CONVENTION, block_names, block_of
 from mergekit_sdxl.arch.detect import (
     canonical_key,
     component_of,
@@ -34,6 +34,8 @@ SCALE_SUFFIX = "." + _SUFFIX
 SCHEMA = "mergekit-sdxl.inspect/1"
 LINEAGE_KEYS = ("sd_merge_recipe", "sd_merge_models")
 TEXT_LIST_LIMIT = 10
+RECORDED = "recorded"  # build_report(convention=RECORDED): the convention the file's recipe recorded
+RECIPE_KEY = "mergekit_sdxl.recipe"
 
 # (label, total bytes) -> a context manager giving `advance(bytes)`; the CLI passes a rich progress bar
 ProgressFactory = Callable[[str, int], contextlib.AbstractContextManager[Callable[[int], None]]]
@@ -49,7 +51,8 @@ def build_report(checkpoint: Any, path: Path, *, convention: str | None = None, 
                  check_values: bool = False, progress: ProgressFactory = no_progress) -> dict[str, Any]:
     """The inspect report (schema `SCHEMA`, described in `mergekit-sdxl inspect --help`) of an opened checkpoint.
 
-    `convention` adds the per-block table; `hash_mode` is "none", "legacy" (64 KiB read) or "full" (whole file);
+    `convention` adds the per-block table (RECORDED: the convention the file's merge recipe recorded, else the
+    default); `hash_mode` is "none", "legacy" (64 KiB read) or "full" (whole file);
     `progress(label, total_bytes)` is entered around the long reads (full hash, value check).
     """
     infos = {key: checkpoint.info(key) for key in checkpoint.keys()}
@@ -72,8 +75,23 @@ def build_report(checkpoint: Any, path: Path, *, convention: str | None = None, 
         "lineage": _lineage(metadata),
         "hashes": _hashes(path, metadata, hash_mode, progress),
         "oddities": _oddities(checkpoint, infos, params, arch, check_values, progress),
-        "blocks": _blocks(params, arch, convention) if convention and arch else None,
+        "blocks": _blocks(params, arch, *_convention(convention, metadata)) if convention and arch else None,
     }
+
+
+def recorded_convention(metadata: Mapping[str, str]) -> str | None:
+    """The block convention a merge of ours recorded (`mergekit_sdxl.recipe` -> convention), None without one."""
+    recipe = _json_or_text(metadata[RECIPE_KEY]) if RECIPE_KEY in metadata else None
+    convention = recipe.get("convention") if isinstance(recipe, dict) else None
+    return convention if convention in CONVENTIONS else None
+
+
+def _convention(convention: str, metadata: Mapping[str, str]) -> tuple[str, str]:
+    """(convention, where it came from) for the block table."""
+    if convention != RECORDED:
+        return convention, "given"
+    recorded = recorded_convention(metadata)
+    return (recorded, f"recorded in {RECIPE_KEY}") if recorded else (DEFAULT_CONVENTION, "default")
 
 
 def _arch(infos: Mapping[str, Any], path: Path) -> tuple[str | None, str | None]:
@@ -185,7 +203,7 @@ def _non_finite(checkpoint: Any, infos: Mapping[str, Any], progress: ProgressFac
     return bad
 
 
-def _blocks(infos: Mapping[str, Any], arch: str, convention: str) -> dict[str, Any]:
+def _blocks(infos: Mapping[str, Any], arch: str, convention: str, source: str) -> dict[str, Any]:
     rows = {name: {"keys": 0, "params": 0} for name in block_names(arch, convention)}
     kept = []
     for key, info in infos.items():
@@ -195,7 +213,7 @@ def _blocks(infos: Mapping[str, Any], arch: str, convention: str) -> dict[str, A
             continue
         rows[block]["keys"] += 1
         rows[block]["params"] += numel(info.shape) if is_float_dtype(str(info.dtype)) else 0
-    return {"convention": convention, "blocks": rows, "kept_from_a": sorted(kept)}
+    return {"convention": convention, "convention_source": source, "blocks": rows, "kept_from_a": sorted(kept)}
 
 
 # ---- text rendering -------------------------------------------------------------------------------------------
@@ -316,7 +334,7 @@ def _listed(label: str, items: list[str]) -> list[str]:
 
 
 def _block_lines(blocks: Mapping[str, Any]) -> list[str]:
-    lines = [f"blocks        convention {blocks['convention']}"]
+    lines = [f"blocks        convention {blocks['convention']} ({blocks['convention_source']})"]
     for name, row in blocks["blocks"].items():
         lines.append(f"  {name:<6} {row['keys']:>5,} keys {row['params']:>15,} params")
     kept = blocks["kept_from_a"]

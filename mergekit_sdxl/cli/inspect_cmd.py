@@ -16,13 +16,14 @@ from mergekit_sdxl.errors import UsageError
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema below) instead of text.")
 @click.option("--blocks", "with_blocks", is_flag=True, help="Add keys and parameters per MBW block.")
-@click.option("--convention", type=click.Choice(CONVENTIONS), default=DEFAULT_CONVENTION, show_default=True,
-              help="Block convention for --blocks.")
+@click.option("--convention", type=click.Choice(CONVENTIONS),
+              help=f"Block convention for --blocks (default: the one the file's merge recipe recorded, else "
+                   f"{DEFAULT_CONVENTION}).")
 @click.option("--hash", "full_hash", is_flag=True,
               help="Compute AutoV2 and AutoV3 unless cached (reads the whole file once).")
 @click.option("--no-hash", is_flag=True, help="Skip hashes, even the cheap legacy one.")
 @click.option("--check-values", is_flag=True, help="Read every float tensor and count NaN/Inf values.")
-def command(file: Path, as_json: bool, with_blocks: bool, convention: str, full_hash: bool, no_hash: bool,
+def command(file: Path, as_json: bool, with_blocks: bool, convention: str | None, full_hash: bool, no_hash: bool,
             check_values: bool) -> None:
     """Show architecture, components, markers, metadata, hashes and oddities of a checkpoint.
 
@@ -41,15 +42,16 @@ def command(file: Path, as_json: bool, with_blocks: bool, convention: str, full_
                metadata: {sshs_model_hash, sshs_legacy_hash} (as the file's metadata states them)}
       oddities: {missing_mandatory: [key], unknown_keys: [key], shape_mismatches: [{key, shape, expected}],
                  fp8_scales: int, non_finite: {key: count} | null (null without --check-values)}
-      blocks: null | {convention, blocks: {block: {keys, params}}, kept_from_a: [key]}
+      blocks: null | {convention, convention_source ("given" | "recorded in mergekit_sdxl.recipe" | "default"),
+               blocks: {block: {keys, params}}, kept_from_a: [key]}
     """
     if full_hash and no_hash:
         raise UsageError("--hash and --no-hash contradict each other")
-    from mergekit_sdxl.analysis.report import build_report, render_text
+    from mergekit_sdxl.analysis.report import RECORDED, build_report, render_text
     from mergekit_sdxl.io.reader import open_checkpoint
 
     with open_checkpoint(file) as checkpoint:
-        report = build_report(checkpoint, file, convention=convention if with_blocks else None,
+        report = build_report(checkpoint, file, convention=(convention or RECORDED) if with_blocks else None,
                               hash_mode="none" if no_hash else "full" if full_hash else "legacy",
                               check_values=check_values, progress=console.byte_progress)
     click.echo(json.dumps(report, indent=2) if as_json else render_text(report))
