@@ -201,6 +201,49 @@ def test_declared_arch_names_the_file_that_is_not(tiny_sdxl: Path, tmp_path: Pat
     assert not out.exists()
 
 
+def test_missing_model_files_reported_all_at_once(tiny_sdxl: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    recipe = _recipe(tmp_path, """\
+        models: {a: gone-a.safetensors, b: B, c: sub/gone-c.safetensors}
+        steps:
+          output: {method: add_difference, a: a, b: b, c: c, alpha: 0.5}
+        """)
+    out = tmp_path / "out.safetensors"
+    for extra in ([], ["--dry-run"]):
+        assert run_cli("merge", recipe, "-m", f"b={tiny_sdxl}", "-o", out, *extra) == 4
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {recipe}: 2 model file(s) not found (no such file): "
+                              f"model 'a' -> {tmp_path / 'gone-a.safetensors'}; "
+                              f"model 'c' -> {tmp_path / 'sub' / 'gone-c.safetensors'}; "
+                              "give each with -m ALIAS=PATH (e.g. -m a="), err
+        assert "model 'b'" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_missing_files_and_unresolved_hashes_reported_together(tiny_sdxl: Path, tmp_path: Path) -> None:
+    from contextlib import ExitStack
+
+    from mergekit_sdxl.engine.run import open_inputs
+    from mergekit_sdxl.errors import CheckpointError, RecipeError
+    from mergekit_sdxl.recipe.load import load_recipe
+
+    recipe = _recipe(tmp_path, f"""\
+        models: {{a: {{sha256: {'ab' * 32}}}, b: gone-b.safetensors}}
+        steps:
+          output: {{method: weighted_sum, a: a, b: b, alpha: 0.5}}
+        """)
+    with ExitStack() as stack, pytest.raises(CheckpointError) as info:  # a library caller that skipped the index
+        open_inputs(load_recipe(recipe), stack)
+    message = str(info.value)
+    assert f"model 'b' -> {tmp_path / 'gone-b.safetensors'}; model 'a' -> named by hash only (sha256 {'ab' * 32})" \
+        in message, message
+    assert "-m ALIAS=PATH" in message and "--models-dir DIR" in message
+    recipe.write_text(recipe.read_text().replace("gone-b.safetensors", str(tiny_sdxl)))
+    with ExitStack() as stack, pytest.raises(RecipeError, match="1 model file.s. not found: model 'a' -> named by "
+                                                                "hash only .*--models-dir"):
+        open_inputs(load_recipe(recipe), stack)
+
+
 def test_shape_mismatch_names_the_key(tiny_sdxl: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from mergekit_sdxl.io.writer import save_file
 

@@ -93,20 +93,40 @@ def open_inputs(recipe: Recipe, stack: ExitStack) -> dict[str, Checkpoint]:
     model are noted as read by this run (io/inputs.py), so no output can replace them."""
     if Path(recipe.source).is_file():
         note_read(recipe.source)
+    check_present(recipe)
     readers: dict[str, Checkpoint] = {}
-    for alias, ref in recipe.models.items():
-        if ref.path is None:
-            named = ", ".join(f"{kind} {value}" for kind, value in ref.hashes.items())
-            raise RecipeError(f"model {alias!r} is named by hash only ({named}); find it through the model index "
-                              f"(merge --models-dir DIR) or give it with -m {alias}=PATH")
-        if not Path(ref.path).exists():
-            raise CheckpointError(f"model {alias!r}: {ref.path}: no such file")
+    for alias, path in ((alias, ref.path) for alias, ref in recipe.models.items() if ref.path is not None):
         try:
-            reader = open_checkpoint(ref.path)
+            reader = open_checkpoint(path)
         except CheckpointError as exc:  # name the alias too: the path alone may not say which input it is
             raise type(exc)(f"model {alias!r}: {exc}") from None
         readers[alias] = stack.enter_context(closing(reader))
     return readers
+
+
+def check_present(recipe: Recipe) -> None:
+    """Refuse, in one line naming every one, the models without a file: paths that do not exist and models named by
+    hash that the index did not find (a user fixing one at a time would re-run once per model).
+
+    Raises:
+        CheckpointError: some path does not exist (hash-only models, if any, are listed with them).
+        RecipeError: only models named by hash are missing.
+    """
+    absent = [(alias, ref.path) for alias, ref in recipe.models.items()
+              if ref.path is not None and not Path(ref.path).exists()]
+    by_hash = [(alias, ", ".join(f"{kind} {value}" for kind, value in ref.hashes.items()))
+               for alias, ref in recipe.models.items() if ref.path is None]
+    if not absent and not by_hash:
+        return
+    listed = [f"model {alias!r} -> {path}" for alias, path in absent]
+    listed += [f"model {alias!r} -> named by hash only ({named}), not in the model index" for alias, named in by_hash]
+    first = (absent or by_hash)[0][0]
+    hint = f"give each with -m ALIAS=PATH (e.g. -m {first}=/path/to/{first}.safetensors)"
+    if by_hash:
+        hint += " or index their folder with --models-dir DIR"
+    what = f"{len(listed)} model file(s) not found" + (" (no such file)" if absent else "")
+    error = CheckpointError if absent else RecipeError
+    raise error(f"{recipe.source}: {what}: {'; '.join(listed)}; {hint}")
 
 
 def headers_of(recipe: Recipe, readers: Mapping[str, Checkpoint]) -> dict[str, InputHeader]:
