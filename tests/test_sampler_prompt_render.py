@@ -59,12 +59,18 @@ def test_and_combines_predictions(slot):
     r = Renderer(slot.model, slot)
     both = _render(r, "a cat AND a dog")
     assert not torch.equal(both, _render(r, "a cat")) and not torch.equal(both, _render(r, "a dog"))
-    # weight 0 on the second part leaves the first part's guidance alone (up to batch-size rounding)
-    torch.testing.assert_close(_render(r, "a cat AND a dog:0"), _render(r, "a cat"), rtol=1e-5, atol=1e-5)
-    # A1111's sum: u + s (c1 - u) + s (c2 - u) equals a single cond at 2 s when c1 == c2
+    # weight 0 on the second part leaves the first part's guidance alone, and A1111's sum
+    # u + s (c1 - u) + s (c2 - u) equals a single cond at 2 s when c1 == c2 -- both up to rounding: a batch of 3
+    # conds runs other GEMM blocks than a batch of 2 (AVX-512/AMX kernels differ by ~1e-4 here after two steps).
+    # Rounding is measured against what a wrong weight would change (`both` vs the single prompt).
+    single = _render(r, "a cat")
+    effect = float((both - single).abs().max())
+    zero = _render(r, "a cat AND a dog:0")
     twice = Renderer(slot.model, slot).sample(GenParams("a cat AND a cat", "lowres", steps=2, cfg=2.5,
                                                         sampler="euler", width=64, height=64), [3])
-    torch.testing.assert_close(twice, _render(r, "a cat"), rtol=1e-5, atol=1e-5)
+    assert effect > 0.1
+    assert float((zero - single).abs().max()) <= 1e-3 * effect
+    assert float((twice - single).abs().max()) <= 1e-3 * effect
 
 
 def test_prompt_errors_name_the_position(slot):
