@@ -1,4 +1,4 @@
-"""Enforces the one-way import direction of the architecture (see README, "Layout")."""
+"""Enforces the one-way import direction of the layers (docs/architecture.md, "Who may import whom")."""
 
 from __future__ import annotations
 
@@ -132,3 +132,20 @@ MAX_MODULE_LINES = 450  # a module past this holds more than one concern; data t
 def test_modules_stay_short(path: Path) -> None:
     lines = len(path.read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_MODULE_LINES, f"{path}: {lines} lines (at most {MAX_MODULE_LINES}); split it by concern"
+
+
+def _documented_layers() -> dict[str, set[str]]:
+    """The "Who may import whom" table of docs/architecture.md as {layer: allowed} ("everything" is "*")."""
+    text = (PKG.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    section = text.split("### Who may import whom", 1)[1].split("\n#", 1)[0]
+    table: dict[str, set[str]] = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0].startswith("`"):
+            names = {name.strip() for name in cells[1].split(",")} - {"—"}
+            table[cells[0].strip("`")] = {"*"} if names == {"everything"} else names
+    return table
+
+
+def test_architecture_doc_matches_layer_table() -> None:
+    assert _documented_layers() == ALLOWED
