@@ -17,29 +17,72 @@ from mergekit_sdxl.arch.tables import key_table
 from mergekit_sdxl.io.reader import open_checkpoint
 
 
-@pytest.mark.parametrize("n", [1, 100, 16_384, 16_385, 4096 * 300 + 7])
-def test_reduce_pair_matches_float64(n):
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The float64 references are many small tensors: one thread (two spin against each other on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _reference(a, b):
+    """||A||², ||B||², ||B - A||² and the cosine in float64 (torch's float64 dot products)."""
+    a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
+    aa, bb, dd = float(a64 @ a64), float(b64 @ b64), float((b64 - a64) @ (b64 - a64))
+    return aa, bb, dd, float(a64 @ b64) / math.sqrt(aa * bb)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float16, torch.float32), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("n", [1, 100, 16_384, 16_385, 1024 * 300 + 7, (1 << 17) * 5 + 1500])
+def test_reduce_pair_matches_float64(n, dtypes):
     g = torch.Generator().manual_seed(n)
-    a = torch.randn(n, generator=g).half()
-    b = (a.float() + 1e-3 * torch.randn(n, generator=g)).half()
+    a = (0.05 * torch.randn(n, generator=g)).to(dtypes[0])
+    b = (a.float() + 1e-4 * torch.randn(n, generator=g)).to(dtypes[1])  # relative change ~2e-3
     s = reduce_pair(a, b)
-    a64, b64 = a.double(), b.double()
-    assert s.aa == pytest.approx(float(a64 @ a64), rel=1e-6)
-    assert s.bb == pytest.approx(float(b64 @ b64), rel=1e-6)
-    assert s.dd == pytest.approx(float((b64 - a64) @ (b64 - a64)), rel=1e-6)
-    cosine = float(a64 @ b64) / math.sqrt(float(a64 @ a64) * float(b64 @ b64))
-    assert 1 - s.cosine == pytest.approx(1 - cosine, rel=1e-3)  # 1 - cos ~ 5e-7 here: still 3 digits
+    aa, bb, dd, cosine = _reference(a, b)
+    # float32 row norms summed in float64: within 2e-7 of float64 (a float32 sum of the whole chunk is ~1e-6 off)
+    assert (s.aa, s.bb, s.dd) == pytest.approx((aa, bb, dd), rel=2e-7)
+    assert s.relative_change == pytest.approx(math.sqrt(dd / aa), rel=2e-7)
+    assert 1 - s.cosine == pytest.approx(1 - cosine, rel=1e-5)  # 1 - cos ~ 2e-6 here: still 5 digits
+    assert s.numel == n and s.keys == 1
 
 
 def test_chunks_add_up(monkeypatch):
     a, b = torch.randn(10_000), torch.randn(10_000)
     whole = reduce_pair(a, b)
-    monkeypatch.setattr(blockdiff, "CHUNK", 999)
+    monkeypatch.setattr(blockdiff, "CHUNK", 999)  # not a multiple of ROW: whole rows per chunk all the same
     monkeypatch.setattr(blockdiff, "SMALL", 10)
     monkeypatch.setattr(blockdiff, "ROW", 64)
     parts = reduce_pair(a, b)
     assert (parts.aa, parts.bb, parts.dd) == pytest.approx((whole.aa, whole.bb, whole.dd), rel=1e-7)
     assert torch.equal(a, a.clone()) and parts.numel == 10_000
+
+
+def test_pieces_of_mixed_dtypes_match_float64(tiny_sdxl, make_ckpt, monkeypatch):
+    """Every key read in pieces (fp16 against bf16), chunks and rows on: the sums per part are float64's."""
+    variant = make_ckpt(seed=5, like=tiny_sdxl, delta="noise:0.01", dtype="BF16")
+    for name, value in (("PART", 5000), ("CHUNK", 1000), ("SMALL", 10), ("ROW", 64), ("SLOTS", 2)):
+        monkeypatch.setattr(blockdiff, name, value)
+    result = diff_checkpoints(tiny_sdxl, variant)
+    want: dict = {}
+    nbytes = 0
+    with open_checkpoint(tiny_sdxl) as ra, open_checkpoint(variant) as rb:
+        for key in ra.keys():
+            a, b = ra.read(key), rb.read(key)
+            if a.is_floating_point() and a.numel():
+                sums = want.setdefault(part_of(key, "sdxl"), [0.0, 0.0, 0.0, 0])
+                for i, value in enumerate(_reference(a, b)[:3]):
+                    sums[i] += value
+                sums[3] += a.numel()
+                nbytes += a.nbytes + b.nbytes
+    assert set(result.parts) == set(want)
+    for part, (aa, bb, dd, numel) in want.items():
+        got = result.parts[part]
+        assert (got.aa, got.bb, got.dd) == pytest.approx((aa, bb, dd), rel=2e-7, abs=1e-30), part
+        assert got.numel == numel
+    assert result.bytes_read == nbytes
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd15"])

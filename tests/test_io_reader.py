@@ -1,4 +1,4 @@
-"""SafetensorsReader: strict header validation, reads, read_into, and open_checkpoint dispatch."""
+"""SafetensorsReader: strict header validation, reads, read_into, read_part_into, and open_checkpoint dispatch."""
 
 from __future__ import annotations
 
@@ -61,6 +61,20 @@ def test_read_into_reuses_buffer(sample):
             r.read_into("w", torch.empty(4, dtype=torch.uint8))
         with pytest.raises(ValueError):
             r.read_into("w", torch.empty(64, dtype=torch.float32))
+
+
+def test_read_part_into_reads_a_slice(sample):
+    path, tensors = sample
+    buf = torch.empty(64, dtype=torch.uint8)
+    with SafetensorsReader(path) as r:
+        got = r.read_part_into("w", 5, 4, buf)
+        assert got.data_ptr() == buf.data_ptr() and torch.equal(got, tensors["w"].reshape(-1)[5:9])
+        assert torch.equal(r.read_part_into("h", 6, 1, buf), tensors["h"][6:])
+        assert r.read_part_into("bf", 0, 0, buf).numel() == 0
+        with pytest.raises(ValueError, match="outside"):
+            r.read_part_into("h", 6, 2, buf)
+        with pytest.raises(ValueError, match="too small"):
+            r.read_part_into("w", 0, 12, torch.empty(40, dtype=torch.uint8))
 
 
 def test_parallel_reads(sample):

@@ -4,11 +4,14 @@ Groups are the MBW blocks of `arch.blocks.block_of` (BASE, IN00.., M00, OUT00..;
 touches), one summary per component, and the parts of each component (`arch.parts`: UNet blocks, CLIP layers, VAE
 stages) that the heatmap draws as rows.
 
-Streaming at disk speed: one thread reads the next pair of tensors (A's file order, positional reads, into two
-reused buffer pairs) while the caller's thread reduces the current pair; memory is two pairs of the largest
-tensors plus two float32 scratch chunks, whatever the model size. Each pair costs one
-fp32 conversion of each side and three dot products (||A||², ||B||², ||B-A||², accumulated in float64 per 4096
-values), so the arithmetic keeps up with the disk; <A, B> follows from them.
+Streaming at disk speed (benchmarks/RESULTS.md, "Diff"): one thread reads the next piece of both files (PART
+values of a tensor, positional reads into a few small reused buffers) while the caller's thread reduces the
+current one, so each value is converted while it is still in the CPU cache; memory is a few MB whatever the model
+size. Each piece costs one float32 conversion of each side, one subtraction and three sums of squares
+(||A||², ||B||², ||B - A||²: float32 norms of ROW-value rows, squared and summed in float64), in CHUNK-value
+steps that fit the L2 cache, on one torch thread. <A, B> follows from them. The difference is computed, not
+derived from ||A||² + ||B||² - 2<A, B>: for nearly equal models that identity cancels away the float32 sums'
+rounding (1e-7 of ||A||²) and with it the digits the report is about.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,15 +31,16 @@ import torch
 from mergekit_sdxl.arch.blocks import DEFAULT_CONVENTION, block_names, block_of
 from mergekit_sdxl.arch.detect import component_of, detect_arch
 from mergekit_sdxl.arch.parts import part_of
+from mergekit_sdxl.dtypes import is_float, itemsize
 from mergekit_sdxl.errors import ArchError
 from mergekit_sdxl.io.reader import open_checkpoint
 
 KEEP_A_LABEL = "keep A"
-ROW = 4096  # values per float32 partial dot product (the partials are summed in float64)
-SMALL = 1 << 14  # tensors up to this many values are summed in float64 directly
-CHUNK = 1 << 22  # values converted to float32 at a time (bounds the temporary memory to ~50 MB)
-SLOTS = 2  # buffer pairs: one being reduced while the reader fills the other
-PARALLEL = 1 << 20  # tensors from this many values on use every torch thread
+ROW = 1024  # values per float32 norm (the squared norms are summed in float64): relative error ~5e-8
+SMALL = 1 << 14  # pieces up to this many values are summed in float64 directly (cheaper than the row set-up)
+CHUNK = 1 << 17  # values converted to float32 at a time: 2 x 512 KB, in the L2 cache with the piece they come from
+PART = 1 << 19  # values read per tensor piece (1 MB of fp16 per file): still in the cache when reduced
+SLOTS = 3  # buffer pairs: the reader fills some while the caller reduces another
 
 
 @dataclass
@@ -83,37 +88,50 @@ class Sums:
         return max(-1.0, min(1.0, 1.0 - (self.dd - (na - nb) ** 2) / (2 * na * nb)))
 
 
-def reduce_pair(a: torch.Tensor, b: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> Sums:
-    """||A||², ||B||², ||B - A||² of one pair, in float32 rows of ROW values summed in float64.
+class Scratch:
+    """Buffers `accumulate` reuses across calls (fresh ones would page-fault on every piece): both sides of CHUNK
+    values in float32, and the row norms of one chunk."""
 
-    `scratch`: two float32 buffers of CHUNK values reused across calls (fresh ones would page-fault on every
-    chunk: that, not the arithmetic, dominated a full-size run)."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    xs, ys = scratch if scratch is not None else (torch.empty(CHUNK), torch.empty(CHUNK))
-    sums = Sums(1, a.numel())
-    for start in range(0, a.numel(), CHUNK):
-        n = min(CHUNK, a.numel() - start)
-        x, y = xs[:n].copy_(a[start:start + n]), ys[:n].copy_(b[start:start + n])
-        sums.aa += _square_sum(x)
-        sums.bb += _square_sum(y)
-        sums.dd += _square_sum(y.sub_(x))
+    def __init__(self) -> None:
+        self.step = max(ROW, CHUNK // ROW * ROW)  # whole rows per chunk
+        self.xy = torch.empty(2, self.step)
+        self.norms = torch.empty(3, self.step // ROW)
+
+
+def reduce_pair(a: torch.Tensor, b: torch.Tensor, scratch: Scratch | None = None) -> Sums:
+    """||A||², ||B||², ||B - A||² of one pair of tensors (any float dtypes, same number of values)."""
+    sums = Sums(1)
+    accumulate(sums, a, b, scratch or Scratch())
     return sums
 
 
-def _square_sum(x: torch.Tensor) -> float:
-    """Sum of squares: float32 norms of ROW-value rows, squared and summed in float64. No temporary, ~5 GB/s on one
-    core (a float64 sum is 40x slower); relative error ~1e-7 (one float32 dot product over millions of values
-    loses ~1e-5)."""
-    if x.numel() <= SMALL:
-        x64 = x.double()
-        return float(torch.dot(x64, x64))
-    rows = x.numel() // ROW * ROW
-    norms = torch.linalg.vector_norm(x[:rows].view(-1, ROW), dim=1).double()
-    total = float(torch.dot(norms, norms))
-    if rows < x.numel():
-        tail = x[rows:].double()
-        total += float(torch.dot(tail, tail))
-    return total
+def accumulate(sums: Sums, a: torch.Tensor, b: torch.Tensor, scratch: Scratch) -> None:
+    """Add the values of `a` and `b` (a piece of one tensor pair) to `sums`: numel, ||A||², ||B||², ||B - A||².
+
+    Per CHUNK values: both sides converted to float32 side by side, one norm call for the ROW-value rows of both,
+    an in-place subtraction and the rows' norms of the difference; the squared norms are summed in float64
+    (relative error ~5e-8; one float32 sum over a chunk would lose ~1e-6, float64 arithmetic costs 10x). Few,
+    large torch calls: each call's dispatch costs about as much as converting 10,000 values."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    total = a.numel()
+    sums.numel += total
+    body = 0 if total <= SMALL else total // ROW * ROW
+    acc = torch.zeros(3, dtype=torch.float64)
+    for start in range(0, body, scratch.step):
+        n = min(scratch.step, body - start)
+        xy, norms = scratch.xy[:, :n], scratch.norms[:, :n // ROW]
+        xy[0].copy_(a[start:start + n])
+        xy[1].copy_(b[start:start + n])
+        torch.linalg.vector_norm(xy.view(2, -1, ROW), dim=2, out=norms[:2])
+        torch.linalg.vector_norm(xy[1].sub_(xy[0]).view(-1, ROW), dim=1, out=norms[2])
+        acc += norms.double().square_().sum(dim=1)
+    if body < total:  # the last values (fewer than a row), or a small piece: float64 throughout
+        x, y = a[body:].double(), b[body:].double()
+        acc += torch.stack([x @ x, y @ y, (y - x) @ (y - x)])
+    aa, bb, dd = acc.tolist()
+    sums.aa += aa
+    sums.bb += bb
+    sums.dd += dd
 
 
 @dataclass
@@ -167,51 +185,54 @@ def diff_checkpoints(path_a: str | Path, path_b: str | Path, convention: str = D
         keys_b = set(b.keys())
         result.only_in_b = sorted(keys_b - set(a.keys()))
         result.only_in_a = [k for k in a.keys() if k not in keys_b]
-        pairs = []
-        for key in (k for k in a.keys() if k in keys_b):
-            ia, ib = a.info(key), b.info(key)
-            if tuple(ia.shape) != tuple(ib.shape):
-                result.shape_mismatch.append(key)
-            elif math.prod(ia.shape) and _is_float(ia.dtype) and _is_float(ib.dtype):
-                pairs.append((key, ia.nbytes + ib.nbytes))
-        threads = _Threads()
-        scratch = (torch.empty(CHUNK), torch.empty(CHUNK))
-        try:
-            for i, (key, ta, tb) in enumerate(_read_ahead(a, b, pairs)):
-                threads.fit(ta.numel())
-                _add(result, key, reduce_pair(ta, tb, scratch))
-                result.bytes_read += ta.nbytes + tb.nbytes
-                if progress is not None:
-                    progress(i + 1, len(pairs))
-        finally:
-            threads.restore()
+        pairs = _comparable(a, b, [k for k in a.keys() if k in keys_b], result.shape_mismatch)
+        with _one_thread():
+            _reduce_all(result, _read_ahead(a, b, pairs), len(pairs), progress)
     result.seconds = time.perf_counter() - start
     return result
 
 
-class _Threads:
-    """One torch thread for small tensors, all of them for large ones: on small tensors a parallel region costs
-    more in thread hand-offs than it saves (milliseconds each on a loaded machine: 2,500 small keys took 30 s)."""
-
-    def __init__(self) -> None:
-        self.full = self.now = torch.get_num_threads()
-
-    def fit(self, numel: int) -> None:
-        want = self.full if numel >= PARALLEL else 1
-        if want != self.now:
-            torch.set_num_threads(want)
-            self.now = want
-
-    def restore(self) -> None:
-        if self.now != self.full:
-            torch.set_num_threads(self.full)
-            self.now = self.full
+def _comparable(a: Any, b: Any, keys: list[str], shape_mismatch: list[str]) -> list[Pair]:
+    """The keys in both files with the same shape, some values and float dtypes on both sides, as read jobs;
+    keys whose shapes differ go to `shape_mismatch`."""
+    pairs = []
+    for key in keys:
+        ia, ib = a.info(key), b.info(key)
+        if tuple(ia.shape) != tuple(ib.shape):
+            shape_mismatch.append(key)
+        elif math.prod(ia.shape) and is_float(ia.dtype) and is_float(ib.dtype):
+            pairs.append(Pair(key, math.prod(ia.shape), ia.nbytes + ib.nbytes))
+    return pairs
 
 
-def _is_float(code: str) -> bool:
-    from mergekit_sdxl.dtypes import is_float
+def _reduce_all(result: DiffResult, pieces: Iterator[tuple[Pair, torch.Tensor, torch.Tensor, bool]], total: int,
+                progress: Callable[[int, int], None] | None) -> None:
+    """Sum the pieces key by key; each key's sums go to its block, component and part once its last piece is in."""
+    scratch = Scratch()
+    sums, done = Sums(1), 0
+    for pair, ta, tb, last in pieces:
+        accumulate(sums, ta, tb, scratch)
+        if last:
+            _add(result, pair.key, sums)
+            result.bytes_read += pair.nbytes
+            sums, done = Sums(1), done + 1
+            if progress is not None:
+                progress(done, total)
 
-    return is_float(code)
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Reduce on one torch thread: the pieces are cache-sized, so a parallel region would cost more in thread
+    hand-offs than it saves (on a loaded 2-core machine two threads made a full SD1.5 diff 4x the CPU time and
+    3x the wall time), and the other core serves the reader's copies from the page cache."""
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
 
 
 def _add(result: DiffResult, key: str, sums: Sums) -> None:
@@ -221,34 +242,41 @@ def _add(result: DiffResult, key: str, sums: Sums) -> None:
     result.parts.setdefault(part_of(key, arch, convention), Sums()).merge(sums)
 
 
-def _read_ahead(a: Any, b: Any, pairs: list[tuple[str, int]]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """Yield (key, A tensor, B tensor) in order while a thread reads the next pair into the other of SLOTS
-    reusable buffer pairs (sized to the largest tensors: allocated once, no page faults per tensor). The tensors
-    yielded are valid until the next one is asked for."""
+@dataclass(frozen=True)
+class Pair:
+    """One key to compare: its number of values and the bytes it takes in both files."""
+
+    key: str
+    numel: int
+    nbytes: int
+
+
+Piece = tuple[Pair, torch.Tensor, torch.Tensor, bool]
+
+
+def _read_ahead(a: Any, b: Any, pairs: list[Pair]) -> Iterator[Piece]:
+    """Yield (pair, piece of A, piece of B, last piece of this key?) in order while a thread reads the next
+    pieces into the other buffer pairs. The pieces yielded are valid until the next one is asked for."""
     items: queue.Queue = queue.Queue()
     free: queue.Queue = queue.Queue()
-    reusable = hasattr(a, "read_into") and hasattr(b, "read_into")
-    if reusable and pairs:
-        size_a = max(a.info(key).nbytes for key, _ in pairs)
-        size_b = max(b.info(key).nbytes for key, _ in pairs)
-        for _ in range(SLOTS):
-            free.put((torch.empty(size_a, dtype=torch.uint8), torch.empty(size_b, dtype=torch.uint8)))
-    else:
-        for _ in range(SLOTS):
-            free.put(None)
+    for _ in range(SLOTS):
+        free.put(_slot(a, b, pairs))
     stop = threading.Event()
+
+    def take() -> Any:
+        slot = free.get()
+        if slot is _STOP or stop.is_set():
+            raise _Stopped
+        return slot
 
     def reader() -> None:
         try:
-            for key, _ in pairs:
-                slot = free.get()
-                if stop.is_set():
-                    return
-                if slot is None:
-                    items.put((key, a.read(key), b.read(key), slot))
-                else:
-                    items.put((key, a.read_into(key, slot[0]), b.read_into(key, slot[1]), slot))
+            for pair in pairs:
+                for piece in _pieces(a, b, pair, take):
+                    items.put(piece)
             items.put(None)
+        except _Stopped:
+            return
         except BaseException as exc:  # handed to the consumer, which re-raises it
             items.put(exc)
 
@@ -261,12 +289,45 @@ def _read_ahead(a: Any, b: Any, pairs: list[tuple[str, int]]) -> Iterator[tuple[
                 return
             if isinstance(item, BaseException):
                 raise item
-            key, ta, tb, slot = item
-            yield key, ta, tb
+            pair, ta, tb, last, slot = item
+            yield pair, ta, tb, last
             del ta, tb, item
             free.put(slot)
     finally:
         stop.set()
         for _ in range(SLOTS):
-            free.put(None)
+            free.put(_STOP)
         thread.join(timeout=30)
+
+
+def _slot(a: Any, b: Any, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One reusable buffer pair for PART values of either file (None where a reader reads whole tensors only)."""
+    if not (hasattr(a, "read_part_into") and hasattr(b, "read_part_into")) or not pairs:
+        return None
+    size_a = max(itemsize(a.info(p.key).dtype) for p in pairs)
+    size_b = max(itemsize(b.info(p.key).dtype) for p in pairs)
+    return torch.empty(PART * size_a, dtype=torch.uint8), torch.empty(PART * size_b, dtype=torch.uint8)
+
+
+def _pieces(a: Any, b: Any, pair: Pair, take: Callable[[], Any]) -> Iterator[tuple[Any, ...]]:
+    """The pieces of one key: PART values at a time into free buffer pairs (`take` waits for one), or the whole
+    tensors where a reader has no partial reads (.ckpt, diffusers folders). Each item carries its slot, which the
+    consumer hands back."""
+    slot = take()
+    if slot is None:
+        yield pair, a.read(pair.key), b.read(pair.key), True, None
+        return
+    for first in range(0, pair.numel, PART):
+        if first:
+            slot = take()
+        count = min(PART, pair.numel - first)
+        ta = a.read_part_into(pair.key, first, count, slot[0])
+        tb = b.read_part_into(pair.key, first, count, slot[1])
+        yield pair, ta, tb, first + count == pair.numel, slot
+
+
+class _Stopped(Exception):
+    """The consumer stopped early: the reader thread ends."""
+
+
+_STOP = object()

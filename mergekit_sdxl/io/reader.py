@@ -260,6 +260,26 @@ class SafetensorsReader:
             raise ValueError(f"buffer of {buffer.numel()} bytes is too small for {key!r} ({i.nbytes} bytes)")
         return self._fill(i, buffer[: i.nbytes])
 
+    def read_part_into(self, key: str, first: int, count: int, buffer: torch.Tensor) -> torch.Tensor:
+        """Values `first` .. `first + count - 1` of `key` (flattened, file order) read into the front of a caller's
+        contiguous CPU uint8 tensor: a tensor streamed in pieces small enough to stay in the CPU cache.
+
+        Returns:
+            A 1-D view of `buffer` with the tensor's dtype; valid until the buffer is reused.
+        """
+        import torch
+
+        i = self.info(key)
+        size = DTYPES[i.dtype].itemsize
+        if first < 0 or count < 0 or first + count > i.numel:
+            raise ValueError(f"values {first}..{first + count} are outside {key!r} ({i.numel} values)")
+        if buffer.dtype != torch.uint8 or buffer.dim() != 1 or not buffer.is_contiguous() or buffer.is_cuda:
+            raise ValueError("read_part_into needs a contiguous 1-D uint8 CPU tensor")
+        if buffer.numel() < count * size:
+            raise ValueError(f"buffer of {buffer.numel()} bytes is too small for {count} values of {key!r}")
+        part = TensorInfo(key, i.dtype, (count,), i.start + first * size, i.start + (first + count) * size)
+        return self._fill(part, buffer[: count * size])
+
     def read_bytes(self, key: str) -> bytes:
         """The raw stored bytes of `key`."""
         i = self.info(key)
