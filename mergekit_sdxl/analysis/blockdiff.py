@@ -149,6 +149,7 @@ class DiffResult:
     path_b: str = ""
     convention: str = DEFAULT_CONVENTION
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time (all threads) during the comparison
     bytes_read: int = 0
 
     def rows(self) -> list[dict]:
@@ -173,7 +174,7 @@ def _row(name: str, kind: str, s: Sums) -> dict:
 def diff_checkpoints(path_a: str | Path, path_b: str | Path, convention: str = DEFAULT_CONVENTION,
                      progress: Callable[[int, int], None] | None = None) -> DiffResult:
     """Compare B against A block by block, streaming both files (see the module docstring)."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with open_checkpoint(path_a) as a, open_checkpoint(path_b) as b:
         arch = detect_arch(a.keys(), str(path_a))
         arch_b = detect_arch(b.keys(), str(path_b))
@@ -188,7 +189,7 @@ def diff_checkpoints(path_a: str | Path, path_b: str | Path, convention: str = D
         pairs = _comparable(a, b, [k for k in a.keys() if k in keys_b], result.shape_mismatch)
         with _one_thread():
             _reduce_all(result, _read_ahead(a, b, pairs), len(pairs), progress)
-    result.seconds = time.perf_counter() - start
+    result.seconds, result.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     return result
 
 

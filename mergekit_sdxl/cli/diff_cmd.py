@@ -41,7 +41,7 @@ def command(model_a: Path, model_b: Path, as_json: bool, heatmap: Path | None, n
         check_target(target, overwrite=overwrite, inputs=(model_a, model_b))
     console.info(f"comparing {model_b.name} against {model_a.name}")
     result = diff_checkpoints(model_a, model_b, convention)
-    console.info(f"read {result.bytes_read / 1e9:.2f} GB in {result.seconds:.1f} s")
+    console.info(f"read {result.bytes_read / 1e9:.2f} GB in {result.seconds:.1f} s ({result.cpu_seconds:.1f} CPU-s)")
     rows = [r for r in result.rows() if r["kind"] != "part"]
     image = None
     if target is not None:
@@ -50,7 +50,8 @@ def command(model_a: Path, model_b: Path, as_json: bool, heatmap: Path | None, n
         click.echo(json.dumps({"arch": result.arch, "a": str(model_a), "b": str(model_b), "rows": result.rows(),
                                "only_in_a": result.only_in_a, "only_in_b": result.only_in_b,
                                "shape_mismatch": result.shape_mismatch,
-                               "heatmap": str(image) if image else None}, indent=1))
+                               "heatmap": str(image) if image else None, "bytes_read": result.bytes_read,
+                               "seconds": result.seconds, "cpu_seconds": result.cpu_seconds}, indent=1))
         return
     click.echo(f"{'group':<10} {'keys':>6} {'params':>13} {'rel. change':>12} {'cosine':>10}")
     kind = "block"
