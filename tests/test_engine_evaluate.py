@@ -70,3 +70,23 @@ def test_pass_through_keeps_bytes_and_int_keys() -> None:
     ids = torch.arange(77, dtype=torch.int64)
     out = KeyEvaluator().evaluate(KeyPlan("ids", A, "I64", (77,)), {A: ids})["ids"]
     assert out is ids
+
+
+@pytest.mark.parametrize(("code", "bad"), [(code, bad) for code in ("F16", "BF16", "F32", "F8_E4M3", "F8_E5M2")
+                                           for bad in (float("nan"), float("inf"))
+                                           if not (code == "F8_E4M3" and bad == float("inf"))])  # e4m3fn: no inf
+def test_pass_through_is_checked_for_non_finite_values(code: str, bad: float) -> None:
+    """A key copied as stored (alpha 0/1, copy) gets the same finite check as a computed one, in every chunk."""
+    from mergekit_sdxl.io.dtypes import torch_dtype
+    from mergekit_sdxl.methods.registry import NonFiniteError
+
+    values = torch.ones(2 * CHUNK + 5)
+    values[CHUNK + 3] = bad  # in the second chunk: the whole tensor is looked at, not its start
+    stored = values.to(torch_dtype(code))
+    for node in (B, lower(Call("weighted_sum", (A, B), (("alpha", 1.0),))), lower(Call("copy", (B,)))):
+        with pytest.raises(NonFiniteError, match="key model.x.weight"):
+            KeyEvaluator().evaluate(KeyPlan("model.x.weight", node, code, tuple(values.shape)),
+                                    {A: torch.zeros_like(stored), B: stored})
+    fine = torch.ones(2 * CHUNK + 5).to(torch_dtype(code))
+    out = KeyEvaluator().evaluate(KeyPlan("model.x.weight", B, code, tuple(fine.shape)), {B: fine})
+    assert out["model.x.weight"] is fine  # still the stored bytes, untouched

@@ -344,3 +344,25 @@ def test_existing_output_needs_overwrite_and_inputs_are_never_outputs(tiny_sdxl_
     before = tiny_sdxl_family["beta7"].read_bytes()
     assert run_cli("merge", REV2, *model_args(tiny_sdxl_family), "-o", tiny_sdxl_family["beta7"], "--overwrite") == 6
     assert tiny_sdxl_family["beta7"].read_bytes() == before
+
+
+@pytest.mark.parametrize("step", ["{method: weighted_sum, a: a, b: b, alpha: 1}", "{method: copy, a: b}"])
+def test_a_copied_nan_fails_the_merge(tiny_sdxl_family: dict[str, Path], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str], step: str) -> None:
+    """A NaN in B at alpha 1 (or copied) is refused like a computed one: exit 4 naming the key, no output."""
+    from safetensors.numpy import save_file
+
+    a, b = list(tiny_sdxl_family.values())[:2]
+    tensors = load_file(b)
+    key = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
+    tensors[key] = tensors[key].copy()
+    tensors[key].reshape(-1)[-1] = np.nan
+    bad = tmp_path / "b_nan.safetensors"
+    save_file(tensors, bad)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"models: {{a: {a}, b: {bad}}}\nsteps:\n  output: {step}\n")
+    out = tmp_path / "out.safetensors"
+    assert run_cli("merge", recipe, "-o", out) == 4
+    err = capsys.readouterr().err
+    assert key in err and "non-finite" in err
+    assert set(tmp_path.iterdir()) == {bad, recipe}

@@ -140,3 +140,16 @@ def test_amax_every_float_dtype(dtype, monkeypatch):
     assert torch.equal(x.view(torch.uint8), original.view(torch.uint8))
     q, scale, clamped = dtypes.to_scaled_fp8(x, "F8_E4M3")
     assert clamped == 0 and scale.item() == pytest.approx(3.0 / 448)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_fp8_has_non_finite_every_code(dtype):
+    """Every one of the 256 codes, alone and among finite ones, agrees with the float value's finiteness."""
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype)
+    finite = codes.float().isfinite()
+    for i in range(256):
+        assert dtypes.fp8_has_non_finite(codes[i : i + 1]) == (not bool(finite[i])), i
+        mixed = torch.cat([torch.ones(5, dtype=dtype), codes[i : i + 1], torch.full((5,), -2.0).to(dtype)])
+        assert dtypes.fp8_has_non_finite(mixed) == (not bool(finite[i])), i
+    assert not dtypes.fp8_has_non_finite(codes[finite])
+    assert not dtypes.fp8_has_non_finite(torch.empty(0, dtype=dtype))

@@ -18,7 +18,7 @@ import torch
 
 from mergekit_sdxl.engine.memory import empty
 from mergekit_sdxl.errors import MergekitError
-from mergekit_sdxl.io.dtypes import is_float, scale_key, to_storage, torch_dtype
+from mergekit_sdxl.io.dtypes import fp8_has_non_finite, is_float, scale_key, to_storage, torch_dtype
 from mergekit_sdxl.methods.registry import METHODS, call_method, check_finite
 from mergekit_sdxl.recipe.nodes import Adapter, Call, KeyPlan, Linear, Load, Node
 
@@ -48,6 +48,7 @@ class KeyEvaluator:
         """Output tensors for `kp`: {kp.key: tensor} plus a `<key>.scale_weight` entry for scaled fp8."""
         node = kp.node if self.compute_dtype in REDUCED else lower(kp.node)
         if isinstance(node, Load) and loaded[node].dtype == torch_dtype(kp.dtype) and not self.scaled(kp):
+            _check_stored(loaded[node], kp.key)  # a copied NaN/inf is as wrong as a computed one
             return {kp.key: loaded[node]}  # pass-through: the stored bytes, untouched
         if not is_float(kp.dtype):
             return {kp.key: self._value(node, loaded, {}).to(torch_dtype(kp.dtype))}
@@ -223,13 +224,30 @@ def _accumulate(acc: torch.Tensor, tmp: torch.Tensor, x: torch.Tensor, coeff: fl
         acc.add_(tmp.copy_(x).mul_(coeff))
 
 
+def _check_stored(tensor: torch.Tensor, key: str) -> None:
+    """Finite check of a tensor written as read, chunk by chunk over the bytes already in memory (one vectorised
+    sum per chunk: a fraction of the cost of copying it)."""
+    if not tensor.is_floating_point():
+        return
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), CHUNK):
+        _check_chunk(flat[start : start + CHUNK], key)
+
+
 def _check_chunk(stored: torch.Tensor, key: str) -> None:
     """Finite check of a just-written output chunk (still in cache): its fp32 sum is finite unless an element is
-    NaN/Inf (fp16 overflow included); only then, or for sums of huge fp32 values, run the exact check."""
-    if not math.isfinite(float(stored.sum(dtype=torch.float32))):
+    NaN/Inf (fp16 overflow included); only then, or for sums of huge fp32 values, run the exact check. fp8 chunks
+    are checked on their bytes (their float sum is a slow scalar loop)."""
+    if stored.element_size() == 1:
+        suspect = fp8_has_non_finite(stored)
+    else:
+        suspect = not math.isfinite(float(stored.sum(dtype=torch.float32)))
+    if suspect:
         _check_finite(stored, key)
 
 
 def _check_finite(t: torch.Tensor, key: str, when: str = "") -> None:
     if t.is_floating_point():
+        if t.element_size() == 1:  # fp8 has no isfinite kernel; both fp8 formats widen exactly to fp16
+            t = t.to(torch.float16)
         check_finite(t, f"key {key}" + (f" ({when})" if when else ""))

@@ -49,9 +49,9 @@ from mergekit_sdxl.dtypes import (
 
 __all__ = [  # the table's names and the scaled-fp8 layout facts are re-exported for callers that also cast
     "CHECKPOINT", "CLI_TARGETS", "DTYPES", "LEGACY_MARKER", "REST_DTYPE", "SCALED_DTYPE", "SCALED_MARKER",
-    "SCALE_SUFFIX", "DtypeInfo", "Stored", "amax", "cast", "choices", "code_of", "dequantize_scaled", "info",
-    "is_float", "is_fp8", "is_marker", "is_scalable", "itemsize", "lookup", "name_of", "parse_dtype", "scale_key",
-    "scaled_key_of", "storage_dtype", "to_scaled_fp8", "to_storage", "torch_dtype",
+    "SCALE_SUFFIX", "DtypeInfo", "Stored", "amax", "cast", "choices", "code_of", "dequantize_scaled",
+    "fp8_has_non_finite", "info", "is_float", "is_fp8", "is_marker", "is_scalable", "itemsize", "lookup", "name_of",
+    "parse_dtype", "scale_key", "scaled_key_of", "storage_dtype", "to_scaled_fp8", "to_storage", "torch_dtype",
 ]
 
 from mergekit_sdxl.errors import CheckpointError
@@ -150,6 +150,22 @@ def amax(tensor: torch.Tensor, finite_only: bool = False) -> float:
         bad = ~part.isfinite() if finite_only else part.isnan()
         best = max(best, part.masked_fill_(bad, 0).amax().item())
     return best
+
+
+# The smallest byte, with the sign bit set, that codes a non-finite value: e4m3fn has only NaN (0x7F/0xFF), e5m2
+# has inf and NaN (exponent all ones: 0x7C-0x7F and 0xFC-0xFF). Finite codes with the sign bit set lie below it.
+_FP8_NON_FINITE = {"F8_E4M3": 0xFF, "F8_E5M2": 0xFC}
+
+
+def fp8_has_non_finite(tensor: torch.Tensor) -> bool:
+    """Whether an fp8 tensor holds NaN/inf, from its bytes in one vectorised pass (fp8 has no isfinite kernel,
+    and its float reductions are scalar loops)."""
+    import torch
+
+    if tensor.numel() == 0:
+        return False
+    top = int((tensor.reshape(-1).view(torch.uint8) | 0x80).max())
+    return top >= _FP8_NON_FINITE[code_of(tensor.dtype)]
 
 
 def to_scaled_fp8(tensor: torch.Tensor, code: str) -> tuple[torch.Tensor, torch.Tensor, int]:
