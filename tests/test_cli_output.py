@@ -205,3 +205,19 @@ def test_old_and_new_output_spellings_run_alike(make_ckpt: Any, tmp_path: Path,
     assert code == 2 and "given twice" in err and not list(tmp_path.glob("c[34]*"))
     code, _, err = run_cli(capsys, "convert", a, "--dtype", "bf16")
     assert code == 2 and "no output given: give OUT or -o/--out" in err
+
+
+@pytest.mark.slow
+def test_grid_on_a_pipe_prints_whole_lines_only(make_ckpt: Any, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("diffusers")  # the [sampler] extra; grid refuses to run without it
+    model = make_ckpt("sd15", seed=1)
+    out = tmp_path / ("a-folder-name-long-enough-to-push-every-message-past-eighty-columns" * 2) / "g"
+    out.parent.mkdir()
+    code, stdout, err = run_cli(capsys, "grid", "--models", model, "--seeds", "1,2", "--steps", "1", "--size",
+                                "64x64", "--device", "cpu", "-o", out)
+    assert code == 0, err
+    lines = err.splitlines()
+    assert "" not in lines and not err.startswith("\n"), err
+    assert lines[0] == "2 cell(s), 1 model(s)"
+    assert lines[-1] == f"grid: {out / 'grid.png'}; report: {out / 'index.html'}"
+    assert stdout == f"{out / 'grid.png'}\n"
