@@ -427,7 +427,7 @@ def test_ties_and_dare_are_odd_in_the_deltas(xs, alpha, density):
 def test_model_stock_ratio_in_unit_interval(xs, scale):
     base = torch.tensor(xs, dtype=F64)
     deltas = [base.flip(0) - 0.25, base * scale - 1, -base]
-    ratio = tv.model_stock_ratio([d.clone() for d in deltas]).item()
+    ratio = tv.model_stock_ratio([d.clone() for d in deltas])
     assert 0.0 <= ratio <= 1.0
     out = tv.model_stock(torch.zeros_like(base), *deltas)
     assert torch.isfinite(out).all()
@@ -484,7 +484,13 @@ def test_fixed_reductions(monkeypatch):
     monkeypatch.setattr(reduce, "ROW", 8)  # small rows: 1000 elements take four levels
     x = torch.randn(1000, generator=torch.Generator().manual_seed(15), dtype=F64)
     assert math.isclose(reduce.fixed_sum(x).item(), math.fsum(x.tolist()), rel_tol=1e-12, abs_tol=1e-12)
-    assert math.isclose(reduce.fixed_dot(x, x).item(), reduce.fixed_norm(x).item() ** 2, rel_tol=1e-12)
+    monkeypatch.setattr(reduce, "BLOCK", 64)  # float64 blocks too: 1000 elements in 16 blocks
+    y32 = x.float()
+    squares = math.fsum(v * v for v in y32.double().tolist())
+    assert math.isclose(reduce.dot64(y32, y32), squares, rel_tol=1e-12)
+    assert math.isclose(reduce.norm64(y32) ** 2, squares, rel_tol=1e-12)
+    assert math.isclose(reduce.dot64(y32 * 1e20, y32 * 1e-20), squares, rel_tol=1e-6)  # no fp32 overflow/underflow
+    assert reduce.dot64(torch.zeros(0), torch.zeros(0)) == 0.0
     monkeypatch.undo()
     y = torch.randn(3 * reduce.ROW * 40 + 17, generator=torch.Generator().manual_seed(16))
     threads = torch.get_num_threads()
@@ -493,9 +499,54 @@ def test_fixed_reductions(monkeypatch):
         one = reduce.fixed_sum(y)
         torch.set_num_threads(max(4, threads))
         many = reduce.fixed_sum(y)
+        torch.set_num_threads(1)
+        one64 = reduce.dot64(y, y.flip(0))
+        torch.set_num_threads(max(4, threads))
+        many64 = reduce.dot64(y, y.flip(0))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, many)
+    assert torch.equal(one, many) and one64 == many64
+
+
+def _orthonormal(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.randn(n, generator=g, dtype=F64), torch.randn(n, generator=g, dtype=F64)
+    u /= u.norm()
+    v -= (v @ u) * u
+    return u, v / v.norm()
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-20, 1.0])
+def test_slerp_at_extreme_magnitudes_matches_the_closed_form(scale):
+    """A = s·u, B = s·(cos θ u + sin θ v) with u ⟂ v unit vectors: slerp(alpha) = s·(cos αθ u + sin αθ v).
+    fp32 norms overflowed (1e20) or vanished (1e-20) there and slerp silently became weighted_sum."""
+    u, v = _orthonormal(4000, 21)
+    theta, alpha = 1.1, 0.3
+    a = (scale * u).float()
+    b = (scale * (math.cos(theta) * u + math.sin(theta) * v)).float()
+    want = scale * (math.cos(alpha * theta) * u + math.sin(alpha * theta) * v)
+    got = ip.slerp(a, b, alpha=alpha)
+    assert got.dtype == torch.float32
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-6
+    lerp = ip.weighted_sum(a, b, alpha=alpha).double()
+    assert ((lerp - want).norm() / want.norm()).item() > 1e-2  # the fallback would be told apart
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-20, 1.0])
+def test_model_stock_at_extreme_magnitudes_matches_the_closed_form(scale):
+    """Two deltas s·u and s·(cos φ u + sin φ v): t = 2 cos φ / (cos φ + 1), result = base + t·mean(deltas).
+    fp32 norms gave t = 0 (the base) at 1e±20."""
+    u, v = _orthonormal(4000, 22)
+    phi = 0.7
+    base = scale * torch.randn(4000, generator=torch.Generator().manual_seed(23), dtype=F64)
+    d1, d2 = scale * u, scale * (math.cos(phi) * u + math.sin(phi) * v)
+    m1, m2, b32 = (base + d1).float(), (base + d2).float(), base.float()
+    t = 2 * math.cos(phi) / (math.cos(phi) + 1)
+    deltas = [m1.double() - b32.double(), m2.double() - b32.double()]  # what fp32 storage left of the deltas
+    want = b32.double() + t * (deltas[0] + deltas[1]) / 2
+    assert tv.model_stock_ratio([m1 - b32, m2 - b32]) == pytest.approx(t, rel=1e-5)
+    got = tv.model_stock(b32, m1, m2).double()
+    assert ((got - want).norm() / (want - b32.double()).norm()).item() < 1e-5
 
 
 @pytest.mark.parametrize("bf16", [False, True])

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mergekit_sdxl.methods.reduce import fixed_dot, fixed_norm
+from mergekit_sdxl.methods.reduce import dot64, norm64
 
 TRAIN_DIFFERENCE_GAIN = 1.8
 """SuperMerger's fixed factor in trainDifference (`new_diff * alpha * 1.8`)."""
@@ -140,16 +140,17 @@ def slerp(a: Tensor, b: Tensor, *, alpha: float) -> Tensor:
     Like mergekit's `slerp` (from the dvschultz gist) the coefficients apply to the raw tensors, so norms are
     interpolated implicitly. Falls back to weighted_sum (exactly) when |cos θ| > 0.9995 (nearly colinear or
     anti-colinear, where sin θ -> 0) or when either tensor is all zeros. alpha=0 / 1 give A / B exactly.
-    The scalar coefficients are computed in Python double precision from the dot product.
+    The norms, the dot product and the scalar coefficients are computed in float64 (methods/reduce.py), so
+    magnitudes far from 1 (1e±20) neither overflow nor vanish into a silent fallback.
     """
     alpha = float(alpha)
     if alpha in (0.0, 1.0):
         return weighted_sum(a, b, alpha=alpha)
     fa, fb = a.reshape(-1), b.reshape(-1)
-    na, nb = float(fixed_norm(fa)), float(fixed_norm(fb))
+    na, nb = norm64(fa), norm64(fb)  # float64: fp32 squares overflow from |x| ~ 2e19 and vanish below ~1e-19
     if na == 0.0 or nb == 0.0 or not (math.isfinite(na) and math.isfinite(nb)):
         return weighted_sum(a, b, alpha=alpha)
-    cos = float(fixed_dot(fa, fb)) / na / nb
+    cos = dot64(fa, fb) / na / nb
     if not math.isfinite(cos) or abs(cos) > SLERP_DOT_THRESHOLD:
         return weighted_sum(a, b, alpha=alpha)
     theta = math.acos(max(-1.0, min(1.0, cos)))

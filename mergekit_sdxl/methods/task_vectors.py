@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from mergekit_sdxl.methods.reduce import fixed_dot, fixed_norm
+from mergekit_sdxl.methods.reduce import dot64, norm64
 
 
 def _deltas(base: Tensor, models: tuple[Tensor, ...]) -> list[Tensor]:
@@ -117,25 +117,26 @@ def dare(
     return base + merged.mul_(float(alpha))
 
 
-def model_stock_ratio(deltas: list[Tensor]) -> Tensor:
-    """Model Stock's interpolation ratio t = k·cos / ((k - 1)·cos + 1) from k deltas (0-dim tensor).
+def model_stock_ratio(deltas: list[Tensor]) -> float:
+    """Model Stock's interpolation ratio t = k·cos / ((k - 1)·cos + 1) from k deltas.
 
     cos is the mean pairwise cosine over all pairs i < j of the flattened deltas (mergekit's choice; the paper
-    defines it for equal angles). Guards: a pair with a zero-norm delta counts as cos 0, and the mean is
-    clamped to [0, 1], so t stays in [0, 1] and the denominator in [1, k]. Unclamped, cos -> -1/(k - 1) (e.g.
-    two opposite deltas, which a 1x1 conv's per-row cosine in sd-mecha hits) drives the denominator to 0 and
-    t to +-inf; a negative cos would extrapolate away from the fine-tuned models.
+    defines it for equal angles), from float64 norms and dot products (methods/reduce.py: fp32 squares would
+    overflow or vanish at magnitudes like 1e±20 and silently give t = 0). Guards: a pair with a zero-norm delta
+    counts as cos 0, and the mean is clamped to [0, 1], so t stays in [0, 1] and the denominator in [1, k].
+    Unclamped, cos -> -1/(k - 1) (e.g. two opposite deltas, which a 1x1 conv's per-row cosine in sd-mecha hits)
+    drives the denominator to 0 and t to +-inf; a negative cos would extrapolate away from the fine-tuned models.
     """
     k = len(deltas)
     flat = [d.reshape(-1) for d in deltas]
-    norms = [fixed_norm(f) for f in flat]
-    total = torch.zeros((), dtype=deltas[0].dtype, device=deltas[0].device)
+    norms = [norm64(f) for f in flat]
+    total = 0.0
     for i in range(k):
         for j in range(i + 1, k):
             denom = norms[i] * norms[j]
-            cos = torch.where(denom > 0, fixed_dot(flat[i], flat[j]) / denom, 0.0)
-            total += cos.nan_to_num(nan=0.0).clamp(-1.0, 1.0)
-    cos = (total / (k * (k - 1) / 2)).clamp(0.0, 1.0)
+            cos = dot64(flat[i], flat[j]) / denom if denom > 0 else 0.0
+            total += min(1.0, max(-1.0, cos)) if math.isfinite(cos) else 0.0
+    cos = min(1.0, max(0.0, total / (k * (k - 1) / 2)))
     return k * cos / ((k - 1) * cos + 1)
 
 
