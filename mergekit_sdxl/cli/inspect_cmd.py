@@ -25,7 +25,7 @@ from mergekit_sdxl.errors import UsageError
 @click.option("--check-values", is_flag=True, help="Read every float tensor and count NaN/Inf values.")
 def command(file: Path, as_json: bool, with_blocks: bool, convention: str | None, full_hash: bool, no_hash: bool,
             check_values: bool) -> None:
-    """Show architecture, components, markers, metadata, hashes and oddities of a checkpoint.
+    """Show architecture, components, markers, metadata, hashes and oddities of a checkpoint (or a LoRA summary).
 
     By default only the header is read: parameter counts come from shapes; hashes are A1111's legacy one (a 64 KiB
     read) plus AutoV2/AutoV3 when the hash cache knows the file. --hash computes and caches AutoV2/AutoV3 (reads
@@ -44,13 +44,27 @@ def command(file: Path, as_json: bool, with_blocks: bool, convention: str | None
                  fp8_scales: int, non_finite: {key: count} | null (null without --check-values)}
       blocks: null | {convention, convention_source ("given" | "recorded in mergekit_sdxl.recipe" | "default"),
                blocks: {block: {keys, params}}, kept_from_a: [key]}
+
+    \b
+    A LoRA/LyCORIS file gets an adapter summary instead, schema "mergekit-sdxl.inspect-lora/1":
+      file, size_bytes, kind ("adapter"), naming ("kohya" | "peft" | "diffusers" | "other"),
+      algorithms: {lora|loha|lokr|full|norm: modules}, dora_modules, n_keys, n_modules,
+      architecture (null when unknown), architecture_source ("key names" | "ss_base_model_version" |
+        "modelspec.architecture" | "SGM UNet names" | null),
+      components: {unet|clip_l|clip_g|unknown: {modules, ranks: {rank: n}, alphas: {alpha: n}}} ("-": none stored),
+      blocks: null | {convention, modules: {block: n}} (BASE: the text encoders), unknown_keys: [key], metadata
     """
     if full_hash and no_hash:
         raise UsageError("--hash and --no-hash contradict each other")
     from mergekit_sdxl.analysis.report import RECORDED, build_report, render_text
     from mergekit_sdxl.io.reader import open_checkpoint
+    from mergekit_sdxl.lora.summary import adapter_summary, is_adapter, render_adapter_text
 
     with open_checkpoint(file) as checkpoint:
+        if is_adapter(checkpoint.keys()):  # a LoRA/LyCORIS file gets the adapter summary
+            summary = adapter_summary(checkpoint, file)
+            click.echo(json.dumps(summary, indent=2) if as_json else render_adapter_text(summary))
+            return
         report = build_report(checkpoint, file, convention=(convention or RECORDED) if with_blocks else None,
                               hash_mode="none" if no_hash else "full" if full_hash else "legacy",
                               check_values=check_values, progress=console.byte_progress)

@@ -43,25 +43,8 @@ from mergekit_sdxl.arch.registry import arch_name
 from mergekit_sdxl.errors import ArchError, CheckpointError
 from mergekit_sdxl.io import jsonio
 from mergekit_sdxl.io.reader import open_checkpoint
+from mergekit_sdxl.lora.keys import algo_of, split_key
 from mergekit_sdxl.lora.svd import small_op_threads
-
-# file key suffix -> our part name; longest suffixes are tried first
-SUFFIXES: dict[str, str] = {
-    "lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid",
-    "lora_A.weight": "down", "lora_B.weight": "up",
-    "lora.down.weight": "down", "lora.up.weight": "up",
-    "lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up",
-    "alpha": "alpha",
-    "hada_w1_a": "hada_w1_a", "hada_w1_b": "hada_w1_b", "hada_w2_a": "hada_w2_a", "hada_w2_b": "hada_w2_b",
-    "hada_t1": "hada_t1", "hada_t2": "hada_t2",
-    "lokr_w1": "lokr_w1", "lokr_w1_a": "lokr_w1_a", "lokr_w1_b": "lokr_w1_b",
-    "lokr_w2": "lokr_w2", "lokr_w2_a": "lokr_w2_a", "lokr_w2_b": "lokr_w2_b", "lokr_t1": "lokr_t1",
-    "lokr_t2": "lokr_t2",
-    "diff": "diff", "diff_b": "diff_b", "w_norm": "w_norm", "b_norm": "b_norm",
-    "dora_scale": "dora_scale", "lora_magnitude_vector": "dora_scale", "lora_magnitude_vector.weight": "dora_scale",
-}
-_ORDERED_SUFFIXES = sorted(SUFFIXES, key=len, reverse=True)
-ALGOS = ("lora", "loha", "lokr", "full", "norm")
 
 
 @dataclass
@@ -74,19 +57,7 @@ class AdapterLayer:
     @property
     def algo(self) -> str:
         """Which formula applies (see the module docstring); "" when the keys make no known combination."""
-        parts = set(self.keys)
-        if {"down", "up"} <= parts:
-            return "lora"
-        if {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= parts:
-            return "loha"
-        if ("lokr_w1" in parts or {"lokr_w1_a", "lokr_w1_b"} <= parts) and (
-                "lokr_w2" in parts or {"lokr_w2_a", "lokr_w2_b"} <= parts):
-            return "lokr"
-        if "diff" in parts or "diff_b" in parts:
-            return "full"
-        if "w_norm" in parts or "b_norm" in parts:
-            return "norm"
-        return ""
+        return algo_of(self.keys)
 
     @property
     def has_dora(self) -> bool:
@@ -102,14 +73,6 @@ class LayerDelta:
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     dora_scale: torch.Tensor | None = None
-
-
-def split_key(key: str) -> tuple[str, str] | None:
-    """(module name as written, part) of an adapter key, or None when no known suffix ends it."""
-    for suffix in _ORDERED_SUFFIXES:
-        if key.endswith("." + suffix) and len(key) > len(suffix) + 1:
-            return key[: -len(suffix) - 1], SUFFIXES[suffix]
-    return None
 
 
 def refuse_checkpoint(keys: Iterable[str], path: str | os.PathLike[str]) -> None:
