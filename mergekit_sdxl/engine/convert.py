@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from mergekit_sdxl.errors import UsageError
 from mergekit_sdxl.patterns import compile_user
@@ -158,6 +158,13 @@ def _empty(code: str) -> torch.Tensor:
     return torch.empty(0, dtype=torch_dtype(code))
 
 
+@runtime_checkable
+class _ReadsInto(Protocol):
+    """A reader that can fill a caller's buffer (safetensors files); others allocate per tensor."""
+
+    def read_into(self, key: str, buffer: torch.Tensor) -> torch.Tensor: ...
+
+
 def _stream(reader: CheckpointReader, writer: SafetensorsWriter, items: list[_Item], report: ConvertReport,
             progress: Callable[[int], None] | None) -> None:
     """Read, convert and write one tensor at a time, reading into one reused buffer where the reader allows."""
@@ -165,12 +172,11 @@ def _stream(reader: CheckpointReader, writer: SafetensorsWriter, items: list[_It
 
     from mergekit_sdxl.io.dtypes import dequantize_scaled, scale_key, to_storage
 
-    buffer = None
-    if hasattr(reader, "read_into") and items:
-        buffer = torch.empty(max(reader.info(i.key).nbytes for i in items), dtype=torch.uint8)
+    filler = reader if isinstance(reader, _ReadsInto) and items else None
+    buffer = torch.empty(max(reader.info(i.key).nbytes for i in items), dtype=torch.uint8) if filler else None
     for item in items:
         info = reader.info(item.key)
-        tensor = reader.read_into(item.key, buffer) if buffer is not None else reader.read(item.key)
+        tensor = filler.read_into(item.key, buffer) if filler and buffer is not None else reader.read(item.key)
         if item.scale_of is not None:
             tensor = dequantize_scaled(tensor, reader.read(item.scale_of), "F32", f"{reader.path}: tensor {item.key!r}")
             report.dequantized += 1
@@ -181,6 +187,7 @@ def _stream(reader: CheckpointReader, writer: SafetensorsWriter, items: list[_It
         report.cast += int(stored.tensor.dtype != tensor.dtype or item.scale_of is not None)
         writer.write(item.key, stored.tensor)
         if item.scaled:
+            assert stored.scale is not None  # to_storage(scaled=True) always returns the scale
             writer.write(scale_key(item.key), stored.scale)
             report.scaled += 1
         report.tensors += 1

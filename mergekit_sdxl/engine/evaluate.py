@@ -53,8 +53,9 @@ class KeyEvaluator:
         if not is_float(kp.dtype):
             return {kp.key: self._value(node, loaded, {}).to(torch_dtype(kp.dtype))}
         if kp.dtype in _FUSED_DTYPES and self._acc.numel() and not self.scaled(kp):
-            if isinstance(node, Linear) and all(isinstance(term, Load) for term, _ in node.terms):
-                return {kp.key: self._fused_linear(kp, node, loaded)}
+            load_terms = _load_terms(node)
+            if load_terms is not None:
+                return {kp.key: self._fused_linear(kp, load_terms, loaded)}
             if _elementwise(node):
                 return {kp.key: self._chunked(kp, node, loaded)}
         value = self._value(node, loaded, {})
@@ -120,9 +121,10 @@ class KeyEvaluator:
             raise MergekitError(f"key {node.key}: LoRA step {node.alias!r} has no delta for it")
         return delta.to(self.device, self.compute_dtype).reshape(shape or delta.shape)
 
-    def _fused_linear(self, kp: KeyPlan, node: Linear, loaded: Mapping[Load, torch.Tensor]) -> torch.Tensor:
+    def _fused_linear(self, kp: KeyPlan, load_terms: list[tuple[Load, float]],
+                      loaded: Mapping[Load, torch.Tensor]) -> torch.Tensor:
         """sum c_i x_i chunk by chunk into the output dtype; separate mul/add so rounding is reproducible."""
-        terms = [(loaded[term].reshape(-1), coeff) for term, coeff in node.terms]
+        terms = [(loaded[term].reshape(-1), coeff) for term, coeff in load_terms]
         out = empty(terms[0][0].numel(), torch_dtype(kp.dtype))
         for start in range(0, out.numel(), CHUNK):
             stop = min(out.numel(), start + CHUNK)
@@ -183,11 +185,21 @@ def lower(node: Node, memo: dict[int, Node] | None = None) -> Node:
     return out
 
 
+def _load_terms(node: Node) -> list[tuple[Load, float]] | None:
+    """The terms of a Linear whose terms are all loaded inputs (the fused path's case), else None."""
+    if not isinstance(node, Linear):
+        return None
+    loads = [(term, coeff) for term, coeff in node.terms if isinstance(term, Load)]
+    return loads if len(loads) == len(node.terms) else None
+
+
 def _flatten(terms: tuple[tuple[Node, float], ...]) -> Node:
     combined: dict[Node, float] = {}
     for term, coeff in terms:
-        opaque = not isinstance(term, Linear) or any(isinstance(t, Adapter) for t, _ in term.terms)
-        inner = ((term, 1.0),) if opaque else term.terms
+        if isinstance(term, Linear) and not any(isinstance(t, Adapter) for t, _ in term.terms):
+            inner = term.terms
+        else:  # opaque: kept as one term
+            inner = ((term, 1.0),)
         for child, c in inner:
             combined[child] = combined.get(child, 0.0) + coeff * c
     kept = tuple((child, c) for child, c in combined.items() if c != 0.0)

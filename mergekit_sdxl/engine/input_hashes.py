@@ -19,6 +19,7 @@ import torch
 
 from mergekit_sdxl.engine.pipeline import ByteBudget
 from mergekit_sdxl.io.hashes import FileHashes, cached_hashes, hash_file, legacy_hash, store_cached_hashes
+from mergekit_sdxl.io.posio import tensor_memory
 
 HASH_BUDGET = 256 << 20  # bytes queued for hashing at most: reading never runs far ahead of the digests
 
@@ -84,7 +85,7 @@ class StreamHasher:
                 return
             if start > self.expected:
                 self._hash_range(self.expected, start)
-            raw = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            raw = tensor_memory(tensor.reshape(-1).view(torch.uint8))
             self._digests.update(raw)
             self.expected += len(raw)
 

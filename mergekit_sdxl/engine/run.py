@@ -297,6 +297,9 @@ def _records(plan: Plan, readers: Mapping[str, Checkpoint], known: Mapping[str, 
     records = []
     for i, (alias, reader) in enumerate(readers.items()):
         h = known.get(alias)
+        sha: str | None
+        v3: str | None
+        legacy: str | None
         if h is None and placeholder:
             sha, v3, legacy = f"{i:064x}", f"{i:064x}", f"{i:08x}"
         else:

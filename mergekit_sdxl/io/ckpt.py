@@ -35,7 +35,7 @@ import torch
 
 from mergekit_sdxl.errors import CheckpointError
 from mergekit_sdxl.io.dtypes import code_of
-from mergekit_sdxl.io.posio import PositionalFile
+from mergekit_sdxl.io.posio import PositionalFile, tensor_memory
 from mergekit_sdxl.io.reader import TensorInfo, open_regular
 
 UNSAFE_HINT = ("it contains pickled Python objects other than tensors, and unpickling arbitrary objects is refused "
@@ -205,7 +205,7 @@ class TorchCheckpoint:
                                       f"{name!r} holds {size} bytes")
         elif t.device.type != "cpu":
             raise CheckpointError(f"{where}: is a {t.device.type} tensor with no stored data")
-        _check_strides(where, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.element_size(),
+        _check_strides(where, tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), t.element_size(),
                        storage_bytes)
         return _Stored(t, offset, storage_bytes)
 
@@ -246,10 +246,10 @@ class TorchCheckpoint:
         size = t.element_size()
         extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
         raw = torch.empty(extent * size, dtype=torch.uint8)
-        start = e.offset + t.storage_offset() * size
+        start = e.offset + int(t.storage_offset()) * size
         try:
             assert self._file is not None
-            self._file.readinto(memoryview(raw.numpy()).cast("B"), start)
+            self._file.readinto(tensor_memory(raw).cast("B"), start)
         except EOFError as exc:  # a file cut while we read it: an error, never a SIGBUS (nothing is mapped)
             raise CheckpointError(f"{self.path}: reading tensor {key!r}: {exc} (truncated, or changed while being "
                                   "read?)") from None

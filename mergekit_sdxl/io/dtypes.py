@@ -118,8 +118,8 @@ def cast(tensor: torch.Tensor, code: str) -> tuple[torch.Tensor, int]:
     target = torch_dtype(code)
     if not tensor.is_floating_point() or tensor.dtype == target:
         return tensor, 0
-    fmax = DTYPES[code].fmax
-    if fmax >= DTYPES[code_of(tensor.dtype)].fmax or amax(tensor) <= fmax:
+    fmax = _fmax(code)
+    if fmax >= _fmax(code_of(tensor.dtype)) or amax(tensor) <= fmax:
         return tensor.to(target), 0
     src = tensor.reshape(-1)
     out = torch.empty(src.shape, dtype=target, device=tensor.device)
@@ -130,6 +130,14 @@ def cast(tensor: torch.Tensor, code: str) -> tuple[torch.Tensor, int]:
         # clamp in fp32 at least: bf16 cannot hold 65504, its nearest value 65536 would become inf in fp16
         out[i : i + CHUNK] = part.to(torch.promote_types(part.dtype, torch.float32)).clamp(-fmax, fmax)
     return out.view(tensor.shape), clamped
+
+
+def _fmax(code: str) -> float:
+    """The largest finite value of the float dtype `code`."""
+    fmax = DTYPES[code].fmax
+    if fmax is None:
+        raise ValueError(f"{code} is not a float dtype")
+    return fmax
 
 
 def amax(tensor: torch.Tensor, finite_only: bool = False) -> float:
@@ -178,7 +186,7 @@ def to_scaled_fp8(tensor: torch.Tensor, code: str) -> tuple[torch.Tensor, torch.
 
     if not is_fp8(code):
         raise ValueError(f"scaled fp8 needs an fp8 target, not {code}")
-    fmax = DTYPES[code].fmax
+    fmax = _fmax(code)
     top = amax(tensor)
     finite = math.isfinite(top)
     if not finite:

@@ -19,7 +19,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +94,8 @@ def _hash_stream(f, size: int, pool: ThreadPoolExecutor,  # noqa: ANN001 - a raw
     full, legacy, data = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
     buffers = [bytearray(chunk_size), bytearray(chunk_size)]
     data_offset: int | None = None
-    pos, pending, index = 0, [], 0
+    pos, index = 0, 0
+    pending: list[Future[None]] = []
     while True:
         buf = memoryview(buffers[index % 2])
         n = f.readinto(buf)

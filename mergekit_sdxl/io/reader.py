@@ -24,7 +24,7 @@ from mergekit_sdxl.errors import CheckpointError
 from mergekit_sdxl.io import jsonio
 from mergekit_sdxl.io.dtypes import DTYPES, torch_dtype
 from mergekit_sdxl.io.inputs import note_read
-from mergekit_sdxl.io.posio import PositionalFile
+from mergekit_sdxl.io.posio import PositionalFile, tensor_memory
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so header-only use stays fast
     import torch
@@ -288,7 +288,7 @@ class SafetensorsReader:
     def _fill(self, i: TensorInfo, raw: torch.Tensor) -> torch.Tensor:
         if i.nbytes:
             try:
-                self._readinto(memoryview(raw.numpy()).cast("B"), i.start)
+                self._readinto(tensor_memory(raw).cast("B"), i.start)
             except OSError as exc:
                 raise CheckpointError(f"{self.path}: reading tensor {i.key!r} failed: {exc.strerror}") from None
         return raw.view(torch_dtype(i.dtype)).reshape(i.shape)

@@ -47,7 +47,7 @@ from mergekit_sdxl.io.commit import (
     temp_path,
 )
 from mergekit_sdxl.io.dtypes import DTYPES, code_of
-from mergekit_sdxl.io.posio import PositionalFile
+from mergekit_sdxl.io.posio import PositionalFile, tensor_memory
 from mergekit_sdxl.platform.text import from_os
 
 __all__ = ["TEMP_SUFFIX", "SafetensorsWriter", "TensorSpec", "build_header", "cleanup_stale_temps", "save_file",
@@ -209,7 +209,7 @@ class SafetensorsWriter:
             raise ValueError(f"{key!r}: got {code_of(tensor.dtype)} {tuple(tensor.shape)}, "
                              f"announced {spec.dtype} {spec.shape}")
         flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        self._write_view(key, memoryview(flat.numpy()).cast("B"))
+        self._write_view(key, tensor_memory(flat).cast("B"))
 
     def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Write the raw bytes of one announced tensor (already in the spec's dtype, little-endian)."""

@@ -25,6 +25,7 @@ from mergekit_sdxl.arch.lora_names import LoraModule
 from mergekit_sdxl.arch.registry import arch_spec
 from mergekit_sdxl.errors import UsageError
 from mergekit_sdxl.io.dtypes import torch_dtype
+from mergekit_sdxl.io.posio import tensor_memory
 from mergekit_sdxl.io.writer import SafetensorsWriter, TensorSpec, build_header, safetensors_order
 from mergekit_sdxl.lora import clients
 
@@ -160,7 +161,7 @@ def kohya_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     if position > lo:
         legacy_window.write(header[lo:hi])
     for spec in specs:
-        raw = memoryview(tensors[spec.key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        raw = tensor_memory(tensors[spec.key].detach().cpu().contiguous().reshape(-1).view(torch.uint8))
         data.update(raw)
         end = position + len(raw)
         if end > lo and position < hi:

@@ -69,7 +69,8 @@ class ParamSpec:
                               f"{value!r} ({type(value).__name__}).")
         if self.type is bool:
             return bool(value)
-        number = float(value) if self.type is float else int(value)  # type: ignore[arg-type, call-overload]
+        assert isinstance(value, (int, float))  # _accepts let through only the numbers of a numeric type
+        number = float(value) if self.type is float else int(value)
         if (self.low is not None and number < self.low) or (self.high is not None and number > self.high):
             raise RecipeError(f"Method {method!r}: parameter {self.name!r} must lie in {self.range_text()}, "
                               f"got {value!r}.")

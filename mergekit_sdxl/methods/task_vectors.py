@@ -22,6 +22,17 @@ def _deltas(base: Tensor, models: tuple[Tensor, ...]) -> list[Tensor]:
     return [m - base for m in models]
 
 
+def _total(deltas: list[Tensor]) -> Tensor:
+    """0 + d_0 + d_1 + ... left to right, exactly as the builtin sum() adds (its leading 0 turns -0.0 into 0.0).
+
+    sum() itself would be typed Tensor | int and returns the int 0 for an empty list; `deltas` is never empty.
+    """
+    total = deltas[0] + 0
+    for d in deltas[1:]:
+        total = total + d
+    return total
+
+
 def keep_count(density: float, numel: int) -> int:
     """How many entries a top-k trim keeps: density·numel rounded half up, at least 1 when density > 0.
 
@@ -62,7 +73,7 @@ def _agreeing_sum(deltas: list[Tensor]) -> tuple[Tensor, Tensor]:
     The elected sign is sign(sum of deltas); a delta agrees where it is nonzero with that sign. Where the sum
     is exactly 0 no sign is elected and nothing agrees.
     """
-    elected = sum(deltas).sign_()
+    elected = _total(deltas).sign_()
     total, count = torch.zeros_like(elected), torch.zeros_like(elected)
     for d in deltas:
         agree = d.mul(elected).gt_(0)  # 1.0 / 0.0 in the compute dtype
@@ -113,7 +124,7 @@ def dare(
     for d in _deltas(base, models):
         keep = torch.rand(d.shape, generator=generator, dtype=torch.float32) >= p
         deltas.append(d.mul_(keep.to(d.device)).mul_(scale))
-    merged = _agreeing_sum(deltas)[0] if ties_sign else sum(deltas)
+    merged = _agreeing_sum(deltas)[0] if ties_sign else _total(deltas)
     return base + merged.mul_(float(alpha))
 
 
@@ -151,5 +162,5 @@ def model_stock(base: Tensor, *models: Tensor) -> Tensor:
         raise ValueError(f"model_stock needs at least 2 fine-tuned models besides the base, got {len(models)}")
     deltas = _deltas(base, models)
     t = model_stock_ratio(deltas)
-    mean = sum(deltas).div_(len(deltas))
+    mean = _total(deltas).div_(len(deltas))
     return base + mean.mul_(t)

@@ -198,9 +198,9 @@ class _Source:
         if self.reader is None:
             return base_tensor(spec.key, spec.shape, self.seed, self.code)
         base = self.reader.read(spec.key)
-        changes = (self.delta is not None and base.is_floating_point()
-                   and component_of(spec.key, self.arch) in self.components)
-        value = apply_delta(spec.key, base, self.delta, self.seed) if changes else base
+        delta = self.delta
+        changes = base.is_floating_point() and component_of(spec.key, self.arch) in self.components
+        value = apply_delta(spec.key, base, delta, self.seed) if delta is not None and changes else base
         target = torch_dtype(spec.dtype)
         return serial_cast(value, target) if value.is_floating_point() and value.dtype != target else value
 

@@ -186,11 +186,11 @@ def _fill(out: torch.Tensor, seed: int, stream: str, key: str, mean: float, std:
     # than they save when the cores are busy (the writer thread, other processes). Small tensors are cast by
     # NumPy (less per-call overhead); both round to nearest even, so the bytes are the same either way.
     small = out.numel() < _SERIAL_SLICE and out.dtype in (torch.float16, torch.float32)
-    target = out.numpy() if small else out
+    array = out.numpy() if small else None  # shares out's memory
     for start, chunk in _uniform_chunks(seed, stream, key, out.numel()):
         values = _affine(chunk, mean, std)
-        if small:
-            target[start:start + chunk.size] = values
+        if array is not None:
+            array[start:start + chunk.size] = values
             continue
         source = torch.from_numpy(values)
         for i in range(0, chunk.size, _SERIAL_SLICE):
