@@ -121,8 +121,9 @@ def _down_to_diffusers(i: int, j: int, rest: str, lay: Layout) -> str | None:
         return None
     if layer == lay.layers_per_block:
         sm = _SAMPLER_CONV.fullmatch(rest)
-        ok = j == 0 and sm is not None and sm.group(1) == "op" and b < len(lay.up_block_attn) - 1
-        return f"down_blocks.{b}.downsamplers.0.conv.{sm.group(2)}" if ok else None
+        if sm is None or not (j == 0 and sm.group(1) == "op" and b < len(lay.up_block_attn) - 1):
+            return None
+        return f"down_blocks.{b}.downsamplers.0.conv.{sm.group(2)}"
     if j == 0:
         res = _swap(rest, _RESNET)
         return None if res is None else f"down_blocks.{b}.resnets.{layer}.{res}"
@@ -168,9 +169,10 @@ def unet_to_ldm(name: str, lay: Layout) -> str | None:
         if kind == "attentions":
             return f"input_blocks.{1 + b * step + layer}.1.{rest}"
         sm = _SAMPLER_CONV.fullmatch(rest)
-        ok = kind == "downsamplers" and layer == 0 and sm is not None and sm.group(1) == "conv"
-        ok = ok and b < len(lay.up_block_attn) - 1
-        return f"input_blocks.{1 + b * step + lay.layers_per_block}.0.op.{sm.group(2)}" if ok else None
+        if sm is None or not (kind == "downsamplers" and layer == 0 and sm.group(1) == "conv"):
+            return None
+        return f"input_blocks.{1 + b * step + lay.layers_per_block}.0.op.{sm.group(2)}" \
+            if b < len(lay.up_block_attn) - 1 else None
     if kind == "resnets":
         res = _swap(rest, _RESNET_REV)
         return None if res is None else f"output_blocks.{b * step + layer}.0.{res}"

@@ -34,7 +34,7 @@ class KeyInfo:
 def key_table(arch: str) -> Mapping[str, KeyInfo]:
     """Read-only mapping key -> KeyInfo for architecture `arch`, sorted by key."""
     name = arch_spec(arch).data
-    text = resources.files("mergekit_sdxl.arch").joinpath("data", f"{name}.json").read_text(encoding="utf-8")
+    text = resources.files("mergekit_sdxl.arch").joinpath("data").joinpath(f"{name}.json").read_text(encoding="utf-8")
     raw = json.loads(text)["keys"]
     table = {key: KeyInfo(tuple(shape), dtype, bool(opt), comp) for key, (shape, dtype, opt, comp) in raw.items()}
     return MappingProxyType(table)

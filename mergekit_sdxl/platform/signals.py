@@ -12,7 +12,7 @@ import signal
 
 def console_interrupts() -> list[int]:
     """The console's interrupt keys as signals: SIGINT, plus SIGBREAK on Windows."""
-    return [signal.SIGINT] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])  # type: ignore[attr-defined]
+    return [signal.SIGINT] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
 
 
 def stop_signals() -> list[int]:

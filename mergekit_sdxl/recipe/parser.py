@@ -252,7 +252,7 @@ class _Parser(Fields):
         items = fields["lora"] if isinstance(fields["lora"], list) else [fields["lora"]]
         if not items or len(items) > MAX_LIST:
             raise fail(self.where("steps", name, "lora"), f"expected 1 to {MAX_LIST} adapter files")
-        defaults = {k: fields[k] for k in ("strength", "te_strength", "blocks") if k in fields}
+        defaults: dict[str, Any] = {k: fields[k] for k in ("strength", "te_strength", "blocks") if k in fields}
         adapters = tuple(self.adapter(name, i, item, defaults, convention) for i, item in enumerate(items))
         return LoraStep(name, model, adapters, convention)
 

@@ -216,8 +216,7 @@ class _Planner:
             output=self.recipe.output,
             recipe_dict=resolved_recipe(self.recipe, self.arch, list(self.headers), self.params),
             warnings=self.warnings,
-            sha256={alias: self.recipe.models[alias].sha256 for alias in self.headers
-                    if self.recipe.models[alias].sha256},
+            sha256={alias: sha for alias in self.headers if (sha := self.recipe.models[alias].sha256)},
             steps=[describe_step(self.recipe, name, self.params) for name in self.recipe.steps
                    if name not in self.recipe.unused],
         )
