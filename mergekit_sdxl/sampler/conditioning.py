@@ -12,13 +12,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from mergekit_sdxl.errors import PromptError
 from mergekit_sdxl.sampler import tokens
 from mergekit_sdxl.sampler.prompt import Chunk, chunk_prompt
+
+if TYPE_CHECKING:
+    from mergekit_sdxl.sampler.embeddings import Embedding, EmbeddingSet
+
+_R = TypeVar("_R")
 
 TE2_PAD = 0
 SDXL_CLIP_L_LAYER = 11  # A1111's `layer_idx`: CLIP-L's penultimate layer, also for files pruned of layer 11
@@ -32,7 +39,7 @@ class Cond:
     pooled: torch.Tensor | None = None
 
 
-def chunks_for(prompt: str, encoder: str = "te1", embeddings: object | None = None) -> list[Chunk]:
+def chunks_for(prompt: str, encoder: str = "te1", embeddings: EmbeddingSet | None = None) -> list[Chunk]:
     """A1111 chunks of `prompt` as `encoder` ("te1" or "te2") tokenizes it (te1 padding: EOS)."""
     find = None if embeddings is None else embeddings.find
     return chunk_prompt(prompt, lambda pieces: tokens.tokenize_pieces(pieces, encoder), tokens.BOS, tokens.EOS,
@@ -56,7 +63,7 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (z * (mean_before / z.mean(dim=(1, 2), keepdim=True))).to(dtype)
 
 
-def _place_embeddings(token_embeds: torch.Tensor, fixes: list[list[tuple[int, object]]], key: str) -> torch.Tensor:
+def _place_embeddings(token_embeds: torch.Tensor, fixes: list[list[tuple[int, Embedding]]], key: str) -> torch.Tensor:
     """Token embeddings with each embedding's vectors after BOS + offset (A1111's EmbeddingsWithFixes)."""
     out = token_embeds.clone()
     for row, row_fixes in enumerate(fixes):
@@ -67,15 +74,19 @@ def _place_embeddings(token_embeds: torch.Tensor, fixes: list[list[tuple[int, ob
     return out
 
 
-def _text_model(encoder: torch.nn.Module) -> torch.nn.Module:
+def _text_model(encoder: Any) -> Any:
     return getattr(encoder, "text_model", encoder)
 
 
 class PromptEncoder:
-    """Encodes prompts with one model's text encoders (te2 is None on SD1.5)."""
+    """Encodes prompts with one model's text encoders (te2 is None on SD1.5).
 
-    def __init__(self, te1: torch.nn.Module, te2: torch.nn.Module | None = None, clip_skip: int = 1,
-                 embeddings: object | None = None) -> None:
+    The encoders are transformers' CLIP text models, typed Any: torch's Module typing would hide their
+    `config`, `text_model` and output fields.
+    """
+
+    def __init__(self, te1: Any, te2: Any | None = None, clip_skip: int = 1,
+                 embeddings: EmbeddingSet | None = None) -> None:
         if clip_skip < 1:
             raise ValueError("clip_skip counts from 1 (1 = last layer)")
         self.te1, self.te2, self.clip_skip, self.embeddings = te1, te2, clip_skip, embeddings
@@ -88,10 +99,11 @@ class PromptEncoder:
     @torch.inference_mode()
     def encode(self, prompt: str, negative: bool = False) -> Cond:
         """Encode one prompt; `negative=True` with an empty prompt gives SDXL's zero conditioning."""
-        if self.is_sdxl and negative and prompt == "":
-            return self._zeros()
+        te2 = self.te2
+        if te2 is not None and negative and prompt == "":
+            return self._zeros(te2)
         chunks = chunks_for(prompt, "te1", self.embeddings)
-        if not self.is_sdxl:
+        if te2 is None:
             z = apply_emphasis(self._run(self.te1, chunks, "clip_l", self._encode_sd15), self._weights(chunks))
             return Cond(context=z.reshape(1, -1, z.shape[-1]))
         chunks2 = chunks_for(prompt, "te2", self.embeddings)
@@ -101,8 +113,7 @@ class PromptEncoder:
         hidden1 = self._run(self.te1, chunks, "clip_l",
                             lambda ids: self.te1(ids, output_hidden_states=True).hidden_states[SDXL_CLIP_L_LAYER])
         z1 = apply_emphasis(hidden1, self._weights(chunks))
-        out2 = self._run(self.te2, chunks2, "clip_g",
-                         lambda ids: self.te2(pad_after_first_eos(ids), output_hidden_states=True))
+        out2 = self._run(te2, chunks2, "clip_g", lambda ids: te2(pad_after_first_eos(ids), output_hidden_states=True))
         z2 = apply_emphasis(out2.hidden_states[-2], self._weights(chunks2))
         z = torch.cat([z1, z2.to(z1.dtype)], dim=-1)
         return Cond(context=z.reshape(1, -1, z.shape[-1]), pooled=out2.text_embeds[:1])
@@ -117,7 +128,7 @@ class PromptEncoder:
     def _weights(self, chunks: list[Chunk]) -> torch.Tensor:
         return torch.tensor([c.weights for c in chunks], device=next(self.te1.parameters()).device)
 
-    def _run(self, encoder: torch.nn.Module, chunks: list[Chunk], key: str, call: object) -> object:
+    def _run(self, encoder: Any, chunks: list[Chunk], key: str, call: Callable[[torch.Tensor], _R]) -> _R:
         """`call(ids)` on `encoder` with the chunks' embedding vectors put in place of their placeholders."""
         device = next(encoder.parameters()).device
         ids = torch.tensor([c.tokens for c in chunks], device=device)
@@ -137,9 +148,9 @@ class PromptEncoder:
         hidden = self.te1(ids, output_hidden_states=True).hidden_states[-self.clip_skip]
         return _text_model(self.te1).final_layer_norm(hidden)
 
-    def _zeros(self) -> Cond:
+    def _zeros(self, te2: Any) -> Cond:
         p1 = next(self.te1.parameters())
-        width = self.te1.config.hidden_size + self.te2.config.hidden_size
+        width = self.te1.config.hidden_size + te2.config.hidden_size
         context = torch.zeros(1, tokens.MAX_LENGTH, width, device=p1.device, dtype=p1.dtype)
-        pooled = torch.zeros(1, self.te2.config.projection_dim, device=p1.device, dtype=p1.dtype)
+        pooled = torch.zeros(1, te2.config.projection_dim, device=p1.device, dtype=p1.dtype)
         return Cond(context=context, pooled=pooled)

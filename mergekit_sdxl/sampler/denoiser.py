@@ -7,11 +7,15 @@ the UNet sees `x / sqrt(sigma^2 + 1)` and the fractional timestep of `sigma`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from mergekit_sdxl.sampler.conditioning import Cond
 from mergekit_sdxl.sampler.schedules import DiscreteSchedule
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 Schedule = list[tuple[int, Cond]]  # (last model call it is used for, conditioning), as A1111's prompt schedules
 
@@ -47,9 +51,14 @@ def _as_schedule(value: Cond | Schedule) -> Schedule:
 
 
 def _as_parts(value: Cond | Schedule | list[tuple[Schedule, float]]) -> list[tuple[Schedule, float]]:
-    if isinstance(value, Cond) or (value and isinstance(value[0][0], int)):
+    if isinstance(value, Cond) or _is_schedule(value):
         return [(_as_schedule(value), 1.0)]
     return value
+
+
+def _is_schedule(value: Schedule | list[tuple[Schedule, float]]) -> TypeIs[Schedule]:
+    """A schedule's entries start with a step number; weighted parts start with a schedule."""
+    return bool(value) and isinstance(value[0][0], int)
 
 
 def _pick(schedule: Schedule, call: int) -> Cond:
@@ -122,6 +131,8 @@ class Denoiser:
         """One UNet call on a batch (context and pooled have one row per image); returns float32."""
         added = None
         if pooled is not None:
+            if time_ids is None:
+                raise ValueError("SDXL conditioning (a pooled embedding) needs time_ids")
             ids = time_ids.to(x.device, self.dtype)[None].expand(x.shape[0], -1)
             added = {"text_embeds": pooled.to(self.dtype), "time_ids": ids}
         out = self.unet(x, t.to(x.device), encoder_hidden_states=context.to(self.dtype), added_cond_kwargs=added,

@@ -37,7 +37,10 @@ class Embedding:
 
     def vectors_for(self, key: str) -> torch.Tensor:
         """The [n, width] vectors for encoder `key` ("clip_l" or "clip_g"); one-encoder files serve both."""
-        return self.vectors_by_key.get(key, self.vectors_by_key.get("*"))
+        vectors = self.vectors_by_key.get(key, self.vectors_by_key.get("*"))
+        if vectors is None:
+            raise ValueError(f"embedding {self.name!r} has no vectors for {key}")
+        return vectors
 
     @property
     def shorthash(self) -> str:

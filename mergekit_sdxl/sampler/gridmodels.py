@@ -84,7 +84,9 @@ class RecipeModels:
         changes = describe_settings([s for s in settings if s.changes_model])
         label = ", ".join(f"{k}={v}" for k, v in changes.items()) or "recipe as written"
         record = json.dumps({"recipe": str(self.path), "settings": changes}, sort_keys=True)
-        paths = tuple(Path(chosen.models[name].path) for name in chosen.models if name not in chosen.unused)
+        # a model named by hash only has no path yet: the merge itself refuses it with the way to find it
+        paths = tuple(Path(path) for name, ref in chosen.models.items()
+                      if name not in chosen.unused and (path := ref.path) is not None)
         return GridModel(label, f"{self.path.stem} {label}".strip(), lambda: merge_in_memory(chosen, label,
                                                                                             self.device),
                          recipe=record, paths=paths)

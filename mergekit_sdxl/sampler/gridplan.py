@@ -62,7 +62,7 @@ class GridPlan:
     @classmethod
     def build(cls, x: Axis = ONE, y: Axis = ONE, z: Axis = ONE) -> GridPlan:
         check_axes((x, y, z))
-        cells = []
+        cells: list[Cell] = []
         for zi, zp in enumerate(z.points):
             for yi, yp in enumerate(y.points):
                 for xi, xp in enumerate(x.points):

@@ -123,11 +123,12 @@ class ModelSlot:
         if any(k in keys for k in EDM_MARKERS):
             raise CheckpointError(f"{source.name}: EDM v-prediction checkpoints (edm_vpred.*) are not supported by "
                                   "the preview sampler")
-        scales = {scaled_key_of(k): k for k in keys if scaled_key_of(k)}
+        scales = {scale: k for k in keys if (scale := scaled_key_of(k))}
         weights = [k for k in keys if scaled_key_of(k) is None and not is_marker(k)]
         configs = derive_configs(arch, {k: source.shape(k) for k in weights})
-        reuse = self.model is not None and self.model.arch == arch and self.model.configs == configs
-        modules = self.model.modules if reuse else build_modules(configs)
+        loaded = self.model
+        reuse = loaded is not None and loaded.arch == arch and loaded.configs == configs
+        modules = loaded.modules if loaded is not None and reuse else build_modules(configs)
         self.model = None  # a failed load leaves no half-loaded model behind
         signature = (arch, tuple(weights), tuple(sorted(scales.items())))
         plan = self._plan if reuse and self._plan is not None and self._plan.signature == signature else None
@@ -253,7 +254,7 @@ def _read_ahead(source: WeightSource, items: list[tuple[str, Mappings]], scales:
     reads the next few tensors meanwhile."""
 
     def read(ldm: str) -> torch.Tensor | None:
-        if ldm in direct:
+        if source.read_into is not None and ldm in direct:  # `direct` is empty without read_into
             source.read_into(ldm, direct[ldm])
             return None
         stored = source.read(ldm)

@@ -30,18 +30,19 @@ class _Source:
     def __init__(self, seed: int, rng: str, device: torch.device) -> None:
         self.rng, self.device = rng, device
         if rng == "nv":
-            self.generator: object = PhiloxGenerator(seed)
+            self.generator: PhiloxGenerator | torch.Generator = PhiloxGenerator(seed)
         elif rng == "gpu":
             self.generator = torch.Generator(device).manual_seed(int(seed))
         else:
             self.generator = torch.Generator("cpu").manual_seed(int(seed))
 
     def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
-        if self.rng == "nv":
-            return torch.from_numpy(self.generator.randn(shape))
+        generator = self.generator
+        if isinstance(generator, PhiloxGenerator):  # rng "nv"
+            return torch.from_numpy(generator.randn(shape))
         if self.rng == "gpu":
-            return torch.randn(shape, generator=self.generator, device=self.device, dtype=torch.float32)
-        return torch.randn(shape, generator=self.generator, dtype=torch.float32)
+            return torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
 def check_rng(rng: str, device: torch.device | str) -> None:
@@ -82,13 +83,14 @@ class ImageNoise:
 
 
 _TREE_RNG: contextvars.ContextVar[tuple[str, torch.device] | None] = contextvars.ContextVar("tree_rng", default=None)
-_original_randn: Callable | None = None
+_original_randn: Callable[..., torch.Tensor] | None = None
 
 
 def _tree_randn(size: tuple[int, ...], dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
     """torchsde's draw for a tree node: from our RNG source while a `BrownianNoise` is active, else torchsde's."""
     active = _TREE_RNG.get()
     if active is None:
+        assert _original_randn is not None  # saved before this hook was installed
         return _original_randn(size, dtype, device, seed)
     rng, _ = active
     return randn_local(int(seed), tuple(size), rng, device).to(device=device, dtype=dtype)

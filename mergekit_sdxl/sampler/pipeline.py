@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,7 +23,7 @@ from mergekit_sdxl.sampler.conditioning import Cond, PromptEncoder
 from mergekit_sdxl.sampler.denoiser import Denoiser, Guidance, Schedule, sdxl_time_ids
 from mergekit_sdxl.sampler.embeddings import EmbeddingSet
 from mergekit_sdxl.sampler.lora_apply import AppliedAdapters
-from mergekit_sdxl.sampler.models import Model
+from mergekit_sdxl.sampler.models import Model, ModelSlot
 from mergekit_sdxl.sampler.noise import ImageNoise, check_rng
 from mergekit_sdxl.sampler.prompt_loras import LoraTag, adapter_specs, extract_lora_tags, lora_hashes
 from mergekit_sdxl.sampler.prompt_schedule import prompt_schedule, split_and
@@ -63,13 +64,13 @@ class Renderer:
     `embeddings_dir` holds textual-inversion embeddings used by name.
     """
 
-    def __init__(self, model: Model, slot: object | None = None, lora_dir: str | Path | None = None,
+    def __init__(self, model: Model, slot: ModelSlot | None = None, lora_dir: str | Path | None = None,
                  embeddings_dir: str | Path | None = None) -> None:
         self.model, self.slot, self.lora_dir = model, slot, lora_dir
         m = model.modules
         self.schedule = DiscreteSchedule(ztsnr=model.ztsnr)
         self.denoiser = Denoiser(m[UNET], self.schedule, model.prediction)
-        width = sum(m.config.hidden_size for k, m in model.modules.items() if k in (TEXT_ENCODER, TEXT_ENCODER_2))
+        width = sum(_hidden_size(m) for k, m in model.modules.items() if k in (TEXT_ENCODER, TEXT_ENCODER_2))
         self.embeddings = EmbeddingSet.load(embeddings_dir, width) if embeddings_dir else None
         self._encoders: dict[int, PromptEncoder] = {}
         self._conds: dict[tuple[str, bool, int], Cond] = {}
@@ -114,6 +115,7 @@ class Renderer:
         self._conds.clear()
         self._lora_key, self._lora_hashes = (), ""
         if specs:
+            assert self.slot is not None  # refused above
             self._adapters = AppliedAdapters(self.slot, specs)
             self._lora_key, self._lora_hashes = key, lora_hashes(tags, specs)
 
@@ -168,7 +170,7 @@ class Renderer:
         return torch.cat([self._decode_one(latents[i : i + 1]) for i in range(latents.shape[0])])
 
     def _decode_one(self, latent: torch.Tensor) -> torch.Tensor:
-        vae = self.model.modules[VAE]
+        vae: Any = self.model.modules[VAE]  # a diffusers AutoencoderKL: torch's Module typing hides `decode`
         dtype = next(vae.parameters()).dtype
         z = (latent / self.model.latent_scale).to(dtype)
         image = vae.decode(z, return_dict=False)[0].float()
@@ -189,3 +191,8 @@ def to_pil(image: torch.Tensor) -> object:
 
     array = (image.permute(1, 2, 0).cpu().float().numpy() * 255.0).astype("uint8")
     return Image.fromarray(array)
+
+
+def _hidden_size(encoder: Any) -> int:
+    """A transformers text encoder's width (torch's Module typing hides `config`)."""
+    return int(encoder.config.hidden_size)

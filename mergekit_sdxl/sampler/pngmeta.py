@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from mergekit_sdxl.platform.text import from_os
 from mergekit_sdxl.sampler.catalog import RNG_LABELS, sampler_name, schedule_name
+
+if TYPE_CHECKING:
+    from PIL.PngImagePlugin import PngInfo
 
 RECIPE_CHUNK = "mergekit_recipe"
 
@@ -63,7 +67,7 @@ def parameters_text(prompt: str, negative: str, steps: int, sampler: str, schedu
     return "\n".join(lines)
 
 
-def png_info(parameters: str, recipe: str | None = None) -> object:
+def png_info(parameters: str, recipe: str | None = None) -> PngInfo:
     """A PIL `PngInfo` with the `parameters` chunk (and the recipe chunk when given)."""
     from PIL.PngImagePlugin import PngInfo
 

@@ -19,8 +19,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mergekit_sdxl.errors import PromptError
+
+if TYPE_CHECKING:
+    from mergekit_sdxl.sampler.embeddings import Embedding  # imports torch: for the type checker only
 
 ROUND, SQUARE = 1.1, 1 / 1.1
 BREAK_WEIGHT = -1.0  # marks a BREAK segment, as A1111 does
@@ -95,12 +99,12 @@ class Chunk:
 
     tokens: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
-    fixes: list[tuple[int, object]] = field(default_factory=list)
+    fixes: list[tuple[int, Embedding]] = field(default_factory=list)
 
 
 Tokenize = Callable[[list[str]], list[list[int]]]
 # (tokens, position) -> (embedding, number of name tokens it covers) or None
-FindEmbedding = Callable[[list[int], int], "tuple[object, int] | None"]
+FindEmbedding = Callable[[list[int], int], "tuple[Embedding, int] | None"]
 PLACEHOLDER = 0  # token id under an embedding's positions (A1111 writes 0 there)
 
 
@@ -159,7 +163,7 @@ class _ChunkBuilder:
         self.current.tokens.append(token)
         self.current.weights.append(weight)
 
-    def embed(self, embedding: object, weight: float) -> None:
+    def embed(self, embedding: Embedding, weight: float) -> None:
         """Place an embedding's vectors, starting a new chunk when they do not fit in this one."""
         length = int(embedding.vectors)
         if len(self.current.tokens) + length > CHUNK_LENGTH:

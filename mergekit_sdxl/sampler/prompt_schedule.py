@@ -31,8 +31,9 @@ _PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")  # text, with any escaped charact
 class _Edit:
     before: list | None
     after: list
-    when: str
+    when: str  # as written: a step number, or a fraction of the steps
     at: int  # position of the `[` in the prompt
+    step: int = 0  # `when` as a step, set by `_resolve`
 
 
 @dataclass
@@ -134,12 +135,12 @@ def _resolve(items: list, steps: int, prompt: str) -> tuple[set[int], bool]:
             value = float(item.when)
             value = value * steps if "." in item.when else value
             try:
-                item.when = min(steps, int(value))
+                item.step = min(steps, int(value))
             except OverflowError:
                 raise PromptError(f"prompt {prompt!r}: step {item.when!r} at character {item.at} is out of "
                                   "range") from None
-            if item.when >= 1:
-                changes.add(item.when)
+            if item.step >= 1:
+                changes.add(item.step)
             for part in (item.before or [], item.after):
                 sub, alt = _resolve(part, steps, prompt)
                 changes |= sub
@@ -155,7 +156,7 @@ def _render(items: list, step: int) -> str:
     out = []
     for item in items:
         if isinstance(item, _Edit):
-            out.append(_render(item.before or [], step) if step <= item.when else _render(item.after, step))
+            out.append(_render(item.before or [], step) if step <= item.step else _render(item.after, step))
         elif isinstance(item, _Alternate):
             out.append(_render(item.options[(step - 1) % len(item.options)], step))
         else:

@@ -104,7 +104,9 @@ def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, noi
     """
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', not {solver_type!r}")
-    old_denoised, h_last, h = None, None, None
+    old_denoised: torch.Tensor | None = None
+    h_last: torch.Tensor | None = None
+    h: torch.Tensor | None = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigma_batch(sigmas[i], x))
         if sigmas[i + 1] == 0:
@@ -114,7 +116,7 @@ def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, noi
             eta_h = eta * h
             phi_1 = (-h - eta_h).expm1().neg()
             x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + phi_1 * denoised
-            if old_denoised is not None:
+            if old_denoised is not None and h_last is not None:  # both come from the previous step
                 ratio = h / h_last  # 1 / r
                 if solver_type == "heun":
                     x = x + (phi_1 / (-h - eta_h) + 1) * ratio * (denoised - old_denoised)
@@ -136,7 +138,11 @@ def sample_dpmpp_2m_sde_heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor
 def sample_dpmpp_3m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, noise: Noise,
                         callback: Callback = None, eta: float = 1.0) -> torch.Tensor:
     """DPM-Solver++(3M) SDE: third-order multistep from the two previous predictions and step sizes."""
-    denoised_1, denoised_2, h_1, h_2, h = None, None, None, None, None
+    denoised_1: torch.Tensor | None = None
+    denoised_2: torch.Tensor | None = None
+    h_1: torch.Tensor | None = None
+    h_2: torch.Tensor | None = None
+    h: torch.Tensor | None = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigma_batch(sigmas[i], x))
         if sigmas[i + 1] == 0:
@@ -146,7 +152,7 @@ def sample_dpmpp_3m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, noi
             h_eta = h * (eta + 1)
             x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
             phi_2 = h_eta.neg().expm1() / h_eta + 1
-            if h_2 is not None:
+            if h_2 is not None and h_1 is not None and denoised_1 is not None and denoised_2 is not None:
                 r0, r1 = h_1 / h, h_2 / h
                 d1_0 = (denoised - denoised_1) / r0
                 d1_1 = (denoised_1 - denoised_2) / r1
@@ -154,7 +160,7 @@ def sample_dpmpp_3m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, noi
                 d2 = (d1_0 - d1_1) / (r0 + r1)
                 phi_3 = phi_2 / h_eta - 0.5
                 x = x + phi_2 * d1 - phi_3 * d2
-            elif h_1 is not None:
+            elif h_1 is not None and denoised_1 is not None:
                 x = x + phi_2 * ((denoised - denoised_1) / (h_1 / h))
             if eta:
                 x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt()

@@ -83,13 +83,13 @@ def append_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros([1])])
 
 
-def get_sigmas_normal(n: int, schedule: DiscreteSchedule, device: str = "cpu") -> torch.Tensor:
+def get_sigmas_normal(n: int, schedule: DiscreteSchedule, device: str | torch.device = "cpu") -> torch.Tensor:
     """A1111 "Automatic"/k-diffusion `get_sigmas`: timesteps spaced evenly from 999 to 0."""
     t = torch.linspace(len(schedule.sigmas) - 1, 0, n)
     return append_zero(schedule.t_to_sigma(t)).to(device)
 
 
-def get_sigmas_sgm_uniform(n: int, schedule: DiscreteSchedule, device: str = "cpu") -> torch.Tensor:
+def get_sigmas_sgm_uniform(n: int, schedule: DiscreteSchedule, device: str | torch.device = "cpu") -> torch.Tensor:
     """SGM uniform (A1111 "SGM Uniform", ComfyUI `sgm_uniform`): n of n+1 even timesteps from sigma_max."""
     start = schedule.sigma_to_t(torch.tensor(schedule.sigma_max))
     end = schedule.sigma_to_t(torch.tensor(schedule.sigma_min))
@@ -98,33 +98,34 @@ def get_sigmas_sgm_uniform(n: int, schedule: DiscreteSchedule, device: str = "cp
 
 
 def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
-                      device: str = "cpu") -> torch.Tensor:
+                      device: str | torch.device = "cpu") -> torch.Tensor:
     """Karras et al. (2022) schedule, rho = 7."""
     ramp = torch.linspace(0, 1, n)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return append_zero((hi + ramp * (lo - hi)) ** rho).to(device)
 
 
-def get_sigmas_exponential(n: int, sigma_min: float, sigma_max: float, device: str = "cpu") -> torch.Tensor:
+def get_sigmas_exponential(n: int, sigma_min: float, sigma_max: float,
+                           device: str | torch.device = "cpu") -> torch.Tensor:
     """Sigmas evenly spaced in log space."""
     return append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n).exp()).to(device)
 
 
 def get_sigmas_polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0,
-                               device: str = "cpu") -> torch.Tensor:
+                               device: str | torch.device = "cpu") -> torch.Tensor:
     """log sigma a polynomial (degree rho) of the step; rho = 1 is the exponential schedule."""
     ramp = torch.linspace(1, 0, n) ** rho
     return append_zero(torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))).to(device)
 
 
-def get_sigmas_simple(n: int, schedule: DiscreteSchedule, device: str = "cpu") -> torch.Tensor:
+def get_sigmas_simple(n: int, schedule: DiscreteSchedule, device: str | torch.device = "cpu") -> torch.Tensor:
     """Every (1000 / n)-th training sigma counted from the top (A1111 "Simple", ComfyUI `simple`)."""
     stride = len(schedule.sigmas) / n
     picked = [float(schedule.sigmas[-(1 + int(k * stride))]) for k in range(n)]
     return torch.tensor([*picked, 0.0], dtype=torch.float32, device=device)
 
 
-def get_sigmas_ddim(n: int, schedule: DiscreteSchedule, device: str = "cpu") -> torch.Tensor:
+def get_sigmas_ddim(n: int, schedule: DiscreteSchedule, device: str | torch.device = "cpu") -> torch.Tensor:
     """Training sigmas at timesteps 1, 1 + k, 1 + 2k, ... (k = 1000 // n), highest first, then 0.
 
     As A1111's "DDIM" schedule (ComfyUI `ddim_uniform`): when k does not divide 999 evenly this gives more than
@@ -135,7 +136,8 @@ def get_sigmas_ddim(n: int, schedule: DiscreteSchedule, device: str = "cpu") -> 
     return torch.tensor([*picked[::-1], 0.0], dtype=torch.float32, device=device)
 
 
-def get_sigmas_kl_optimal(n: int, sigma_min: float, sigma_max: float, device: str = "cpu") -> torch.Tensor:
+def get_sigmas_kl_optimal(n: int, sigma_min: float, sigma_max: float,
+                          device: str | torch.device = "cpu") -> torch.Tensor:
     """KL-optimal schedule (Sabour et al. 2024): even in arctan(sigma). A1111's form: n + 1 values from sigma_max
     down to sigma_min, with no final 0, so sampling stops at sigma_min."""
     a_min, a_max = torch.arctan(torch.tensor(sigma_min)), torch.arctan(torch.tensor(sigma_max))
@@ -143,7 +145,7 @@ def get_sigmas_kl_optimal(n: int, sigma_min: float, sigma_max: float, device: st
     return torch.tan(k / n * a_min + (1.0 - k / n) * a_max).to(device)
 
 
-def get_sigmas_align_your_steps(n: int, arch: str, device: str = "cpu") -> torch.Tensor:
+def get_sigmas_align_your_steps(n: int, arch: str, device: str | torch.device = "cpu") -> torch.Tensor:
     """Align Your Steps (Sabour et al. 2024): the published table for `arch`, log-linearly resampled to n sigmas
     (used as is for n = 11), then 0, as A1111 does."""
     table = np.array(arch_spec(arch).sampler.ays_sigmas, dtype=np.float64)  # NVIDIA's 10-step table, 11 sigmas
@@ -158,7 +160,7 @@ def get_sigmas_align_your_steps(n: int, arch: str, device: str = "cpu") -> torch
 BETA_ALPHA, BETA_BETA = 0.6, 0.6  # A1111's defaults (`beta_dist_alpha`, `beta_dist_beta`)
 
 
-def get_sigmas_beta(n: int, sigma_min: float, sigma_max: float, device: str = "cpu") -> torch.Tensor:
+def get_sigmas_beta(n: int, sigma_min: float, sigma_max: float, device: str | torch.device = "cpu") -> torch.Tensor:
     """Beta schedule (Lee et al. 2024), A1111's form: sigma_min + ppf(u) (sigma_max - sigma_min) for u from 1
     down to 0 with the Beta(0.6, 0.6) quantile function, then 0. (ComfyUI's `beta` picks training sigmas at
     those quantiles instead.)"""
@@ -169,7 +171,8 @@ def get_sigmas_beta(n: int, sigma_min: float, sigma_max: float, device: str = "c
                         dtype=torch.float32, device=device)
 
 
-def get_sigmas(name: str, n: int, schedule: DiscreteSchedule, device: str = "cpu", arch: str = DEFAULT_ARCH,
+def get_sigmas(name: str, n: int, schedule: DiscreteSchedule, device: str | torch.device = "cpu",
+               arch: str = DEFAULT_ARCH,
                discard_penultimate: bool = False) -> torch.Tensor:
     """Sigmas of schedule `name` (or an alias) for an n-step run, as A1111 computes them.
 

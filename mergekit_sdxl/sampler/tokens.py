@@ -6,6 +6,10 @@ import functools
 import html
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
 BOS, EOS = 49406, 49407
@@ -13,7 +17,7 @@ MAX_LENGTH = 77
 
 
 @functools.lru_cache(maxsize=1)
-def clip_tokenizer() -> object:
+def clip_tokenizer() -> CLIPTokenizer:
     """The CLIP tokenizer (transformers `CLIPTokenizer`), pads with `<|endoftext|>`; cached."""
     from transformers import CLIPTokenizer
 
@@ -21,7 +25,7 @@ def clip_tokenizer() -> object:
 
 
 @functools.lru_cache(maxsize=1)
-def clip_tokenizer_2() -> object:
+def clip_tokenizer_2() -> CLIPTokenizer:
     """The same vocabulary set up as SDXL's `tokenizer_2`: pads with `!` (id 0), as diffusers ships it."""
     from transformers import CLIPTokenizer
 
@@ -31,7 +35,9 @@ def clip_tokenizer_2() -> object:
 @functools.lru_cache(maxsize=1)
 def comma_id() -> int:
     """Token id of a comma that ends a word (`,</w>`), the chunk back-off point."""
-    return clip_tokenizer().convert_tokens_to_ids(",</w>")
+    found = clip_tokenizer().convert_tokens_to_ids(",</w>")
+    assert isinstance(found, int)  # one token in, one id out
+    return found
 
 
 def normalize(text: str, encoder: str = "te1") -> str:

@@ -77,6 +77,7 @@ def sample_uni_pc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, noise: No
             ms, prev = [model(x, sigma_batch(times[0], x))], [times[0]]
         elif index < order:
             x, m = _update(model, x, ms, prev, times[index], index, variant, corrector=True)
+            assert m is not None  # the corrector ran: it returns the model output at x
             ms.append(m)
             prev.append(times[index])
         else:
@@ -85,6 +86,7 @@ def sample_uni_pc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, noise: No
                 x, m = _update(model, x, ms, prev, times[step], step_order, variant, corrector=step != steps)
                 ms, prev = ms[1:] + ms[-1:], prev[1:] + [times[step]]  # shift; the last is replaced below
                 if step < steps:
+                    assert m is not None  # corrector=True for every step before the last
                     ms[-1] = m
         report(callback, index, x, ms[-1])
     return x
