@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
@@ -10,6 +11,9 @@ from mergekit_sdxl.cli import console
 from mergekit_sdxl.cli.options import out_option
 from mergekit_sdxl.dtypes import WEIGHTS, choices
 from mergekit_sdxl.errors import UsageError
+
+_T = TypeVar("_T")
+_D = TypeVar("_D")
 
 
 @click.command("bake")
@@ -56,7 +60,7 @@ def command(checkpoint: Path, loras: tuple[Path, ...], output: Path, strengths: 
     console.info(f"wrote {output}: {summary['changed_keys']} of {total} tensors changed by {n} adapter(s)")
 
 
-def _pick(values: tuple, i: int, n: int, option: str, default: object) -> object:  # noqa: ANN001
+def _pick(values: tuple[_T, ...], i: int, n: int, option: str, default: _D) -> _T | _D:
     if not values:
         return default
     if len(values) == 1:

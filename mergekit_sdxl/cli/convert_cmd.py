@@ -43,7 +43,7 @@ def command(src: Path, dst: Path | None, out: Path | None, dtype: str, scaled_fp
             report = convert_checkpoint(reader, target, dtype, scaled_fp8=scaled_fp8, prune_ema=prune_ema, drop=drop,
                                         overwrite=overwrite, progress=advance)
     if report.clamped:
-        worst = max(report.clamped, key=report.clamped.get)
+        worst = max(report.clamped, key=report.clamped.__getitem__)
         console.console.print(f"warning: {sum(report.clamped.values())} values in {len(report.clamped)} tensors "
                               f"were outside the {dtype} range and were clamped (most in {worst}: "
                               f"{report.clamped[worst]})")

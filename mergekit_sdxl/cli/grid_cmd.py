@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -11,6 +11,9 @@ from mergekit_sdxl.cli import console
 from mergekit_sdxl.cli.options import out_option
 from mergekit_sdxl.dtypes import WEIGHTS, choices
 from mergekit_sdxl.sampler.catalog import RNG_MODES, SAMPLER_NAMES, SCHEDULE_NAMES
+
+if TYPE_CHECKING:
+    from mergekit_sdxl.sampler.models import ModelSlot  # imports torch: for the type checker only
 
 # Animagine XL 3.1 model card: negative prompt, CFG 5-7, under 30 steps, Euler a
 CARD_NEGATIVE = ("nsfw, lowres, (bad), text, error, fewer, extra, missing, worst quality, jpeg artifacts, "
@@ -276,7 +279,7 @@ def _merge_device(device: str) -> str:
     return str(resolve_device(device, allow_mps=True))
 
 
-def _slot(device: str, dtype: str) -> object:
+def _slot(device: str, dtype: str) -> ModelSlot:
     import torch
 
     from mergekit_sdxl.sampler.slots import make_slot

@@ -9,7 +9,7 @@ import click
 from mergekit_sdxl.cli import console
 from mergekit_sdxl.cli.options import out_option
 from mergekit_sdxl.dtypes import WEIGHTS, choices
-from mergekit_sdxl.search.study import ALGORITHMS  # torch-free
+from mergekit_sdxl.search.study import ALGORITHMS, TrialEvent  # torch-free
 
 DTYPES = ("auto", *choices(WEIGHTS))
 
@@ -88,7 +88,7 @@ def command(recipe: Path | None, space: Path | None, scorers: tuple[str, ...], t
     click.echo(str(result.outputs.get("best", result.outputs["report"])))
 
 
-def _report(event: object) -> None:
+def _report(event: TrialEvent) -> None:
     t = event.timings
     timing = " ".join(f"{k} {t[k]:.1f}s" for k in ("merge", "load", "render", "score") if k in t)
     scores = ", ".join(f"{k} {v:.4g}" for k, v in event.scores.items())

@@ -28,6 +28,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -79,7 +80,7 @@ class _UNet(torch.nn.Module):
 
 
 class _VaeEncoder(torch.nn.Module):
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: Any) -> None:  # a diffusers AutoencoderKL (diffusers is imported lazily)
         super().__init__()
         self.module = module
 
@@ -88,7 +89,7 @@ class _VaeEncoder(torch.nn.Module):
 
 
 class _VaeDecoder(torch.nn.Module):
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: Any) -> None:  # a diffusers AutoencoderKL (diffusers is imported lazily)
         super().__init__()
         self.module = module
 

@@ -82,7 +82,10 @@ def _param_yaml(param: Param) -> Any:
 def _absolute_paths(data: dict[str, Any], recipe: Recipe, base: Path) -> None:
     models = data.get("models") or {}
     for alias, entry in models.items():
-        path = os.path.abspath(recipe.models[alias].path)
+        model_path = recipe.models[alias].path
+        if model_path is None:  # named by hash only: the entry keeps locating it that way
+            continue
+        path = os.path.abspath(model_path)
         if isinstance(entry, dict):
             entry["path"] = path
         else:

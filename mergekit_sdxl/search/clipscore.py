@@ -65,7 +65,10 @@ class ClipModel:
         _load_strict(model, load_weights(weights), weights)
         self.model = model.eval().requires_grad_(False).to(device)
         vision = config if isinstance(config, CLIPVisionConfig) else config.vision_config
-        self.image_size = int(vision.image_size)
+        size = vision.image_size
+        if size is None or isinstance(size, (list, tuple)):  # CLIP's towers are square: one number
+            raise CheckpointError(f"{config_path}: image_size is {size!r}, expected one number")
+        self.image_size = int(size)
         self.device = torch.device(device)
         self.text = text
 
@@ -115,17 +118,20 @@ class AestheticHead(torch.nn.Module):
 
     def __init__(self, state: Mapping[str, torch.Tensor], where: Path) -> None:
         super().__init__()
-        self.layers = torch.nn.ModuleList(_linear(w, b) for w, b in _head_layers(state, where))
-        for before, after in zip(self.layers, self.layers[1:]):
+        linears = [_linear(w, b) for w, b in _head_layers(state, where)]
+        for before, after in zip(linears, linears[1:]):
             if after.in_features != before.out_features:
                 raise CheckpointError(f"{where}: head layers do not chain ({before.out_features} outputs feed a "
                                       f"layer taking {after.in_features})")
-        if self.layers[-1].out_features != 1:
-            raise CheckpointError(f"{where}: the head's last layer has {self.layers[-1].out_features} outputs, not 1")
+        if linears[-1].out_features != 1:
+            raise CheckpointError(f"{where}: the head's last layer has {linears[-1].out_features} outputs, not 1")
+        self.layers = torch.nn.ModuleList(linears)
+        self.in_features: int = linears[0].in_features
 
     @property
-    def in_features(self) -> int:
-        return self.layers[0].in_features
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype: inputs are cast to it."""
+        return next(self.parameters()).dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -149,7 +155,7 @@ class AestheticScorer:
     @torch.inference_mode()
     def __call__(self, images: Sequence[ScoredImage], context: Mapping[str, Any]) -> float:
         embeds = self.clip.image_embeds([i.image for i in images])
-        return float(self.head(embeds.to(self.head.layers[0].weight.dtype)).mean())
+        return float(self.head(embeds.to(self.head.dtype)).mean())
 
 
 class ClipScorer:

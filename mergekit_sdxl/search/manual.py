@@ -88,6 +88,7 @@ class ManualScorer:
         if self.mode == "rating":
             self._remember(number, rel, float(answer["rating"]))
             return float(answer["rating"])
+        assert incumbent is not None  # "ab" mode: the first trial, with no incumbent, returned above
         winner, loser = (number, incumbent["trial"]) if answer["choice"] == "B" else (incumbent["trial"], number)
         self.memory["comparisons"].append([winner, loser])
         self._remember(number, rel, None)

@@ -64,7 +64,8 @@ class RayPool:
 
             setup = replace(setup, threads=cpus)
         actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1 if not gpus else 0)(_RayWorker)
-        self.actors = [actor.remote(setup) for _ in range(size)]
+        # Any: Ray's types do not model the `.remote` that an actor handle's methods gain at runtime
+        self.actors: list[Any] = [actor.remote(setup) for _ in range(size)]
         self.size = size
         self._pending: dict[Any, int] = {}
         try:

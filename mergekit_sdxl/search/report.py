@@ -149,7 +149,8 @@ def _figures(study: Any) -> list[tuple[str, str]]:
     makers = [("Optimisation history", vis.plot_optimization_history),
               ("Parameter importances", _importances),
               ("Parallel coordinates", vis.plot_parallel_coordinate)]
-    out, js = [], "inline"
+    out: list[tuple[str, str]] = []
+    js: str | bool = "inline"  # plotly's include_plotlyjs: the first figure inlines plotly.js, later ones not
     for title, make in makers:
         try:
             if len(complete) < 2:

@@ -74,10 +74,17 @@ def default_storage(out_dir: Path) -> str:
 
 def distributions(dims: Sequence[Dimension]) -> dict[str, Any]:
     """Optuna distributions for the dimensions."""
+    return {d.name: _distribution(d) for d in dims}
+
+
+def _distribution(d: Dimension) -> Any:
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-    return {d.name: CategoricalDistribution(list(d.choices)) if d.choices is not None
-            else FloatDistribution(d.low, d.high, step=d.step, log=d.log) for d in dims}
+    if d.choices is not None:
+        return CategoricalDistribution(list(d.choices))
+    if d.low is None or d.high is None:  # the space parser gives every range both ends
+        raise ValueError(f"dimension {d.name!r}: a range needs low and high")
+    return FloatDistribution(d.low, d.high, step=d.step, log=d.log)
 
 
 def make_sampler(algorithm: str, seed: int | None) -> Any:
@@ -151,7 +158,8 @@ def run_trials(study: Any, pool: Any, dims: Sequence[Dimension], scorers: Sequen
     dists = distributions(dims)
     _retry_interrupted(study)
     finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
-    idle, running, ran = list(range(pool.size))[::-1], {}, 0
+    idle, ran = list(range(pool.size))[::-1], 0
+    running: dict[int, _Running] = {}
     driver = driver_scorers or {}
     try:
         while True:
