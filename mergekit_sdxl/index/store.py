@@ -267,10 +267,13 @@ def _connect(path: Path) -> sqlite3.Connection:
             time.sleep(0.05)
 
 
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # SQLite's primary result codes; sqlite3 names them only from Python 3.11
+
+
 def _is_lock(exc: sqlite3.OperationalError) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
-        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
     return "locked" in str(exc) or "busy" in str(exc)
 
 
