@@ -44,7 +44,7 @@ def compile_user(pattern: Any, where: str, error: type[MergekitError] = UsageErr
     try:
         return _compiled(pattern)
     except (ValueError, re.error) as exc:
-        raise error(f"{where}: invalid regular expression {pattern!r}: {exc}") from None
+        raise error(f"{where}: invalid regular expression {pattern!r}: {exc}") from exc
 
 
 def search(pattern: str, text: str) -> bool:
@@ -62,7 +62,7 @@ def _compiled(pattern: str) -> Any:
             return _re2.compile(pattern, options)
         except _re2.error as exc:
             raise ValueError(f"{_first_line(exc)} (patterns are matched in linear time by RE2: no backreferences "
-                             "or lookaround)") from None
+                             "or lookaround)") from exc
     if _GROUP_QUANTIFIED.search(pattern) or _BACKTRACKING.search(pattern):
         raise ValueError("quantified groups, backreferences and lookaround are not allowed without the "
                          "google-re2 package (they can take exponential time)")

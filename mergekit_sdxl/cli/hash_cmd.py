@@ -44,7 +44,7 @@ def command(files: tuple[Path, ...], as_json: bool, no_cache: bool) -> None:
                 else:
                     found = hashes.hashes_for(path, advance)
         except OSError as exc:
-            raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+            raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from exc
         rows.append({"file": str(path), "size": size, **found.as_dict()})
     if as_json:
         click.echo(json.dumps(rows, indent=2))

@@ -99,7 +99,7 @@ def open_inputs(recipe: Recipe, stack: ExitStack) -> dict[str, Checkpoint]:
         try:
             reader = open_checkpoint(path)
         except CheckpointError as exc:  # name the alias too: the path alone may not say which input it is
-            raise type(exc)(f"model {alias!r}: {exc}") from None
+            raise type(exc)(f"model {alias!r}: {exc}") from exc
         readers[alias] = stack.enter_context(closing(reader))
     return readers
 

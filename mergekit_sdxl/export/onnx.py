@@ -51,9 +51,9 @@ def require_onnx() -> None:
     """UsageError naming the extra when `onnx` is not installed (torch.onnx.export writes through it)."""
     try:
         import onnx  # noqa: F401
-    except ImportError:
+    except ImportError as exc:  # chained: a broken install fails here too, and says how
         raise UsageError("--format onnx needs the onnx package: pip install 'mergekit-sdxl[onnx]' "
-                         "(onnx, onnxruntime; optimum-onnx to load the folder with optimum)") from None
+                         "(onnx, onnxruntime; optimum-onnx to load the folder with optimum)") from exc
 
 
 class _TextEncoder(torch.nn.Module):

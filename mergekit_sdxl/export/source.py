@@ -220,12 +220,12 @@ def build_modules(configs: dict[str, dict]) -> dict[str, torch.nn.Module]:
         from mergekit_sdxl.sampler.models import build_modules as build
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise UsageError(f"export needs diffusers and transformers (pip install 'mergekit-sdxl[sampler]'): {exc}") \
-            from None
+            from exc
     try:
         return build(configs)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise UsageError(f"export needs diffusers and transformers (pip install 'mergekit-sdxl[sampler]'): {exc}") \
-            from None
+            from exc
 
 
 

@@ -47,7 +47,7 @@ def lookup(index: ModelIndex, field: str, value: str, where: str) -> Match:
     try:
         prefix = normalize_hex(value)
     except UsageError as exc:  # re-raised as a recipe error naming the field
-        raise RecipeError(f"{where}: {exc}") from None
+        raise RecipeError(f"{where}: {exc}") from exc
     if len(prefix) < least:
         raise RecipeError(f"{where}: {label} {value!r} is too short to find a file by; give at least {least} hex "
                           "digits (AutoV2 has 10, AutoV3 12)")

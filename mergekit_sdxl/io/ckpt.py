@@ -109,7 +109,7 @@ class TorchCheckpoint:
             try:
                 infos = zipfile.ZipFile(f).infolist()
             except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-                raise CheckpointError(f"{self.path}: not a readable PyTorch checkpoint: {exc}") from None
+                raise CheckpointError(f"{self.path}: not a readable PyTorch checkpoint: {exc}") from exc
         members = {}
         for info in infos:
             if info.filename.endswith("data.pkl") and info.file_size > MAX_PICKLE:
@@ -141,7 +141,7 @@ class TorchCheckpoint:
         try:
             return self._file.read(offset, size)
         except (OSError, EOFError) as exc:
-            raise CheckpointError(f"{self.path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+            raise CheckpointError(f"{self.path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
 
     def _stream(self) -> io.BufferedReader:
         """A buffered reader over our own descriptor (the file we checked, whatever happens to the path)."""
@@ -155,9 +155,9 @@ class TorchCheckpoint:
                 warnings.simplefilter("ignore")  # "pickle protocol N" notices: harmless and not the user's business
                 return torch.load(f, map_location="meta" if zipped else "cpu", weights_only=True, mmap=False)
         except pickle.UnpicklingError as exc:
-            raise CheckpointError(f"{self.path}: refused: {UNSAFE_HINT}{_blocked_global(exc)}") from None
+            raise CheckpointError(f"{self.path}: refused: {UNSAFE_HINT}{_blocked_global(exc)}") from exc
         except Exception as exc:  # noqa: BLE001 - any other failure (RecursionError included) means an unreadable file
-            raise CheckpointError(f"{self.path}: not a readable PyTorch checkpoint: {_first_line(exc)}") from None
+            raise CheckpointError(f"{self.path}: not a readable PyTorch checkpoint: {_first_line(exc)}") from exc
 
     def _unwrap(self, obj: object) -> dict:
         """`{"state_dict": {...}}` (Lightning, SD1) -> the inner dict; cycle-safe and depth-limited."""
@@ -252,9 +252,9 @@ class TorchCheckpoint:
             self._file.readinto(tensor_memory(raw).cast("B"), start)
         except EOFError as exc:  # a file cut while we read it: an error, never a SIGBUS (nothing is mapped)
             raise CheckpointError(f"{self.path}: reading tensor {key!r}: {exc} (truncated, or changed while being "
-                                  "read?)") from None
+                                  "read?)") from exc
         except OSError as exc:
-            raise CheckpointError(f"{self.path}: reading tensor {key!r} failed: {exc.strerror}") from None
+            raise CheckpointError(f"{self.path}: reading tensor {key!r} failed: {exc.strerror}") from exc
         values = raw.view(t.dtype)
         return values.as_strided(t.shape, t.stride()).contiguous()
 

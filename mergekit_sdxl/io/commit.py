@@ -142,7 +142,7 @@ def check_target(dest: str | os.PathLike[str], *, overwrite: bool, folder: bool 
     except FileNotFoundError:
         st = None
     except OSError as exc:
-        raise OutputError(f"{dest}: cannot be checked: {exc.strerror}") from None
+        raise OutputError(f"{dest}: cannot be checked: {exc.strerror}") from exc
     if st is not None:
         _check_existing(dest, st, overwrite, folder)
     parent = dest.parent
@@ -250,7 +250,7 @@ def commit_file(tmp: str | os.PathLike[str], dest: str | os.PathLike[str], *, ov
             raise
         except OSError as exc:
             remove(tmp)
-            raise OutputError(replace_failure(exc, dest)) from None  # names Windows' "open elsewhere" case
+            raise OutputError(replace_failure(exc, dest)) from exc  # names Windows' "open elsewhere" case
         fsync_dir(dest.parent)
         if not _in_staging(dest):
             signals.note_committed(dest)
@@ -282,7 +282,7 @@ def commit_folder(tmp: str | os.PathLike[str], dest: str | os.PathLike[str], *, 
             raise
         except OSError as exc:
             remove(tmp)
-            raise OutputError(f"{dest}: finishing the folder failed: {exc.strerror or exc}") from None
+            raise OutputError(f"{dest}: finishing the folder failed: {exc.strerror or exc}") from exc
         fsync_dir(dest.parent)
         signals.note_committed(dest)
 
@@ -371,7 +371,7 @@ def staged_folder(dest: str | os.PathLike[str], *, overwrite: bool = False, inpu
     try:
         os.mkdir(tmp)
     except OSError as exc:
-        raise OutputError(f"{tmp}: cannot create the temporary output folder: {exc.strerror}") from None
+        raise OutputError(f"{tmp}: cannot create the temporary output folder: {exc.strerror}") from exc
     real = os.path.realpath(tmp)
     _staging.add(real)
     try:
@@ -380,7 +380,7 @@ def staged_folder(dest: str | os.PathLike[str], *, overwrite: bool = False, inpu
     except OSError as exc:  # a write into the temporary folder failed (disk full, quota, I/O error)
         remove(tmp)
         reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
-        raise OutputError(f"{dest}: writing the output failed: {reason}") from None
+        raise OutputError(f"{dest}: writing the output failed: {reason}") from exc
     except BaseException:
         remove(tmp)
         raise
@@ -396,7 +396,7 @@ def write_file(dest: str | os.PathLike[str], data: bytes, *, overwrite: bool = F
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as exc:
-        raise OutputError(f"{tmp}: cannot create the temporary output: {exc.strerror}") from None
+        raise OutputError(f"{tmp}: cannot create the temporary output: {exc.strerror}") from exc
     try:
         try:
             view = memoryview(data)
@@ -408,7 +408,7 @@ def write_file(dest: str | os.PathLike[str], data: bytes, *, overwrite: bool = F
     except OSError as exc:
         remove(tmp)
         reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
-        raise OutputError(f"{dest}: writing failed: {reason}") from None
+        raise OutputError(f"{dest}: writing failed: {reason}") from exc
     except BaseException:
         remove(tmp)
         raise

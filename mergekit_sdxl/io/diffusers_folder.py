@@ -126,7 +126,7 @@ class DiffusersFolderReader:
             self._infos = {ldm: self._ldm_info(ms) for ldm, ms in self._sources.items()}
         except ArchError as exc:
             self.close()
-            raise ArchError(f"{self.path}: {exc}") from None
+            raise ArchError(f"{self.path}: {exc}") from exc
         except BaseException:
             self.close()
             raise

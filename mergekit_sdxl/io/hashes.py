@@ -86,7 +86,7 @@ def hash_file(path: str | os.PathLike[str], progress: Callable[[int], None] | No
         with open(p, "rb", buffering=0) as f, ThreadPoolExecutor(2, thread_name_prefix="mergekit-hash") as pool:
             return _hash_stream(f, os.fstat(f.fileno()).st_size, pool, progress, chunk_size)
     except OSError as exc:
-        raise CheckpointError(f"{p}: cannot read: {exc.strerror or exc}") from None
+        raise CheckpointError(f"{p}: cannot read: {exc.strerror or exc}") from exc
 
 
 def _hash_stream(f, size: int, pool: ThreadPoolExecutor,  # noqa: ANN001 - a raw binary file
@@ -133,7 +133,7 @@ def legacy_hash(path: str | os.PathLike[str]) -> str:
             f.seek(LEGACY_OFFSET)
             return hashlib.sha256(f.read(LEGACY_SIZE)).hexdigest()[:8]
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from exc
 
 
 def cache_file() -> Path:

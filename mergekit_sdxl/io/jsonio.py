@@ -65,7 +65,7 @@ def loads(raw: bytes | str, what: str, *, max_bytes: int = MAX_CONFIG_BYTES, max
         try:
             text = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise error(f"{what}: not valid UTF-8 ({exc.reason})") from None
+            raise error(f"{what}: not valid UTF-8 ({exc.reason})") from exc
     else:
         text = raw
     check_shape(text, what, max_depth=max_depth, max_values=max_values, error=error)
@@ -73,7 +73,7 @@ def loads(raw: bytes | str, what: str, *, max_bytes: int = MAX_CONFIG_BYTES, max
         return json.loads(text, object_pairs_hook=object_pairs_hook)
     except (ValueError, RecursionError) as exc:
         raise error(f"{what}: not valid JSON ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") \
-            from None
+            from exc
 
 
 def load_file(path: str | os.PathLike[str], *, max_bytes: int = MAX_CONFIG_BYTES, max_depth: int = MAX_DEPTH,
@@ -83,7 +83,7 @@ def load_file(path: str | os.PathLike[str], *, max_bytes: int = MAX_CONFIG_BYTES
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as exc:
-        raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise error(f"{path}: cannot read: {exc.strerror or exc}") from exc
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -93,7 +93,7 @@ def load_file(path: str | os.PathLike[str], *, max_bytes: int = MAX_CONFIG_BYTES
         with open(fd, "rb", closefd=False) as f:
             raw = f.read(max_bytes + 1)
     except OSError as exc:
-        raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise error(f"{path}: cannot read: {exc.strerror or exc}") from exc
     finally:
         os.close(fd)
     return loads(raw, str(path), max_bytes=max_bytes, max_depth=max_depth, error=error)

@@ -107,13 +107,13 @@ def parse_header(raw: bytes, data_len: int, name: str) -> tuple[dict[str, Tensor
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CheckpointError(f"{name}: the safetensors header is not valid UTF-8 ({exc.reason})") from None
+        raise CheckpointError(f"{name}: the safetensors header is not valid UTF-8 ({exc.reason})") from exc
     # a real header nests 3 levels ({key: {"shape": [...]}}); deeper ones are refused before json recurses
     jsonio.check_shape(text, f"{name}: the safetensors header", max_depth=MAX_HEADER_DEPTH, max_values=len(text))
     try:
         parsed = json.loads(text, object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{name}: the safetensors header is not valid JSON: {exc}") from None
+        raise CheckpointError(f"{name}: the safetensors header is not valid JSON: {exc}") from exc
     if not isinstance(parsed, dict):
         raise CheckpointError(f"{name}: the safetensors header is not a JSON object")
     metadata = _parse_metadata(parsed.pop("__metadata__", None), name)
@@ -211,7 +211,7 @@ class SafetensorsReader:
         try:
             self._file.readinto(view, offset)
         except EOFError as exc:
-            raise CheckpointError(f"{self.path}: {exc}") from None
+            raise CheckpointError(f"{self.path}: {exc}") from exc
 
     def keys(self) -> list[str]:
         """Tensor keys in file order (ascending offsets): the cheapest order to read them in."""
@@ -290,7 +290,7 @@ class SafetensorsReader:
             try:
                 self._readinto(tensor_memory(raw).cast("B"), i.start)
             except OSError as exc:
-                raise CheckpointError(f"{self.path}: reading tensor {i.key!r} failed: {exc.strerror}") from None
+                raise CheckpointError(f"{self.path}: reading tensor {i.key!r} failed: {exc.strerror}") from exc
         return raw.view(torch_dtype(i.dtype)).reshape(i.shape)
 
     def close(self) -> None:
@@ -318,7 +318,7 @@ def open_regular(path: Path) -> int:
     try:  # O_NONBLOCK and O_BINARY exist only on POSIX and Windows respectively
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot open: {exc.strerror or exc}") from None
+        raise CheckpointError(f"{path}: cannot open: {exc.strerror or exc}") from exc
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
@@ -340,7 +340,7 @@ def sniff(path: Path) -> str:
         try:
             head = file.read(0, min(9, os.fstat(file.fd).st_size))
         except (OSError, EOFError) as exc:
-            raise CheckpointError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+            raise CheckpointError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
     # safetensors first: a header length of 128 + 256*k (k = 2..5) starts with the bytes of a pickle's PROTO
     # opcode, while a pickle's first 8 bytes never read as a length up to MAX_HEADER
     if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= MAX_HEADER:

@@ -182,7 +182,7 @@ class SafetensorsWriter:
                 fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
                 self._file = PositionalFile(fd, writable=True)
         except OSError as exc:
-            raise OutputError(f"{self.tmp}: cannot create the temporary output: {exc.strerror}") from None
+            raise OutputError(f"{self.tmp}: cannot create the temporary output: {exc.strerror}") from exc
         try:
             self._reserve()
             self._pwrite(memoryview(self.header), 0, "the header")
@@ -199,7 +199,7 @@ class SafetensorsWriter:
                 return
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
-                    raise OutputError(f"{self.path}: not enough disk space for {self.size / 1e9:.2f} GB") from None
+                    raise OutputError(f"{self.path}: not enough disk space for {self.size / 1e9:.2f} GB") from exc
         os.ftruncate(self._file.fd, self.size)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -245,7 +245,7 @@ class SafetensorsWriter:
             self._file.write(view, offset)
         except OSError as exc:
             reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
-            raise OutputError(f"{self.path}: writing {what} failed: {reason}") from None
+            raise OutputError(f"{self.path}: writing {what} failed: {reason}") from exc
 
     def update_metadata(self, metadata: Mapping[str, str] | None) -> None:
         """Replace the metadata before commit (e.g. with hashes known only at the end).
@@ -257,7 +257,7 @@ class SafetensorsWriter:
             header, _ = build_header(self._layout, metadata, length=len(self.header) - 8)
         except ValueError as exc:
             raise OutputError(f"{self.path}: the final metadata does not fit the reserved header space: {exc}") \
-                from None
+                from exc
         self._pwrite(memoryview(header), 0, "the header")
         self.header = header
 
@@ -283,7 +283,7 @@ class SafetensorsWriter:
         except OSError as exc:
             self.abort()
             reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
-            raise OutputError(f"{self.path}: finishing the file failed: {reason}") from None
+            raise OutputError(f"{self.path}: finishing the file failed: {reason}") from exc
         except BaseException:  # a stop signal before the rename: nothing is left
             self.abort()
             raise

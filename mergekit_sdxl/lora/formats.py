@@ -169,7 +169,7 @@ class Adapter:
         except (RuntimeError, ValueError, IndexError) as exc:
             shapes = {part: list(self.reader.info(key).shape) for part, key in layer.keys.items()}
             raise CheckpointError(f"{self.path}: module {layer.module.name} ({layer.algo}): tensors {shapes} do not "
-                                  f"fit the layer's weight {list(layer.module.shape)}: {exc}") from None
+                                  f"fit the layer's weight {list(layer.module.shape)}: {exc}") from exc
         for part in (result.weight, result.bias, result.dora_scale):  # NaN/Inf in a file: named here, not by an SVD
             if part is not None and not bool(torch.isfinite(part).all()):
                 raise CheckpointError(f"{self.path}: module {layer.module.name} ({layer.algo}): the adapter holds "

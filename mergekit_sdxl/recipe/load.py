@@ -117,17 +117,17 @@ def load_yaml(text: str, source: str = "<recipe>") -> Any:
     try:  # the constructor already scans the text: a control character fails here
         loader = _Loader(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{source}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        raise RecipeError(f"{source}: invalid YAML: {str(exc).splitlines()[0]}") from exc
     loader.source = source
     try:
         return loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark else ""
-        raise RecipeError(f"{source}{line}: invalid YAML: {exc.problem or exc.context}") from None
+        raise RecipeError(f"{source}{line}: invalid YAML: {exc.problem or exc.context}") from exc
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{source}: invalid YAML: {exc}") from None
+        raise RecipeError(f"{source}: invalid YAML: {exc}") from exc
     except (ValueError, RecursionError, OverflowError) as exc:  # a value YAML parsed but Python cannot hold
-        raise RecipeError(f"{source}: invalid value: {str(exc).splitlines()[0][:200]}") from None
+        raise RecipeError(f"{source}: invalid value: {str(exc).splitlines()[0][:200]}") from exc
     finally:
         loader.dispose()

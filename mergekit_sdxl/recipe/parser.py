@@ -200,7 +200,7 @@ class _Parser(Fields):
             try:
                 refs = [("formula", t.text) for t in tokenize(formula) if t.kind == "name"]
             except RecipeError as exc:
-                raise fail(self.where("steps", name, "formula"), str(exc)) from None
+                raise fail(self.where("steps", name, "formula"), str(exc)) from exc
         elif "lora" in entry:
             refs = [("model", entry.get("model"))]
             if entry.get("model") is None:
@@ -237,7 +237,7 @@ class _Parser(Fields):
             try:
                 return FormulaStep(name, parse_formula(entry["formula"], kinds))
             except RecipeError as exc:
-                raise fail(self.where("steps", name, "formula"), str(exc)) from None
+                raise fail(self.where("steps", name, "formula"), str(exc)) from exc
         if "lora" in entry:
             return self.lora_step(name, entry, kinds, convention)
         return self.method_step(name, entry, kinds, convention, arch)
@@ -356,7 +356,7 @@ class _Parser(Fields):
                 return
             except MergekitError as exc:
                 errors.append(exc)
-        raise RecipeError(str(errors[0])) from None
+        raise RecipeError(str(errors[0])) from errors[0]
 
     def overrides(self, value: Any, where: str) -> tuple[tuple[str, float], ...]:
         if not isinstance(value, list):

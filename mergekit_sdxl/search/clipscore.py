@@ -193,7 +193,7 @@ def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches: the weights are of another CLIP than the config says
         raise CheckpointError(f"{where}: weights do not fit the CLIP of its config.json: "
-                              f"{str(exc).splitlines()[-1].strip()}") from None
+                              f"{str(exc).splitlines()[-1].strip()}") from exc
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     other = ("text_model.", "text_projection.", "logit_scale", "vision_model.", "visual_projection.")
     unexpected = [k for k in result.unexpected_keys if not k.startswith(other) and not k.endswith("position_ids")]

@@ -72,7 +72,7 @@ class RayPool:
             self.workers = ray.get([a.name.remote() for a in self.actors])
         except ray.exceptions.RayError as exc:  # a worker could not start (missing files, bad space ...)
             self.close()
-            raise _cause(exc) from None
+            raise _cause(exc) from exc
 
     def submit(self, slot: int, method: str, *args: Any) -> None:
         self._pending[self.actors[slot].call.remote(method, *args)] = slot

@@ -188,7 +188,7 @@ def _check_sampling(payload: Payload, where: str) -> None:
         try:
             check(getattr(payload, field_name))
         except UsageError as exc:
-            raise UsageError(f"{where}.{field_name}: {exc}") from None
+            raise UsageError(f"{where}.{field_name}: {exc}") from exc
     if payload.rng not in RNG_MODES:
         raise UsageError(f"{where}.rng: {payload.rng!r}; choose one of {', '.join(RNG_MODES)}")
 
@@ -348,5 +348,5 @@ def _size(value: Any, where: str) -> tuple[int, int]:
     try:
         return parse_size(str(value))
     except UsageError as exc:
-        raise UsageError(f"{where}: {exc}") from None
+        raise UsageError(f"{where}: {exc}") from exc
 

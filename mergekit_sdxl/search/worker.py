@@ -191,7 +191,7 @@ def _gen_params(payload: Payload, arch: str) -> Any:
     try:
         params.check()
     except ValueError as exc:
-        raise UsageError(f"payload: {exc}") from None
+        raise UsageError(f"payload: {exc}") from exc
     return params
 
 
