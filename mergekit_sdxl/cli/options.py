@@ -46,7 +46,7 @@ class OutOption(click.Option):
 
     def get_error_hint(self, ctx: click.Context | None) -> str:
         with self._shown():
-            return super().get_error_hint(ctx)  # type: ignore[arg-type]  # click < 8.4 types ctx as required
+            return super().get_error_hint(ctx)  # type: ignore[arg-type, unused-ignore]  # click < 8.4: ctx required
 
 
 def out_option(dest: str = "out", *, old_spelling: bool = False, **kwargs: Any) -> Callable[[F], F]:
