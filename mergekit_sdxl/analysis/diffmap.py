@@ -24,7 +24,8 @@ def colour(t: float) -> tuple[int, int, int]:
     scaled = t * (len(STOPS) - 1)
     i = min(len(STOPS) - 2, int(scaled))
     f = scaled - i
-    return tuple(round(a + (b - a) * f) for a, b in zip(STOPS[i], STOPS[i + 1]))  # type: ignore[return-value]
+    red, green, blue = (round(lo + (hi - lo) * f) for lo, hi in zip(STOPS[i], STOPS[i + 1]))
+    return red, green, blue
 
 
 def heatmap(result: Any, path: str | Path, overwrite: bool = False) -> Path:

@@ -61,6 +61,8 @@ def one_output(positional: Path | None, out: Path | None) -> Path:
     """The output of a command that takes it as a trailing OUT argument or as -o/--out, given exactly once."""
     if positional is not None and out is not None:
         raise click.UsageError(f"the output is given twice ({positional} and -o {out}); give OUT or -o/--out")
-    if positional is None and out is None:
+    if positional is not None:
+        return positional
+    if out is None:
         raise click.UsageError("no output given: give OUT or -o/--out")
-    return positional if positional is not None else out  # type: ignore[return-value]  # one of them is set
+    return out

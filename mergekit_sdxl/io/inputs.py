@@ -81,9 +81,10 @@ def run_scope() -> Iterator[InputSet]:
     if active is not None:
         yield active
         return
-    token = _current.set(InputSet())
+    scope = InputSet()
+    token = _current.set(scope)
     try:
-        yield _current.get()  # type: ignore[misc]
+        yield scope
     finally:
         _current.reset(token)
 

@@ -114,7 +114,8 @@ class PositionalFile:
         if self.strategy == "pread":
             if _PREADV is not None:
                 return _PREADV(self.fd, [view], offset)
-            data = _PREAD(self.fd, len(view), offset)  # type: ignore[misc]
+            assert _PREAD is not None  # NATIVE, checked in __init__: preadv or pread exists
+            data = _PREAD(self.fd, len(view), offset)
             view[: len(data)] = data
             return len(data)
         if self.strategy == "locked":
@@ -159,7 +160,8 @@ class PositionalFile:
 
     def _write_some(self, view: memoryview, offset: int) -> int:
         if self.strategy == "pread":
-            return _PWRITE(self.fd, view, offset)  # type: ignore[misc]
+            assert _PWRITE is not None  # NATIVE, checked in __init__
+            return _PWRITE(self.fd, view, offset)
         if self.strategy != "locked":
             raise ValueError(f"the {self.strategy!r} strategy is read-only")
         assert self._file is not None

@@ -31,6 +31,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -300,9 +301,9 @@ class SafetensorsWriter:
 
 
 def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
-              metadata: Mapping[str, str] | None = None, **kwargs: object) -> None:
+              metadata: Mapping[str, str] | None = None, **kwargs: Any) -> None:
     """Write a dict of tensors at once (tests, small files); kwargs go to SafetensorsWriter."""
     specs = [TensorSpec.of(k, t) for k, t in tensors.items()]
-    with SafetensorsWriter(path, specs, metadata, **kwargs) as w:  # type: ignore[arg-type]
+    with SafetensorsWriter(path, specs, metadata, **kwargs) as w:
         for key, tensor in tensors.items():
             w.write(key, tensor)

@@ -108,7 +108,9 @@ codecs.register(_search)
 
 def is_unicode(encoding: str | None) -> bool:
     """Whether a stream of this encoding can write every character (UTF-8/16/32)."""
-    return bool(encoding) and codecs.lookup(encoding).name.startswith("utf")  # type: ignore[arg-type]
+    if not encoding:
+        return False
+    return codecs.lookup(encoding).name.startswith("utf")
 
 
 def make_safe(stream: object) -> bool:
