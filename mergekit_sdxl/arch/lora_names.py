@@ -22,6 +22,7 @@ import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mergekit_sdxl.arch.keymap import map_ldm_key
 from mergekit_sdxl.arch.registry import SPECS, arch_spec
@@ -233,9 +234,9 @@ def _openclip_modules(key: str, local: str, shapes: Mapping[str, tuple[int, ...]
     """OpenCLIP-bigG keys under HF CLIPTextModelWithProjection names (what kohya and diffusers use)."""
     shape = shapes[key]
 
-    def make(path: str, shape: tuple[int, ...], group: str = "", **kw: object) -> LoraModule:
+    def make(path: str, shape: tuple[int, ...], group: str = "", **kw: Any) -> LoraModule:  # kw: LoraModule fields
         return LoraModule(name=f"{kohya}_{path.replace('.', '_')}", key=key, shape=shape, component="clip_g",
-                          group=group, diffusers=f"{peft}.{path}", **kw)  # type: ignore[arg-type]
+                          group=group, diffusers=f"{peft}.{path}", **kw)
 
     if local in _OPENCLIP_TOP:
         path = _OPENCLIP_TOP[local]

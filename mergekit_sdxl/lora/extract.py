@@ -40,7 +40,7 @@ from mergekit_sdxl.dtypes import WEIGHTS, parse_dtype
 from mergekit_sdxl.engine.memory import limit_arenas
 from mergekit_sdxl.errors import ArchError, CheckpointError, UsageError
 from mergekit_sdxl.io.dtypes import torch_dtype
-from mergekit_sdxl.io.reader import open_checkpoint
+from mergekit_sdxl.io.reader import CheckpointReader, open_checkpoint
 from mergekit_sdxl.lora.kohya import (
     FORMATS,
     LayerFactors,
@@ -202,21 +202,22 @@ def _selected(arch: str, shapes: dict[str, tuple[int, ...]], options: ExtractOpt
     return select(lora_modules(arch, shapes), options.preset, components)
 
 
-def _check_shapes(modules: list[LoraModule], rb: object, rt: object, base: Path, tuned: Path) -> None:
+def _check_shapes(modules: list[LoraModule], rb: CheckpointReader, rt: CheckpointReader, base: Path,
+                  tuned: Path) -> None:
     for module in modules:
-        if module.key not in rt:  # type: ignore[operator]
+        if module.key not in rt:
             raise CheckpointError(f"{tuned}: has no tensor {module.key!r} (present in {base})")
-        sb, st = rb.info(module.key).shape, rt.info(module.key).shape  # type: ignore[attr-defined]
+        sb, st = rb.info(module.key).shape, rt.info(module.key).shape
         if sb != st:
             raise CheckpointError(f"{module.key}: shape {list(sb)} in {base} but {list(st)} in {tuned}")
 
 
-def _deltas(modules: list[LoraModule], rb: object, rt: object,
+def _deltas(modules: list[LoraModule], rb: CheckpointReader, rt: CheckpointReader,
             device: torch.device) -> Iterator[tuple[LoraModule, torch.Tensor, float]]:
     """(module, ΔW in the module's layout as fp32 on `device`, ‖W_base‖) in order; the next key is read meanwhile."""
 
     def load(key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return rb.read(key), rt.read(key)  # type: ignore[attr-defined]
+        return rb.read(key), rt.read(key)
 
     keys = list(dict.fromkeys(m.key for m in modules))
     by_key: dict[str, list[LoraModule]] = {}

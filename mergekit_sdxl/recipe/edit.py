@@ -27,7 +27,7 @@ from mergekit_sdxl.arch.tables import ARCHS
 from mergekit_sdxl.errors import MergekitError, RecipeError
 from mergekit_sdxl.methods.registry import METHODS
 from mergekit_sdxl.recipe.address import COEF, BlockRange, ParamAddress
-from mergekit_sdxl.recipe.formula import Token, parse_formula, tokenize
+from mergekit_sdxl.recipe.formula import Kind, Token, parse_formula, tokenize
 from mergekit_sdxl.recipe.types import FormulaStep, LoraStep, MethodStep, Param, Recipe, Step
 
 LORA_PARAMS = ("strength", "te_strength", "blocks")
@@ -204,9 +204,10 @@ def _formula(recipe: Recipe, step: FormulaStep, address: ParamAddress, value: An
     token = tokens[index]
     written = repr(number) if number >= 0 else f"({number!r})"
     text = step.formula.text[:token.pos] + written + step.formula.text[token.pos + len(token.text):]
-    kinds = {**dict.fromkeys(recipe.models, "weight"), **{n: s.kind for n, s in recipe.steps.items() if n != step.name}}
+    kinds: dict[str, Kind] = {**dict.fromkeys(recipe.models, "weight"),
+                              **{n: s.kind for n, s in recipe.steps.items() if n != step.name}}
     try:
-        formula = parse_formula(text, kinds)  # type: ignore[arg-type]
+        formula = parse_formula(text, kinds)
     except RecipeError as exc:
         raise RecipeError(f"{address} = {value}: {exc}") from exc
     if formula.kind != step.kind:

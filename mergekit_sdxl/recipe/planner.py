@@ -284,19 +284,20 @@ class _Planner:
         if name in self.recipe.models:
             return Load(name, key) if key in self.headers[name].keys else None
         step = self.recipe.steps[name]
-        nodes = [self.evaluate(input_name, key, memo) for input_name in step.inputs]
-        if any(node is None for node in nodes):  # take the first input (of kind weight) that has the key
+        evaluated = [self.evaluate(input_name, key, memo) for input_name in step.inputs]
+        nodes = [node for node in evaluated if node is not None]
+        if len(nodes) < len(evaluated):  # take the first input (of kind weight) that has the key
             kinds = [self.recipe.kind_of(n) for n in step.inputs]
-            present = [node for node, kind in zip(nodes, kinds) if node is not None and kind == "weight"]
+            present = [node for node, kind in zip(evaluated, kinds) if node is not None and kind == "weight"]
             return present[0] if present else None
         if isinstance(step, FormulaStep):
-            return _linear([(node, c) for node, (_, c) in zip(nodes, step.formula.coeffs)])  # type: ignore[misc]
+            return _linear([(node, c) for node, (_, c) in zip(nodes, step.formula.coeffs)])
         if isinstance(step, LoraStep):  # the weight plus the adapters' delta; the weight stays one term (DoRA)
             base = nodes[0]
             if key not in self.adapter_keys.get(step.name, ()):
                 return base
-            return Linear(((base, 1.0), (Adapter(step.name, key, 1.0), 1.0)))  # type: ignore[arg-type]
-        return self.call(step, nodes, key)  # type: ignore[arg-type]
+            return Linear(((base, 1.0), (Adapter(step.name, key, 1.0), 1.0)))
+        return self.call(step, nodes, key)
 
     def call(self, step: MethodStep, nodes: list[Node], key: str) -> Node:
         params = self.key_params(step, key)
