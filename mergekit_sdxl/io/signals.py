@@ -47,6 +47,10 @@ class Interrupted(KeyboardInterrupt):
 
 class _State:
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the state of a process that has not entered handling() yet."""
         self.active = False  # inside handling()
         self.depth = 0  # nesting of critical sections
         self.pending: int | None = None  # a signal held by a critical section
@@ -80,7 +84,7 @@ def handling(restore: bool = True) -> Iterator[None]:
         yield
         return
     previous = {}
-    _state.__init__()  # type: ignore[misc]
+    _state.reset()
     _state.active = True
     try:
         for signum in STOP_SIGNALS:

@@ -12,8 +12,8 @@ paths. So every walk over nodes must visit each distinct node once: a node's has
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, Union
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, ClassVar, Union
 
 Scalar = Union[float, int, str, bool]
 
@@ -21,10 +21,12 @@ Scalar = Union[float, int, str, bool]
 class _Node:
     """Cached hash and identity/hash short-cut equality for the frozen node dataclasses (module docstring)."""
 
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # declared for the type checker: every node is a dataclass
+
     def __hash__(self) -> int:
         cached = self.__dict__.get("_hash")
         if cached is None:
-            cached = hash((type(self).__name__, *(getattr(self, f.name) for f in fields(self))))  # type: ignore[arg-type]
+            cached = hash((type(self).__name__, *(getattr(self, f.name) for f in fields(self))))
             object.__setattr__(self, "_hash", cached)
         return cached
 
@@ -33,7 +35,7 @@ class _Node:
             return True
         if type(other) is not type(self) or hash(self) != hash(other):
             return False
-        return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self))  # type: ignore[arg-type]
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self))
 
 
 @dataclass(frozen=True, eq=False)
