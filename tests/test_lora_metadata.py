@@ -68,6 +68,20 @@ def test_dynamic_resize_says_dynamic(pair, tmp_path):
     assert json.loads(meta["mergekit_sdxl.lora"])["rank"].startswith("fro")
 
 
+def test_outputs_are_dated_by_their_inputs_recorded_dates(pair, tmp_path):
+    """resize/merge-lora take the input adapter's modelspec.date (not its file time), so re-running on a fresh copy
+    of the same adapter gives the same bytes; an input without one is dated by its modification time."""
+    src = tmp_path / "src.safetensors"
+    extract_lora(*pair, src, ExtractOptions(rank=RankRule("fixed", 4), text_encoders="on"))
+    recorded = _meta(src)["modelspec.date"]
+    os.utime(src, (EPOCH, EPOCH))  # the file's own time says 2023; its metadata says otherwise
+    out = tmp_path / "r.safetensors"
+    resize_lora(src, out, ResizeOptions(rank=RankRule("fixed", 2)))
+    assert _meta(out)["modelspec.date"] == recorded != "2023-11-14T22:13:20+00:00"
+    assert modelspec_date([(src, {"modelspec.date": "2024-01-02T03:04:05"})]) == "2024-01-02T03:04:05+00:00"
+    assert modelspec_date([(src, {"modelspec.date": "not a date"})]) == "2023-11-14T22:13:20+00:00"
+
+
 def test_bad_source_date_epoch_is_a_usage_error(monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
     with pytest.raises(UsageError, match="SOURCE_DATE_EPOCH"):

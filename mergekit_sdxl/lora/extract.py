@@ -165,6 +165,7 @@ def extract_lora(base: str | os.PathLike[str], tuned: str | os.PathLike[str], ou
     with open_checkpoint(base) as rb, open_checkpoint(tuned) as rt:
         arch = _check_pair(rb.keys(), rt.keys(), Path(base), Path(tuned))
         shapes = {k: rb.info(k).shape for k in rb.keys()}
+        sources = ((base, dict(rb.metadata)), (tuned, dict(rt.metadata)))  # they date the adapter
         modules = _selected(arch, shapes, options)
         _check_shapes(modules, rb, rt, Path(base), Path(tuned))
         floor = options.te_floor if options.te_floor is not None else noise_floor(
@@ -181,7 +182,8 @@ def extract_lora(base: str | os.PathLike[str], tuned: str | os.PathLike[str], ou
     if not layers:
         warnings.warn(f"{tuned}: no layer differs from {base}; writing an empty adapter", stacklevel=2)
     tensors = adapter_tensors(layers, parse_dtype(options.save_dtype), options.fmt)
-    metadata = _metadata(arch, layers, report, options, Path(base), Path(tuned), Path(output), input_hashes)
+    metadata = _metadata(arch, layers, report, options, Path(base), Path(tuned), Path(output), input_hashes,
+                         sources)
     if options.fmt == "kohya":
         metadata.update(kohya_hashes(tensors, metadata))
     write_adapter(output, tensors, metadata, overwrite=overwrite, inputs=(base, tuned))
@@ -326,7 +328,8 @@ def _extract_one(module: LoraModule, delta: torch.Tensor, weight_norm: float, op
 
 
 def _metadata(arch: str, layers: list[LayerFactors], report: ExtractReport, options: ExtractOptions, base: Path,
-              tuned: Path, output: Path, input_hashes: HashFn | None) -> dict[str, str]:
+              tuned: Path, output: Path, input_hashes: HashFn | None,
+              sources: tuple[tuple[str | os.PathLike[str], dict[str, str]], ...]) -> dict[str, str]:
     summary = report.summary()
     info = {
         "tool": f"mergekit-sdxl {__version__}",
@@ -350,4 +353,4 @@ def _metadata(arch: str, layers: list[LayerFactors], report: ExtractReport, opti
     has_kxk = any(m.module.is_conv and m.module.shape[2:] != (1, 1) for m in layers) or options.preset != "attn"
     dynamic = options.rank.mode != "fixed" or (has_kxk and options.conv_rank.mode != "fixed")
     return kohya_metadata(arch, layers, rank=options.rank.rank, conv_rank=options.conv_rank.rank if has_kxk else None,
-                          title=output.stem, sources=(base, tuned), dynamic=dynamic, extra=extra)
+                          title=output.stem, sources=sources, dynamic=dynamic, extra=extra)

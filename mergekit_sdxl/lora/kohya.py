@@ -81,13 +81,13 @@ def adapter_tensors(layers: list[LayerFactors], dtype: str, fmt: str = "kohya") 
 
 
 def kohya_metadata(arch: str, layers: list[LayerFactors], *, rank: int, conv_rank: int | None, title: str,
-                   sources: Sequence[str | os.PathLike[str]], dynamic: bool = False,
+                   sources: Sequence[tuple[str | os.PathLike[str], Mapping[str, str]]], dynamic: bool = False,
                    extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """kohya `ss_*` and ModelSpec 1.0.1 `modelspec.*` metadata (strings), as sd-scripts writes them.
 
     Args:
         rank / conv_rank: the requested ranks (conv_rank None: no 3x3 conv layers, `ss_network_args` "{}").
-        sources: the input files (the date is taken from them, see `modelspec_date`).
+        sources: the input files and their metadata (the date is taken from them, see `modelspec_date`).
         dynamic: ranks were chosen per layer: dim and alpha are "Dynamic", as kohya's dynamic resize writes them.
     """
     linear_alphas = {lf.alpha for lf in layers if not _is_kxk(lf.module)}
@@ -124,11 +124,13 @@ def _alpha_text(alphas: set[float], rank: int) -> str:
     return str(float(next(iter(alphas)) if alphas else rank))
 
 
-def modelspec_date(sources: Sequence[str | os.PathLike[str]]) -> str:
-    """`modelspec.date` (ISO-8601, UTC): $SOURCE_DATE_EPOCH when set, else the newest input's modification time.
+def modelspec_date(sources: Sequence[tuple[str | os.PathLike[str], Mapping[str, str]]]) -> str:
+    """`modelspec.date` (ISO-8601, UTC) of an adapter made from `sources` (path, its metadata): $SOURCE_DATE_EPOCH
+    when set, else the newest input date, each input's own `modelspec.date` where it records one, else its
+    modification time.
 
     An adapter is a function of its inputs, so it is dated by them: the same inputs give the same bytes (a clock
-    date would make every run's file differ).
+    date would make every run's file differ), and re-running on a copy of an input dated inside gives the same file.
 
     Raises:
         UsageError: SOURCE_DATE_EPOCH is set but not an integer.
@@ -140,8 +142,17 @@ def modelspec_date(sources: Sequence[str | os.PathLike[str]]) -> str:
         except ValueError:
             raise UsageError(f"SOURCE_DATE_EPOCH={epoch!r} is not an integer number of seconds") from None
     else:
-        stamp = max((os.stat(path).st_mtime for path in sources), default=0.0)
+        stamp = max((_recorded_date(meta) or os.stat(path).st_mtime for path, meta in sources), default=0.0)
     return datetime.fromtimestamp(int(stamp), timezone.utc).isoformat()
+
+
+def _recorded_date(metadata: Mapping[str, str]) -> float | None:
+    """The timestamp of a `modelspec.date` (ISO-8601; without a zone read as UTC), None when absent or unreadable."""
+    try:
+        when = datetime.fromisoformat(metadata.get("modelspec.date", ""))
+    except ValueError:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def _is_kxk(module: LoraModule) -> bool:

@@ -131,6 +131,7 @@ def merge_loras(inputs: Sequence[tuple[str, float]], output: str | os.PathLike[s
                                       "another adapter")
     modules = {m.name: m for m in lora_modules(arch, shapes)}
     adapters = [Adapter(path, arch, modules.values()) for path, _ in inputs]
+    sources = [(a.path, a.metadata) for a in adapters]  # they date the output (kohya.modelspec_date)
     try:
         _refuse_unknown_and_dora(adapters)
         names = sorted({name for a in adapters for name in a.layers})
@@ -158,7 +159,7 @@ def merge_loras(inputs: Sequence[tuple[str, float]], output: str | os.PathLike[s
     dynamic = options.rank.mode != "fixed" or (has_kxk and options.conv_rank.mode != "fixed")
     metadata = kohya_metadata(arch, layers, rank=options.rank.rank,
                               conv_rank=options.conv_rank.rank if has_kxk else None,
-                              title=Path(output).stem, sources=[p for p, _ in inputs], dynamic=dynamic, extra=extra)
+                              title=Path(output).stem, sources=sources, dynamic=dynamic, extra=extra)
     metadata.update(kohya_hashes(tensors, metadata))
     write_adapter(output, tensors, metadata, overwrite=overwrite, inputs=tuple(p for p, _ in inputs))
     return rows
