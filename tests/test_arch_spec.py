@@ -4,13 +4,16 @@ the specs agree with the key tables and shipped configs, and CLI choices come fr
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
+from mergekit_sdxl.arch import detect, registry
 from mergekit_sdxl.arch.configs import load_config
 from mergekit_sdxl.arch.detect import component_of
-from mergekit_sdxl.arch.registry import ARCHS, DEFAULT_ARCH, SPECS, arch_spec
+from mergekit_sdxl.arch.registry import ARCHS, DEFAULT_ARCH, SDXL, SPECS, arch_spec
 from mergekit_sdxl.arch.tables import key_table
 from mergekit_sdxl.errors import ArchError
 
@@ -119,3 +122,23 @@ def test_cli_arch_choices_come_from_registry(command: str) -> None:
     commands = [obj for obj in vars(module).values() if isinstance(obj, click.Command)]
     options = [p for cmd in commands for p in cmd.params if p.name == "arch"]
     assert options and all(isinstance(o.type, click.Choice) and tuple(o.type.choices) == ARCHS for o in options)
+
+
+def test_a_v_prediction_variant_is_one_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A same-layout variant needs only its spec: detection tells it apart by the `v_pred` marker, and the export's
+    scheduler and the sampler read its prediction type from the spec."""
+    from mergekit_sdxl.export.folder import scheduler_config
+
+    variant = dataclasses.replace(
+        SDXL, id="sdxl-vpred", name="SDXL v-pred",
+        detection=dataclasses.replace(SDXL.detection, markers=("v_pred",)),
+        sampler=dataclasses.replace(SDXL.sampler, prediction_type="v_prediction"))
+    specs = MappingProxyType({**SPECS, variant.id: variant})
+    monkeypatch.setattr(registry, "SPECS", specs)
+    monkeypatch.setattr(detect, "SPECS", specs)
+    keys = [key for key, info in key_table("sdxl").items() if not info.optional]
+    assert detect.detect_arch(keys) == "sdxl"
+    assert detect.detect_arch([*keys, "v_pred"]) == "sdxl-vpred"
+    assert load_config("sdxl-vpred", "unet") == load_config("sdxl", "unet")  # `data` shares SDXL's files
+    assert scheduler_config("sdxl-vpred", ())["prediction_type"] == "v_prediction"
+    assert scheduler_config("sdxl", ())["prediction_type"] == "epsilon"

@@ -130,6 +130,20 @@ def test_markers_set_prediction(tiny_sdxl):
     assert model.prediction == "v" and model.ztsnr
 
 
+def test_architecture_sets_prediction(tiny_sdxl, monkeypatch):
+    """A v-prediction architecture (its ArchSpec says so) predicts v without the `v_pred` marker key."""
+    import dataclasses
+    from types import MappingProxyType
+
+    from mergekit_sdxl.arch import registry
+
+    vpred = dataclasses.replace(registry.SDXL, sampler=dataclasses.replace(registry.SDXL.sampler,
+                                                                           prediction_type="v_prediction"))
+    monkeypatch.setattr(registry, "SPECS", MappingProxyType({**registry.SPECS, "sdxl": vpred}))
+    model = ModelSlot().load(WeightSource.from_file(tiny_sdxl))
+    assert model.prediction == "v" and not model.ztsnr
+
+
 # ---------------------------------------------------------------------------------------------- conditioning
 
 

@@ -41,9 +41,10 @@ _HINTS: tuple[tuple[str, str], ...] = (
 def detect_arch(keys: Iterable[str], source: str = "checkpoint") -> str:
     """Return the architecture id from fingerprint keys; ArchError naming `source` and what was looked for."""
     present = set(keys)
-    found = [arch for arch, prints in FINGERPRINTS.items() if any(key in present for key in prints)]
+    found = [spec.id for spec in SPECS.values() if any(key in present for key in spec.detection.fingerprints)]
     if not found and not any(key.startswith(_TEXT_ENCODER_PREFIXES) for key in present):
-        found = [arch for arch, key in UNET_ONLY_FINGERPRINTS if key in present]
+        found = [spec.id for spec in SPECS.values() if spec.detection.unet_only in present]
+    found = _by_markers(found, present)
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
@@ -58,6 +59,15 @@ def detect_arch(keys: Iterable[str], source: str = "checkpoint") -> str:
     elif not present:
         message += "; the file has no tensors"
     raise ArchError(message)
+
+
+def _by_markers(found: list[str], present: set[str]) -> list[str]:
+    """Of the candidate architectures, those whose marker keys are all present and most numerous (a v-prediction
+    variant beats its base when the file has `v_pred`, and drops out when it has not)."""
+    markers = {arch: SPECS[arch].detection.markers for arch in found}
+    fitting = [arch for arch in found if all(key in present for key in markers[arch])]
+    most = max((len(markers[arch]) for arch in fitting), default=0)
+    return [arch for arch in fitting if len(markers[arch]) == most]
 
 
 def _hint(keys: set[str]) -> str | None:

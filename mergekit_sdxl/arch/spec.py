@@ -24,7 +24,10 @@ class Detection:
     `fingerprints`: any one of these single-file keys identifies it; `unet_only`: a key that identifies a file
     with no text encoder at all (None: such files are not recognised); `pipelines`: diffusers pipeline class
     names in `model_index.json`; `lora_prefixes`: kohya module-name prefixes only its adapters have;
-    `lora_substrings`: substrings of adapter key names only its adapters have (peft/diffusers naming).
+    `lora_substrings`: substrings of adapter key names only its adapters have (peft/diffusers naming);
+    `markers`: marker keys (arch/detect.py `MARKERS`, e.g. `v_pred`) a file must also have: a variant sharing
+    another architecture's fingerprints (a v-prediction SDXL) is told apart by them, the spec with the most
+    present markers winning.
     """
 
     fingerprints: tuple[str, ...]
@@ -32,6 +35,7 @@ class Detection:
     pipelines: tuple[str, ...]
     lora_prefixes: tuple[str, ...]
     lora_substrings: tuple[str, ...] = ()
+    markers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -52,13 +52,17 @@ def model_index(arch: str, scheduler_class: str) -> dict:
 
 
 def scheduler_config(arch: str, markers: tuple[str, ...]) -> dict:
-    """The shipped scheduler config, adapted to the `v_pred` / `ztsnr` markers of the checkpoint."""
+    """The shipped scheduler config, adapted to the architecture's prediction type and to the `v_pred` / `ztsnr`
+    markers of the checkpoint."""
     config = load_config(arch, "scheduler")
     if "ztsnr" in markers:
         config = ztsnr_scheduler_config()
         config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    prediction = arch_spec(arch).sampler.prediction_type
     if "v_pred" in markers:
         config["prediction_type"] = "v_prediction"
+    elif prediction != "epsilon":  # a v-prediction architecture needs no marker (shipped configs say epsilon)
+        config["prediction_type"] = prediction
     config["_diffusers_version"] = diffusers_version()
     return config
 

@@ -141,7 +141,8 @@ class ModelSlot:
         self._plan = None
         _fill(source, plan, scales, modules, self, assign=not reuse)
         self._plan = plan
-        self.model = Model(arch, configs, modules, prediction="v" if "v_pred" in keys else "eps",
+        v_pred = "v_pred" in keys or arch_spec(arch).sampler.prediction_type == "v_prediction"
+        self.model = Model(arch, configs, modules, prediction="v" if v_pred else "eps",
                            ztsnr="ztsnr" in keys, name=source.name,
                            markers=tuple(k for k in ("v_pred", "ztsnr") if k in keys))
         return self.model
