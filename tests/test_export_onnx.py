@@ -1,26 +1,21 @@
-"""`export --format onnx`: the folder layout and names optimum expects, the ONNX UNet equal to the PyTorch one within
-1e-3 (relative), and (when optimum-onnx imports) `ORTStableDiffusion(XL)Pipeline.from_pretrained` loading and running
-it with the latents of the diffusers pipeline.
+"""`export --format onnx`: the folder layout and input/output names optimum's ORT pipelines expect, and the ONNX UNet
+equal to the PyTorch one within 1e-3 (relative), run with onnxruntime. (optimum-onnx itself is not a test
+dependency: its only release pins transformers < 4.58, which this project's environment does not have.)
 
 SD1.5 runs by default; SDXL (its tiny UNet alone takes ~40 s to trace on a busy 2-core machine) is marked slow.
 """
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort  # the test extra installs onnx and onnxruntime: a missing one is a failure, not a skip
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
-pytest.importorskip("onnx", reason="the [onnx] extra (onnx, onnxruntime) is not installed")
-ort = pytest.importorskip("onnxruntime", reason="the [onnx] extra (onnx, onnxruntime) is not installed")
-
-from mergekit_sdxl.export.onnx import export_onnx  # noqa: E402
-from mergekit_sdxl.export.source import ExportSource, build_modules, load_module  # noqa: E402
+from mergekit_sdxl.export.onnx import export_onnx
+from mergekit_sdxl.export.source import ExportSource, build_modules, load_module
 
 PARTS = {"sd15": ["text_encoder", "unet", "vae_decoder", "vae_encoder"],
          "sdxl": ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]}
@@ -92,63 +87,4 @@ def test_unet_matches_pytorch(case: tuple[str, Path, Path]) -> None:
     (got,) = session.run(None, {k: v.numpy() for k, v in feeds.items()})
     rel = np.abs(got - expected).max() / np.abs(expected).max()
     assert got.shape == expected.shape
-    assert rel < 1e-3, rel
-
-
-def _optimum_pipelines() -> dict[str, type]:
-    """optimum-onnx 0.1.0 (its only release) pins transformers < 4.58; on transformers 5 / diffusers 0.42 its
-    pipeline imports and runs with four compatibility shims, applied here (only when the plain import fails)."""
-    try:
-        from optimum.onnxruntime import modeling_diffusion as md
-    except ImportError:
-        try:
-            md = _import_with_shims()
-        except ImportError as exc:
-            pytest.skip(f"optimum-onnx is not usable here: {exc}")
-    for cls in (md.ORTModelMixin, md.ORTVae):
-        if not hasattr(cls, "modules"):
-            cls.modules = lambda self: iter(())  # diffusers 0.42 walks modules() to find offload hooks
-    return {"sdxl": md.ORTStableDiffusionXLPipeline, "sd15": md.ORTStableDiffusionPipeline}
-
-
-def _import_with_shims() -> types.ModuleType:
-    import transformers
-
-    image_processor = transformers.CLIPImageProcessor  # this access may replace the module object
-    sys.modules["transformers"].CLIPFeatureExtractor = image_processor
-    import optimum.exporters
-
-    # optimum's exporter needs transformers 4 internals; loading an exported folder never calls it
-    stub = types.ModuleType("optimum.exporters.onnx")
-    stub.main_export = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("optimum export unavailable"))
-    sys.modules["optimum.exporters.onnx"] = stub
-    optimum.exporters.onnx = stub
-    for name in [m for m in sys.modules if m.startswith("optimum.onnxruntime")]:
-        del sys.modules[name]
-    from optimum.onnxruntime import modeling_diffusion
-
-    return modeling_diffusion
-
-
-def test_optimum_pipeline_loads_and_matches(case: tuple[str, Path, Path], tmp_path: Path) -> None:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from mergekit_sdxl.export.diffusers import export_diffusers
-
-    arch, src, folder = case
-    pipelines = _optimum_pipelines()
-    ort_pipe = pipelines[arch].from_pretrained(folder, local_files_only=True)
-    export_diffusers(src, tmp_path / "diffusers", dtype="fp32")
-    cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-    torch_pipe = cls.from_pretrained(tmp_path / "diffusers", local_files_only=True)
-    latents = []
-    for pipe in (ort_pipe, torch_pipe):
-        pipe.set_progress_bar_config(disable=True)
-        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
-        noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-        with torch.inference_mode():
-            out = pipe("a photo of a cat", num_inference_steps=2, guidance_scale=5.0, height=64, width=64,
-                       latents=noise, output_type="latent").images
-        latents.append(torch.as_tensor(np.asarray(out)).float())
-    rel = (latents[0] - latents[1]).abs().max() / latents[1].abs().max()
     assert rel < 1e-3, rel

@@ -176,15 +176,6 @@ def test_open_checkpoint_dispatch(tmp_path, sample):
         open_checkpoint(tmp_path / "junk.bin")
 
 
-def test_folder_without_diffusers_support(tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("mergekit_sdxl.io.diffusers_folder") is not None:
-        pytest.skip("diffusers folders are supported: covered by their own tests")
-    with pytest.raises(CheckpointError, match="diffusers folders are not supported yet"):
-        open_checkpoint(tmp_path)
-
-
 @pytest.mark.parametrize("length", [0x280, 0x380, 0x480, 0x580])
 def test_sniff_a_header_length_that_looks_like_a_pickle_opcode(tmp_path, length):
     """A header length of 128 + 256*k (k = 2..5) starts with the bytes `\\x80\\x0k`, pickle's PROTO opcode."""

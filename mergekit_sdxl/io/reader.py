@@ -8,7 +8,6 @@ elsewhere) into a fresh buffer or a caller's buffer: no whole-file mmap, safe to
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -388,8 +387,6 @@ def _foreign_path_hint(p: Path) -> str:
 
 
 def _open_folder(p: Path) -> CheckpointReader:
-    if importlib.util.find_spec("mergekit_sdxl.io.diffusers_folder") is None:
-        raise CheckpointError(f"{p}: is a folder; diffusers folders are not supported yet")
     from mergekit_sdxl.io import diffusers_folder
 
     note_read(p)  # the folder and every file in it
