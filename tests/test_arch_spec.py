@@ -142,3 +142,24 @@ def test_a_v_prediction_variant_is_one_spec(monkeypatch: pytest.MonkeyPatch) -> 
     assert load_config("sdxl-vpred", "unet") == load_config("sdxl", "unet")  # `data` shares SDXL's files
     assert scheduler_config("sdxl-vpred", ())["prediction_type"] == "v_prediction"
     assert scheduler_config("sdxl", ())["prediction_type"] == "epsilon"
+
+
+def test_a_diffusers_folder_of_a_variant_is_told_by_its_scheduler(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    import json
+
+    from mergekit_sdxl.io import diffusers_folder
+
+    variant = dataclasses.replace(SDXL, id="sdxl-vpred", name="SDXL v-pred", sampler=dataclasses.replace(
+        SDXL.sampler, prediction_type="v_prediction"))
+    monkeypatch.setattr(diffusers_folder, "SPECS", MappingProxyType({**SPECS, variant.id: variant}))
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    assert diffusers_folder.folder_arch(tmp_path) == "sdxl"  # no scheduler config: diffusers' epsilon
+    for prediction, arch in (("epsilon", "sdxl"), ("v_prediction", "sdxl-vpred")):
+        config = json.dumps({"_class_name": "EulerDiscreteScheduler", "prediction_type": prediction})
+        (tmp_path / "scheduler" / "scheduler_config.json").write_text(config)
+        assert diffusers_folder.folder_arch(tmp_path) == arch
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "sample"}))
+    with pytest.raises(ArchError, match="prediction type 'sample' fits none of SDXL, SDXL v-pred"):
+        diffusers_folder.folder_arch(tmp_path)

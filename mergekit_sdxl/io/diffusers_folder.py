@@ -17,13 +17,13 @@ import torch
 
 from mergekit_sdxl.arch.keymap import PREFIXES, TEXT_ENCODER_2, KeyMapping, build_reverse_keymap
 from mergekit_sdxl.arch.registry import ARCH_NAMES, SPECS
+from mergekit_sdxl.arch.spec import ArchSpec
 from mergekit_sdxl.errors import ArchError, CheckpointError
 from mergekit_sdxl.io import jsonio
 from mergekit_sdxl.io.keyconvert import to_ldm_tensor
 from mergekit_sdxl.io.reader import SafetensorsReader, TensorInfo
 
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
-PIPELINE_ARCHS = {pipeline: spec.id for spec in SPECS.values() for pipeline in spec.detection.pipelines}
 
 
 def folder_arch(path: Path) -> str:
@@ -34,14 +34,28 @@ def folder_arch(path: Path) -> str:
         name = data.get("_class_name") if isinstance(data, dict) else None
         if not isinstance(name, str):
             raise CheckpointError(f"{index}: not a valid model_index.json (no _class_name string)")
-        if name not in PIPELINE_ARCHS:
+        candidates = [spec for spec in SPECS.values() if name in spec.detection.pipelines]
+        if not candidates:
             raise ArchError(f"{path}: pipeline {name!r} is not an {' or '.join(ARCH_NAMES.values())} text-to-image "
                             "pipeline")
-        return PIPELINE_ARCHS[name]
+        return candidates[0].id if len(candidates) == 1 else _by_prediction(path, name, candidates)
     if not (path / "unet").is_dir():
         raise CheckpointError(f"{path}: not a diffusers folder (no model_index.json, no unet/)")
     dual = (path / TEXT_ENCODER_2).is_dir()
     return next(spec.id for spec in SPECS.values() if spec.dual_text_encoder == dual)
+
+
+def _by_prediction(path: Path, pipeline: str, candidates: list[ArchSpec]) -> str:
+    """The one of several architectures sharing a pipeline class (e.g. SDXL and a v-prediction SDXL) whose
+    prediction type the folder's scheduler config names (diffusers' default: epsilon)."""
+    config_path = path / "scheduler" / "scheduler_config.json"
+    config = jsonio.load_file(config_path) if config_path.is_file() else {}
+    prediction = config.get("prediction_type", "epsilon") if isinstance(config, dict) else None
+    found = [spec.id for spec in candidates if spec.sampler.prediction_type == prediction]
+    if len(found) != 1:
+        raise ArchError(f"{path}: pipeline {pipeline!r} with prediction type {prediction!r} fits "
+                        f"{len(found) or 'none'} of {', '.join(spec.name for spec in candidates)}")
+    return found[0]
 
 
 def weight_files(folder: Path, stem: str, variant: str | None = None) -> list[Path]:
