@@ -90,3 +90,19 @@ def test_lora_for_the_wrong_architecture_fails_before_reading(tiny_sd15: Path, l
     out = tmp_path / "out.safetensors"
     assert run_cli("merge", recipe, "-o", out) in (3, 4)
     assert not out.exists()
+
+
+def test_grid_recipe_variants_run_lora_steps(tiny_sdxl: Path, lora_file: tuple[Path, dict], tmp_path: Path) -> None:
+    """`grid --recipe` merges its variants in memory through lora.steps, so a LoRA step works there too (the engine
+    alone refuses it: it cannot open adapters)."""
+    from mergekit_sdxl.recipe.load import load_recipe
+    from mergekit_sdxl.sampler.gridmodels import merge_in_memory
+
+    path, deltas = lora_file
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"models: {{a: {tiny_sdxl}}}\nsteps:\n  output: {{lora: {path}, model: a, strength: 0.5}}\n"
+                      "output: {dtype: fp32}\n")
+    source = merge_in_memory(load_recipe(recipe), "variant", "cpu")
+    base = load_file(tiny_sdxl)[UNET_KEY].astype(np.float32)
+    np.testing.assert_allclose(source.read(UNET_KEY).numpy(), base + 0.5 * deltas[UNET_KEY].numpy(),
+                               rtol=1e-6, atol=1e-6)

@@ -27,7 +27,11 @@ ALLOWED: dict[str, set[str]] = {
     "provenance": {"errors", "platform", "dtypes", "arch", "io", "methods", "recipe"},
     "index": {"errors", "platform", "dtypes", "arch", "io", "recipe", "provenance"},
     "analysis": {"errors", "platform", "dtypes", "arch", "io"},
-    "search": {"errors", "platform", "dtypes", "arch", "io", "engine", "recipe", "methods", "lora", "sampler"},
+    "search": {"errors", "platform", "dtypes", "arch", "io", "engine", "recipe", "methods", "lora", "sampler",
+               "index"},
+    # the typed API: on top of every layer but the UI (cli wraps it; nothing else imports it)
+    "api": {"errors", "platform", "dtypes", "patterns", "arch", "io", "methods", "recipe", "synth", "engine", "lora",
+            "sampler", "export", "provenance", "index", "analysis", "search"},
     "cli": {"*"},
     "demo": {"*"},
 }

@@ -122,3 +122,29 @@ def test_best_recipe_writes_formula_numbers_and_lora_strengths(tmp_path):
                                                              for k, v in recipe.models.items()}
     assert again.output.path == str((tmp_path / "out/merged.safetensors").resolve())
     assert (elsewhere / "best.yaml").read_text().startswith("# best trial 3\n")
+
+
+def test_models_named_by_hash_are_found_through_the_model_index(tmp_path, make_ckpt, monkeypatch):
+    """optimize resolves a model named only by hash with index.resolve.resolve_recipe (as merge does), and its
+    workers load the file the index found."""
+    import shutil
+
+    from mergekit_sdxl.io.hashes import hash_file
+    from mergekit_sdxl.search.optimize import OptimizeRequest, optimize
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    a = make_ckpt("sdxl", seed=1)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    b = shutil.copy(make_ckpt(seed=2, like=a, delta="noise:0.5"), folder / "b.safetensors")
+    recipe = write_recipe(tmp_path, a, b)
+    data = yaml.safe_load(recipe.read_text())
+    data["models"]["b"] = {"autov2": hash_file(b).autov2}  # no path: only the index can find it
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    space = write_space(tmp_path, {"output.alpha[IN04]": [0, 1]})
+    result = optimize(OptimizeRequest(out_dir=tmp_path / "out", recipe=recipe, space=space,
+                                      scorers=["python:test_search_cli:_falling"], trials=1, device="cpu",
+                                      dtype="fp32", threads=1, models_dirs=[folder], db=tmp_path / "index.db"),
+                      notify=lambda m: None)
+    assert result.trials_run == 1
+    assert [t.state.name for t in _study(tmp_path / "out").trials] == ["COMPLETE"]

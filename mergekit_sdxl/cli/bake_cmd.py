@@ -40,24 +40,17 @@ def command(checkpoint: Path, loras: tuple[Path, ...], output: Path, strengths: 
             device: str, overwrite: bool) -> None:
     """Bake LoRA/LyCORIS adapters (LoRA, LoCon, LoHa, LoKr, full, norms, DoRA; kohya or peft names) into a
     checkpoint: W += strength · ΔW for every adapter, computed in fp32."""
-    from mergekit_sdxl.engine.device import resolve_device
-    from mergekit_sdxl.lora.bake import AdapterSpec, bake
+    from mergekit_sdxl import api
 
     n = len(loras)
-    specs = [AdapterSpec(str(path), _pick(strengths, i, n, "--strength", 1.0),
+    specs = [api.AdapterSpec(str(path), _pick(strengths, i, n, "--strength", 1.0),
                          _pick(te_strengths, i, n, "--te-strength", None), _pick(blocks, i, n, "--blocks", None))
              for i, path in enumerate(loras)]
-    total = 0
-
-    def progress(done: int, count: int) -> None:
-        nonlocal total
-        total = count
-
-    summary = bake(checkpoint, specs, output, overwrite=overwrite, ignore_unknown=ignore_unknown, dtype=dtype,
-                   device=str(resolve_device(device)), progress=progress)
-    if summary["unconsumed"]:
-        console.console.print(f"warning: {summary['unconsumed']} adapter keys matched nothing and were ignored")
-    console.info(f"wrote {output}: {summary['changed_keys']} of {total} tensors changed by {n} adapter(s)")
+    result = api.bake(checkpoint, specs, output, overwrite=overwrite, ignore_unknown=ignore_unknown, dtype=dtype,
+                      device=device)
+    if result.unconsumed:
+        console.console.print(f"warning: {result.unconsumed} adapter keys matched nothing and were ignored")
+    console.info(f"wrote {output}: {result.changed_keys} of {result.total_keys} tensors changed by {n} adapter(s)")
 
 
 def _pick(values: tuple[_T, ...], i: int, n: int, option: str, default: _D) -> _T | _D:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -90,3 +91,27 @@ def key_progress(description: str) -> Iterator[Callable[[int, int, int], None]]:
                 tasks.append(progress.add_task(description, total=total, gb=0.0, rate=0.0))
             progress.update(tasks[0], completed=done, gb=n_bytes / 1e9, rate=n_bytes / 1e9 / elapsed)
         yield update
+
+
+@contextlib.contextmanager
+def api_progress() -> Iterator[Callable[[Any], None]]:
+    """Yield a `progress=` callback for mergekit_sdxl.api calls that draws their `ProgressEvent`s as the bars above.
+
+    API tasks run one after another, so a new task name closes the previous task's bar (rich allows one live
+    display at a time)."""
+    with contextlib.ExitStack() as outer:
+        state: dict[str, Any] = {"task": None, "done": 0, "bar": None, "stack": None}
+
+        def on(event: Any) -> None:
+            if event.task != state["task"]:
+                if state["stack"] is not None:
+                    state["stack"].close()
+                state["stack"] = outer.enter_context(contextlib.ExitStack())
+                bar = byte_progress(event.task, event.total) if event.unit == "bytes" else key_progress(event.task)
+                state.update(task=event.task, done=0, bar=state["stack"].enter_context(bar))
+            if event.unit == "bytes":
+                state["bar"](event.done - state["done"])
+                state["done"] = event.done
+            else:
+                state["bar"](event.done, event.total, event.nbytes)
+        yield on

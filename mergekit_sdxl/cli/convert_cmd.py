@@ -34,14 +34,11 @@ def command(src: Path, dst: Path | None, out: Path | None, dtype: str, scaled_fp
     (weights only) or a diffusers folder.
     """
     target = one_output(dst, out)
-    from mergekit_sdxl.engine.convert import convert_checkpoint
-    from mergekit_sdxl.io.reader import open_checkpoint
+    from mergekit_sdxl import api
 
-    with open_checkpoint(src) as reader:
-        total = sum(reader.info(k).nbytes for k in reader.keys())
-        with console.byte_progress(f"converting {src.name}", total) as advance:
-            report = convert_checkpoint(reader, target, dtype, scaled_fp8=scaled_fp8, prune_ema=prune_ema, drop=drop,
-                                        overwrite=overwrite, progress=advance)
+    with console.api_progress() as progress:
+        report = api.convert(src, target, dtype, scaled_fp8=scaled_fp8, prune_ema=prune_ema, drop=drop,
+                             overwrite=overwrite, progress=progress)
     if report.clamped:
         worst = max(report.clamped, key=report.clamped.__getitem__)
         console.console.print(f"warning: {sum(report.clamped.values())} values in {len(report.clamped)} tensors "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -59,53 +58,25 @@ def command(base: Path, tuned: Path, output: Path, rank: int, conv_rank: int, dy
     Streams key by key; layers are chosen by state-dict key. Prints a per-layer line with --verbose and a
     summary; the same report is stored in the file's metadata (`mergekit_sdxl.lora_layers`).
     """
-    import warnings
+    from mergekit_sdxl import api
 
-    from mergekit_sdxl.dtypes import parse_dtype
-    from mergekit_sdxl.engine.device import resolve_device
-    from mergekit_sdxl.lora.extract import ExtractOptions, extract_lora
-    from mergekit_sdxl.lora.svd import RankRule, SolverOptions
-
-    options = ExtractOptions(
-        rank=RankRule.parse(dynamic, rank), conv_rank=RankRule.parse(conv_dynamic, conv_rank), preset=preset,
-        text_encoders=text_encoders, te_floor=te_threshold,
-        solver=SolverOptions(exact=exact, niter=niter, oversample=oversample, seed=seed),
-        clamp_quantile=clamp_quantile, alpha=alpha, conv_alpha=conv_alpha, save_dtype=parse_dtype(save_dtype),
-        device=str(resolve_device(device)), fmt=fmt)
-
-    def progress(row, done: int, total: int) -> None:  # noqa: ANN001 - a LayerReport
+    def on_layer(row, done: int, total: int) -> None:  # noqa: ANN001 - a LayerReport
         status = f"rank {row.rank:3d} energy {row.energy:.4f}" if row.kept else f"dropped: {row.reason}"
         console.verbose(f"[{done}/{total}] {row.name}: {status} (|dW|/|W| {row.rel_change:.2e})")
 
-    if report_path is not None:  # refuse an unusable report path before the extraction, not after it
-        from mergekit_sdxl.io.commit import check_target
-
-        check_target(report_path, overwrite=overwrite, inputs=(base, tuned))
-    hashes = None if no_hash else _hashes
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        report = extract_lora(base, tuned, output, options, overwrite=overwrite, progress=progress,
-                              input_hashes=hashes)
-    for warning in caught:
-        console.console.print(f"warning: {warning.message}")
-    _print_summary(report)
-    if report_path is not None:
-        rows = [row.__dict__ for row in report.layers]
-        from mergekit_sdxl.io.commit import write_file
-
-        write_file(report_path, json.dumps({"summary": report.summary(), "layers": rows}, indent=1,
-                                           sort_keys=True).encode(), overwrite=overwrite)
+    result = api.extract_lora(
+        base, tuned, output, rank=rank, conv_rank=conv_rank, dynamic=dynamic, conv_dynamic=conv_dynamic,
+        preset=preset, text_encoders=text_encoders, te_threshold=te_threshold, exact=exact, niter=niter,
+        oversample=oversample, seed=seed, clamp_quantile=clamp_quantile, alpha=alpha, conv_alpha=conv_alpha,
+        save_dtype=save_dtype, fmt=fmt, device=device, report_path=report_path, hash_inputs=not no_hash,
+        overwrite=overwrite, on_layer=on_layer)
+    for warning in result.warnings:
+        console.console.print(f"warning: {warning}")
+    _print_summary(result)
 
 
-def _hashes(path: Path) -> dict[str, str | None]:
-    from mergekit_sdxl.io.hashes import hashes_for
-
-    h = hashes_for(path)
-    return {"autov2": h.autov2, "autov3": h.autov3_short, "sha256": h.sha256, "legacy": h.legacy}
-
-
-def _print_summary(report) -> None:  # noqa: ANN001 - an ExtractReport
-    summary = report.summary()
+def _print_summary(report) -> None:  # noqa: ANN001 - an api.ExtractResult
+    summary = report.summary
     for component, counts in sorted(summary["components"].items()):
         dropped = [row for row in report.layers if row.component == component and not row.kept]
         line = f"{component}: kept {counts['kept']}, dropped {counts['dropped']}"
@@ -116,5 +87,5 @@ def _print_summary(report) -> None:  # noqa: ANN001 - an ExtractReport
             worst = max(dropped, key=lambda r: r.rel_change)
             line += f"; largest dropped |dW|/|W| {worst.rel_change:.2e} vs floor {report.te_floor:.2e}"
         console.info(line)
-    console.info(f"wrote {report.output}: {summary['layers']} layers, mean retained energy "
+    console.info(f"wrote {report.path}: {summary['layers']} layers, mean retained energy "
                  f"{summary['mean_energy']:.4f} (min {summary['min_energy']:.4f})")

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from mergekit_sdxl.api.grids import CARD_NEGATIVE
 from mergekit_sdxl.cli import console
 from mergekit_sdxl.cli.options import out_option
 from mergekit_sdxl.dtypes import WEIGHTS, choices
@@ -15,11 +16,6 @@ from mergekit_sdxl.sampler.catalog import RNG_MODES, SAMPLER_NAMES, SCHEDULE_NAM
 if TYPE_CHECKING:
     from mergekit_sdxl.sampler.models import ModelSlot  # imports torch: for the type checker only
 
-# Animagine XL 3.1 model card: negative prompt, CFG 5-7, under 30 steps, Euler a
-CARD_NEGATIVE = ("nsfw, lowres, (bad), text, error, fewer, extra, missing, worst quality, jpeg artifacts, "
-                 "low quality, watermark, unfinished, displeasing, oldest, early, chromatic aberration, signature, "
-                 "extra digits, artistic error, username, scan, [abstract]")
-DEFAULT_PROMPT = "1girl, solo, looking at viewer, upper body, masterpiece, best quality, very aesthetic, absurdres"
 DTYPES = ("auto", *choices(WEIGHTS))
 AXIS_HELP = ("KIND=V1,V2,... (';' between values that hold commas). KIND: model, seed, prompt, negative, steps, "
              "cfg, sampler, schedule, or a recipe parameter: STEP.PARAM (a number, a whole MBW vector, a preset), "
@@ -96,137 +92,47 @@ def command(more_models: tuple[Path, ...], models: tuple[Path, ...], recipe: Pat
     report (hover or click a cell for its parameters, zoom, A/B blink between two cells, block-diff heatmap).
     Defaults follow the Animagine XL 3.1 card (Euler a, 28 steps, CFG 6, its negative prompt).
     """
+    from mergekit_sdxl import api
     from mergekit_sdxl.platform.text import from_os
-    from mergekit_sdxl.sampler.pipeline import GenParams
-    from mergekit_sdxl.sampler.sizes import parse_size
+    from mergekit_sdxl.recipe.load import parse_model_overrides
 
-    files = [*models, *more_models]
-    if files and recipe:
-        raise _usage("give either model files or --recipe, not both")
-    width, height = parse_size(size) if size else (0, 0)
-    seed_list = _seeds(seeds)
-    prompts, negative = tuple(from_os(p) for p in prompts), from_os(negative)  # LANG=C: argv bytes -> UTF-8 text
-    params = GenParams(prompts[0] if len(prompts) == 1 else DEFAULT_PROMPT, negative, steps, cfg, sampler,
-                       schedule, width, height, clip_skip, rng)
-    if rng == "gpu" and _device_type(device) != "cuda":
-        raise _usage("--rng gpu draws noise with the CUDA generator and needs --device cuda; use --rng nv for the "
-                     "same noise on the CPU")
-    source, arch_blocks = _source(files, recipe, model_paths, device, pinpoint)
-    plan = _plan(x_axis, y_axis, z_axis, sweep, pinpoint, arch_blocks, files, prompts, seed_list)
-    title = _title(recipe, files, params, seed_list[0], plan)
+    files = (*models, *more_models)
+    options = api.GridOptions(
+        models=files, recipe=recipe, model_paths=parse_model_overrides(model_paths) if recipe else {},
+        x=(*x_axis, *([sweep] if sweep else [])), y=y_axis, z=z_axis, pinpoint=pinpoint,
+        prompts=tuple(from_os(p) for p in prompts), negative=from_os(negative),  # LANG=C: argv bytes -> UTF-8 text
+        seeds=_seeds(seeds), steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, rng=rng, size=size,
+        clip_skip=clip_skip, device=device)
+    job = api.plan_grid(options)
     if dry_run:
-        _dry_run(plan, source, params)
+        _dry_run(job)
         return
-    _render(plan, params, seed_list[0], source, out, device, dtype, batch_size, title, diff, lora_dir, embeddings_dir,
-            overwrite)
+    console.info(f"{len(job.plan.cells)} cell(s), {len(job.plan.by_model())} model(s)")
+
+    def report(event: Any) -> None:
+        console.info(f"[{event.index}/{event.total}] {event.label} -> {event.path.name}")
+
+    result = api.grid(job, out, dtype=dtype, batch_size=batch_size, diff=diff, lora_dir=lora_dir,
+                      embeddings_dir=embeddings_dir, overwrite=overwrite, on_cell=report, notify=console.info)
+    console.info(f"grid: {result.grid}; report: {result.report}")
+    click.echo(str(result.grid))
 
 
-def _device_type(device: str) -> str:
-    from mergekit_sdxl.engine.device import resolve_device
-
-    return resolve_device(device, allow_mps=True).type
-
-
-def _usage(message: str) -> Exception:
+def _seeds(text: str) -> tuple[int, ...]:
     from mergekit_sdxl.errors import UsageError
 
-    return UsageError(message)
-
-
-def _seeds(text: str) -> list[int]:
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise _usage(f"--seeds {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
-    if not seeds or any(s < 0 or s >= 2**63 for s in seeds):
-        raise _usage(f"--seeds {text!r}: expected non-negative integers below 2**63")
+        raise UsageError(f"--seeds {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
+    if not seeds or any(s < 0 or s >= 2**63 for s in seeds):  # checked here too: the message quotes the text
+        raise UsageError(f"--seeds {text!r}: expected non-negative integers below 2**63")
     return seeds
 
 
-def _source(files: list[Path], recipe: Path | None, model_paths: tuple[str, ...], device: str,
-            pinpoint: str | None) -> tuple[Any, tuple[str, ...]]:
-    """The model source, and the blocks a --pinpoint runs over (empty without one)."""
-    from mergekit_sdxl.sampler.gridmodels import FileModels, RecipeModels, recipe_arch
-
-    if recipe is None:
-        if pinpoint:
-            raise _usage("--pinpoint sets a recipe parameter: give --recipe")
-        return FileModels(files[0] if len(files) == 1 else None), ()
-    from mergekit_sdxl.index.resolve import resolve_recipe
-    from mergekit_sdxl.recipe.load import load_recipe, parse_model_overrides
-
-    loaded = resolve_recipe(load_recipe(recipe, parse_model_overrides(model_paths)))  # models named by hash
-    arch = recipe_arch(loaded)
-    blocks: tuple[str, ...] = ()
-    if pinpoint:
-        blocks = _pinpoint_blocks(loaded, pinpoint, arch)
-    return RecipeModels(recipe, loaded, arch, _merge_device(device)), blocks
-
-
-def _pinpoint_blocks(recipe: Any, pinpoint: str, arch: str | None) -> tuple[str, ...]:
-    from mergekit_sdxl.arch.blocks import block_names
-    from mergekit_sdxl.errors import RecipeError
-    from mergekit_sdxl.recipe.types import MethodStep
-
-    step_name = pinpoint.partition("=")[0].strip().partition(".")[0]
-    step = recipe.steps.get(step_name)
-    if not isinstance(step, MethodStep):
-        names = ", ".join(n for n, s in recipe.steps.items() if isinstance(s, MethodStep))
-        raise RecipeError(f"--pinpoint {pinpoint}: {step_name!r} is not a method step of the recipe "
-                          f"(method steps: {names})")
-    if arch is None:
-        raise RecipeError(f"--pinpoint {pinpoint}: cannot tell the architecture; set `arch:` in the recipe")
-    return block_names(arch, step.convention)
-
-
-def _plan(x_flags: tuple[str, ...], y_flags: tuple[str, ...], z_flags: tuple[str, ...], sweep: str | None,
-          pinpoint: str | None, pin_blocks: tuple[str, ...], files: list[Path], prompts: tuple[str, ...],
-          seeds: list[int]) -> Any:
-    from mergekit_sdxl.sampler.axes import ONE, Axis, Point, Setting, axis, pinpoint_axis, product_axis
-    from mergekit_sdxl.sampler.gridplan import GridPlan
-
-    x_list = [*x_flags, *([sweep] if sweep else [])]
-    if pinpoint and x_list:
-        raise _usage("--pinpoint makes the columns: drop --x")
-    axes = [pinpoint_axis(pinpoint, pin_blocks) if pinpoint else axis(x_list, "--x"), axis(list(y_flags), "--y"),
-            axis(list(z_flags), "--z")]
-    extra = []
-    if len(files) > 1:
-        points = tuple(Point(f.stem, (Setting("model", str(f)),)) for f in files)
-        extra.append(Axis("model", points))
-    if len(prompts) > 1:
-        extra.append(Axis("prompt", tuple(Point(p, (Setting("prompt", p),)) for p in prompts)))
-    if len(seeds) > 1:
-        extra.append(Axis("seed", tuple(Point(str(s), (Setting("seed", s),)) for s in seeds)))
-    for kind in (a.title for a in extra):
-        if any(kind in a.kinds for a in axes):
-            raise _usage(f"{kind} is given both as an axis and by its own option; give it once")
-    if extra and len(files) > 1 and axes[0] is ONE:  # models become the columns, the rest the rows
-        axes[0], extra = extra[0], extra[1:]
-    for i, ax in enumerate(axes):
-        if ax is ONE and extra:
-            axes[i], extra = product_axis(extra), []
-    if extra:
-        raise _usage("every axis is taken: put the extra models, prompts or seeds on --x/--y/--z")
-    return GridPlan.build(*axes)
-
-
-def _title(recipe: Path | None, files: list[Path], params: Any, seed: int, plan: Any) -> str:
-    from mergekit_sdxl.sampler.gridplan import fixed_values
-
-    source = recipe.name if recipe else (files[0].name if len(files) == 1 else "")
-    size = f"{params.width}x{params.height}" if params.width else ""
-    fixed = fixed_values(plan, {"sampler": SAMPLER_NAMES[params.sampler].a1111,
-                                "schedule": params.schedule, "steps": f"{params.steps} steps",
-                                "cfg": f"CFG {params.cfg:g}", "seed": f"seed {seed}", "size": size,
-                                "prompt": f"prompt: {params.prompt}"})
-    return " · ".join(v for v in (source, *fixed.values()) if v)
-
-
-def _dry_run(plan: Any, source: Any, params: Any) -> None:
-    from mergekit_sdxl.sampler.grid import check_plan
-
-    check_plan(plan, params, source)
+def _dry_run(job: Any) -> None:
+    job.check()
+    plan = job.plan
     for name in ("x", "y", "z"):
         ax = getattr(plan, name)
         if ax.title:
@@ -238,53 +144,7 @@ def _dry_run(plan: Any, source: Any, params: Any) -> None:
         click.echo(f"model {i}: {what} ({len(cells)} cell(s))")
 
 
-def _render(plan: Any, params: Any, seed: int, source: Any, out: Path, device: str, dtype: str, batch_size: int,
-            title: str, diff: bool, lora_dir: Path | None = None, embeddings_dir: Path | None = None,
-            overwrite: bool = False) -> None:
-    from mergekit_sdxl.sampler.grid import run_grid
-    from mergekit_sdxl.sampler.report import REPORT, write_report
-
-    total = len(plan.cells)
-    console.info(f"{total} cell(s), {len(plan.by_model())} model(s)")
-
-    def report(event: Any) -> None:
-        console.info(f"[{event.index}/{event.total}] {event.label} -> {event.path.name}")
-
-    def finish(staged: Any, folder: Path) -> None:  # inside the temporary folder: the report lands with the grid
-        console.info(f"{total} cell(s): {staged.seconds_per_cell:.1f} s per cell; {staged.seconds_loading:.1f} s "
-                     f"loading/merging {len(staged.models)} model(s)")
-        write_report(staged, folder, _diffs(staged.models) if diff else [])
-
-    result = run_grid(plan, params, seed, source, out, _slot(device, dtype), batch_size=batch_size, title=title,
-                      on_cell=report, notify=console.info, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
-                      overwrite=overwrite, finish=finish)
-    console.info(f"grid: {result.grid}; report: {out / REPORT}")
-    click.echo(str(result.grid))
-
-
-def _diffs(models: list[Any]) -> list[Any]:
-    """Block diffs of every model file involved against the first one."""
-    from mergekit_sdxl.analysis.blockdiff import diff_checkpoints
-
-    paths = list(dict.fromkeys(p for m in models for p in m.paths))
-    if len(paths) < 2:
-        return []
-    console.info(f"block diff of {len(paths) - 1} model(s) against {paths[0].name}")
-    return [(paths[0], p, diff_checkpoints(paths[0], p)) for p in paths[1:]]
-
-
-def _merge_device(device: str) -> str:
-    from mergekit_sdxl.engine.device import resolve_device
-
-    return str(resolve_device(device, allow_mps=True))
-
-
 def _slot(device: str, dtype: str) -> ModelSlot:
-    import torch
+    from mergekit_sdxl.api.grids import render_slot
 
-    from mergekit_sdxl.sampler.slots import make_slot
-
-    slot = make_slot(device, dtype)
-    if slot.dtype == torch.float16 and slot.device.type not in ("cuda", "mps"):
-        console.info("warning: fp16 on the CPU is slow; bf16 or fp32 are better there")
-    return slot
+    return render_slot(device, dtype, console.info)

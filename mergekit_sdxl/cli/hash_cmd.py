@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import stat
 from pathlib import Path
 
 import click
@@ -28,24 +26,12 @@ def command(files: tuple[Path, ...], as_json: bool, no_cache: bool) -> None:
     Each file is read once in 8 MiB chunks (constant memory); results are cached by path, size and mtime.
     JSON fields: file, size, legacy, autov2, autov3, autov3_full, sha256.
     """
-    from mergekit_sdxl.errors import CheckpointError
-    from mergekit_sdxl.io import hashes
+    from mergekit_sdxl import api
 
     rows = []
     for path in files:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
-            raise CheckpointError(f"{path}: is not a regular file (a FIFO or device?); nothing to hash")
-        size = os.path.getsize(path)
-        try:
-            with console.byte_progress(f"hashing {path.name}", size) as advance:
-                if no_cache:
-                    found = hashes.hash_file(path, advance)
-                    hashes.store_cached_hashes(path, found)
-                else:
-                    found = hashes.hashes_for(path, advance)
-        except OSError as exc:
-            raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-        rows.append({"file": str(path), "size": size, **found.as_dict()})
+        with console.api_progress() as progress:  # one bar per file
+            rows.append(api.hash_file(path, use_cache=not no_cache, progress=progress).as_dict())
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

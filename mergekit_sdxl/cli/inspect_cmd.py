@@ -56,16 +56,10 @@ def command(file: Path, as_json: bool, with_blocks: bool, convention: str | None
     """
     if full_hash and no_hash:
         raise UsageError("--hash and --no-hash contradict each other")
-    from mergekit_sdxl.analysis.report import RECORDED, build_report, render_text
-    from mergekit_sdxl.io.reader import open_checkpoint
-    from mergekit_sdxl.lora.summary import adapter_summary, is_adapter, render_adapter_text
+    from mergekit_sdxl import api
 
-    with open_checkpoint(file) as checkpoint:
-        if is_adapter(checkpoint.keys()):  # a LoRA/LyCORIS file gets the adapter summary
-            summary = adapter_summary(checkpoint, file)
-            click.echo(json.dumps(summary, indent=2) if as_json else render_adapter_text(summary))
-            return
-        report = build_report(checkpoint, file, convention=(convention or RECORDED) if with_blocks else None,
-                              hash_mode="none" if no_hash else "full" if full_hash else "legacy",
-                              check_values=check_values, progress=console.byte_progress)
-    click.echo(json.dumps(report, indent=2) if as_json else render_text(report))
+    with console.api_progress() as progress:
+        result = api.inspect(file, blocks=with_blocks, convention=convention,
+                             hash_mode="none" if no_hash else "full" if full_hash else "legacy",
+                             check_values=check_values, progress=progress)
+    click.echo(json.dumps(result.report, indent=2) if as_json else result.text())

@@ -24,6 +24,10 @@ DTYPES = ("auto", *choices(WEIGHTS))
               help="Trials the study should have finished (a continued study runs only the rest).")
 @click.option("-m", "--model", "model_paths", multiple=True, metavar="ALIAS=PATH",
               help="Override a model path of the recipe (repeatable).")
+@click.option("--models-dir", "models_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Index this folder first (incremental) and find models named by hash there (repeatable).")
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path),
+              help="Model index for models named by hash (default: the one `mergekit-sdxl index` uses).")
 @out_option("out", type=click.Path(file_okay=False, path_type=Path), default=Path("optimize-out"),
               show_default=True, help="Output folder: study.db, trials/, best.yaml, results.csv, report.html, topk/.")
 @click.option("--storage", metavar="URL", help="Optuna storage URL (default: sqlite:///OUT/study.db; e.g. "
@@ -57,7 +61,8 @@ DTYPES = ("auto", *choices(WEIGHTS))
 @click.option("--resume", is_flag=True, help="Continue an existing study (recipe, space, scorers as recorded).")
 @click.option("--report", "report_only", is_flag=True, help="Only write best.yaml, results and report.html.")
 def command(recipe: Path | None, space: Path | None, scorers: tuple[str, ...], trials: int,
-            model_paths: tuple[str, ...], out: Path, storage: str | None, study_name: str | None, algorithm: str,
+            model_paths: tuple[str, ...], models_dirs: tuple[Path, ...], db: Path | None, out: Path,
+            storage: str | None, study_name: str | None, algorithm: str,
             seed: int, prune: bool, workers: int, ray_address: str | None, device: str, dtype: str, threads: int | None,
             clip: Path | None, aesthetic_head: Path | None, reference: Path | None, manual_mode: str,
             manual_port: int, top_k: int, resume: bool, report_only: bool) -> None:
@@ -75,6 +80,7 @@ def command(recipe: Path | None, space: Path | None, scorers: tuple[str, ...], t
                          "--study NAME)")
     request = OptimizeRequest(
         out_dir=out, recipe=recipe, space=space, scorers=scorers, model_paths=parse_model_overrides(model_paths),
+        models_dirs=models_dirs, db=db,
         scorer_options={"clip": clip, "aesthetic_head": aesthetic_head, "reference": reference,
                         "manual_mode": manual_mode, "manual_port": manual_port},
         trials=trials, storage=storage, study=study_name, algorithm=algorithm, seed=seed, prune=prune,

@@ -173,8 +173,9 @@ def open_adapters(recipe: Recipe, headers: Mapping[str, InputHeader], factory: A
     if not steps:
         return {}
     if factory is None:
-        raise RecipeError(f"{recipe.source}: LoRA steps ({', '.join(s.name for s in steps)}) need the LoRA "
-                          "support (mergekit_sdxl.lora) wired in; run them with `mergekit-sdxl merge`")
+        # the engine sits below `lora`: mergekit_sdxl.lora.steps (used by the API, merge, grid, optimize) wires it
+        raise RecipeError(f"{recipe.source}: LoRA steps ({', '.join(s.name for s in steps)}) need an adapter "
+                          "factory; run the recipe through mergekit_sdxl.api.merge (or lora.steps.merge_recipe)")
     arch = job_arch(recipe, headers)
     shapes = next({k: tuple(shape) for k, (_, shape) in h.keys.items()} for h in headers.values() if h.arch == arch)
     providers: dict[str, AdapterProvider] = {}

@@ -199,7 +199,7 @@ def bake(checkpoint: str | os.PathLike[str], specs: Sequence[AdapterSpec], outpu
     """Stream `checkpoint` to `output`, adding every adapter's change to the keys it touches.
 
     Untouched tensors are copied byte for byte; changed ones are computed in fp32 and stored in their original
-    dtype (or `dtype`). Returns a small summary (keys changed, adapters, unconsumed keys).
+    dtype (or `dtype`). Returns a small summary (arch, changed_keys, total_keys, unconsumed adapter keys).
     """
     out_code = parse_dtype(dtype, WEIGHTS, "--dtype") if dtype else None
     with open_checkpoint(checkpoint) as reader:
@@ -225,7 +225,7 @@ def bake(checkpoint: str | os.PathLike[str], specs: Sequence[AdapterSpec], outpu
                     _bake_key(reader, writer, aset, spec, infos[spec.key].dtype, touched, device)
                     if progress is not None:
                         progress(done, len(out_specs))
-    return {"arch": arch, "changed_keys": len(touched), "unconsumed": len(aset.unconsumed)}
+    return {"arch": arch, "changed_keys": len(touched), "total_keys": len(keys), "unconsumed": len(aset.unconsumed)}
 
 
 def _out_dtype(stored: str, wanted: str | None) -> str:

@@ -94,12 +94,9 @@ class RecipeModels:
 
 def merge_in_memory(recipe: Recipe, label: str, device: str) -> WeightSource:
     """Run `recipe` into a dict of tensors (no file) and serve it as a WeightSource."""
-    from mergekit_sdxl.engine.run import execute_in_memory, headers_of, open_inputs, plan_recipe
+    from mergekit_sdxl.lora.steps import merge_recipe_in_memory
 
-    with ExitStack() as stack:
-        readers = open_inputs(recipe, stack)
-        plan = plan_recipe(recipe, headers_of(recipe, readers))
-        tensors = execute_in_memory(plan, readers, device=device)
+    _, tensors = merge_recipe_in_memory(recipe, device)  # LoRA steps included
     return WeightSource.from_tensors(label, tensors)
 
 

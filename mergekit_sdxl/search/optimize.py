@@ -36,6 +36,8 @@ class OptimizeRequest:
     scorers: Sequence[str] = ()
     scorer_options: Mapping[str, Any] = field(default_factory=dict)
     model_paths: Mapping[str, str] = field(default_factory=dict)
+    models_dirs: Sequence[Path] = ()  # indexed first; models named by hash are found there (index.resolve)
+    db: Path | None = None  # the model index (default: the one `mergekit-sdxl index` uses)
     trials: int = 30
     storage: str | None = None
     study: str | None = None
@@ -87,12 +89,13 @@ def optimize(request: OptimizeRequest, on_event: Callable[[TrialEvent], None] | 
     model_paths = dict(request.model_paths) or dict(recorded.get("model_paths", {}))
     space = _space(request.space, recorded)
     scorers = _scorers(request, recorded)
-    recipe, arch, dims = _bind(recipe_path, model_paths, space)
+    recipe, arch, dims = _bind(recipe_path, model_paths, space, request.models_dirs, request.db)
     ran = 0
     if not request.report_only:
         config = study_config(recipe_path, model_paths, space, dims, scorers, Path(recipe_path).read_text("utf-8"))
         study = open_study(options, config)
-        ran = _search(study, options, request, recipe_path, model_paths, space, dims, scorers, on_event, notify)
+        ran = _search(study, options, request, recipe_path, _worker_paths(recipe, model_paths), space, dims,
+                      scorers, on_event, notify)
     study = open_study(options, None, must_exist=True)
     outputs = write_outputs(study, recipe, recipe_path, dims, arch, out_dir, request.top_k, space.payload)
     best = _best(study)
@@ -153,13 +156,16 @@ def _with_options(spec: ScorerSpec, options: Mapping[str, Any]) -> ScorerSpec:
     return ScorerSpec(spec.name, spec.weight, picked)
 
 
-def _bind(recipe_path: str, model_paths: Mapping[str, str], space: SearchSpace) -> tuple[Any, str, list[Any]]:
-    """The recipe, its architecture (from the recipe, else the inputs' headers) and the space's dimensions."""
+def _bind(recipe_path: str, model_paths: Mapping[str, str], space: SearchSpace, models_dirs: Sequence[Path] = (),
+          db: Path | None = None) -> tuple[Any, str, list[Any]]:
+    """The recipe (models named by hash resolved through the model index), its architecture (from the recipe, else
+    the inputs' headers) and the space's dimensions."""
     from contextlib import ExitStack
 
+    from mergekit_sdxl.index.resolve import resolve_recipe
     from mergekit_sdxl.recipe import load_recipe
 
-    recipe = load_recipe(recipe_path, dict(model_paths))
+    recipe = resolve_recipe(load_recipe(recipe_path, dict(model_paths)), models_dirs, db)
     arch = recipe.arch
     if arch is None:
         from mergekit_sdxl.engine.run import headers_of, job_arch, open_inputs
@@ -167,6 +173,12 @@ def _bind(recipe_path: str, model_paths: Mapping[str, str], space: SearchSpace) 
         with ExitStack() as stack:
             arch = job_arch(recipe, headers_of(recipe, open_inputs(recipe, stack)))
     return recipe, arch, space.dimensions(recipe, arch)
+
+
+def _worker_paths(recipe: Any, model_paths: Mapping[str, str]) -> dict[str, str]:
+    """The model paths workers load the recipe with: the user's overrides plus every model the index found (workers
+    do not resolve hashes again: they may run where the index is not)."""
+    return {**{alias: ref.path for alias, ref in recipe.models.items() if ref.hashes and ref.path}, **model_paths}
 
 
 def _driver_scorers(scorers: Sequence[ScorerSpec], out_dir: Path, notify: Callable[[str], None]) -> dict[str, Any]:

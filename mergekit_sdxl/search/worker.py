@@ -136,13 +136,11 @@ class TrialWorker:
 
     # ----------------------------------------------------------------------------------------------- steps
     def _merge(self, variant: Any) -> dict[str, Any]:
-        from mergekit_sdxl.engine.run import execute_in_memory, open_adapters, plan_recipe
-        from mergekit_sdxl.lora.bake import step_adapters
+        from mergekit_sdxl.lora.steps import merge_recipe_in_memory
 
-        with ExitStack() as stack:
-            adapters = open_adapters(variant, self.headers, step_adapters, stack)
-            plan = plan_recipe(variant, self.headers, adapters=adapters)
-            return execute_in_memory(plan, self.readers, device=str(self.slot.device), adapters=adapters)
+        _, tensors = merge_recipe_in_memory(variant, str(self.slot.device), readers=self.readers,
+                                            headers=self.headers)
+        return tensors
 
     def _render(self, batch: list[tuple[int, str, int]], state: dict[str, Any] | None = None) -> list[TrialImage]:
         from mergekit_sdxl.sampler.pipeline import to_pil
