@@ -16,18 +16,18 @@ from typing import TYPE_CHECKING, Any, Union
 from mergekit_sdxl.api.progress import ProgressEvent, ProgressFn, byte_counter
 from mergekit_sdxl.api.results import MergePlanResult, MergeResult, StateDictResult
 from mergekit_sdxl.errors import UsageError
-from mergekit_sdxl.recipe.types import Recipe
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the recipe package loads on the first call: importing the API stays cheap (`grid --help`)
     from contextlib import AbstractContextManager
 
     from mergekit_sdxl.engine.pipeline import Progress
     from mergekit_sdxl.engine.run import MergeOptions
     from mergekit_sdxl.index.scan import ScanPlan
     from mergekit_sdxl.provenance.verify import VerifyReport
+    from mergekit_sdxl.recipe.types import Recipe
 
 PathLike = Union[str, "os.PathLike[str]"]
-RecipeSource = Union[PathLike, Mapping[str, Any], Recipe]
+RecipeSource = Union[PathLike, Mapping[str, Any], "Recipe"]
 WarnFn = Callable[[str], None]
 
 
@@ -50,6 +50,7 @@ def load(recipe: RecipeSource, models: Mapping[str, PathLike] | None = None, *,
     from mergekit_sdxl.index.resolve import resolve_recipe
     from mergekit_sdxl.recipe.load import load_recipe
     from mergekit_sdxl.recipe.parser import parse_recipe
+    from mergekit_sdxl.recipe.types import Recipe
 
     overrides = {alias: os.fspath(path) for alias, path in (models or {}).items()}
     if isinstance(recipe, Recipe):
