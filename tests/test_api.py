@@ -115,3 +115,29 @@ def test_errors_are_the_package_exceptions(tmp_path: Path, tiny_sdxl: Path) -> N
         api.convert(tiny_sdxl, tiny_sdxl, "fp16", overwrite=True)
     with pytest.raises(MergekitError):
         api.inspect(tmp_path / "nothing.safetensors")
+
+
+def test_plan_grid_checks_a_lora_step_axis_without_rendering(tmp_path: Path, tiny_sdxl: Path,
+                                                            lora: api.ExtractResult) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"models: {{a: {tiny_sdxl}}}\nsteps:\n  output: {{lora: {lora.path}, model: a}}\n")
+    job = api.plan_grid(api.GridOptions(recipe=recipe, x=("output.strength=0,0.5,1",), seeds=(1, 2), device="cpu"))
+    job.check()
+    assert len(job.plan.cells) == 6 and len(job.plan.by_model()) == 3 and "r.yaml" in job.title
+    with pytest.raises(MergekitError, match="nosuch"):
+        api.plan_grid(api.GridOptions(recipe=recipe, x=("nosuch.alpha=0,1",), device="cpu")).check()
+    with pytest.raises(MergekitError, match="not both"):
+        api.plan_grid(api.GridOptions(models=(tiny_sdxl,), recipe=recipe))
+
+
+@pytest.mark.slow
+def test_render_writes_one_png_with_its_parameters(tmp_path: Path, tiny_sdxl: Path) -> None:
+    from PIL import Image
+
+    result = api.render(tiny_sdxl, tmp_path / "out", prompt="1girl, solo", seed=7, steps=2, size="64x64",
+                        device="cpu", dtype="fp32")
+    assert len(result.cells) == 1 and result.grid.is_file() and result.report.is_file()
+    with Image.open(result.cells[0].path) as image:
+        assert image.size == (64, 64)
+        text = image.info["parameters"]
+    assert text.startswith("1girl, solo") and "Steps: 2" in text and "Seed: 7" in text
