@@ -161,3 +161,25 @@ def test_readers_without_partial_reads_give_the_same_sums(tiny_sdxl, make_ckpt, 
     assert whole.parts.keys() == pieces.parts.keys() and whole.bytes_read == pieces.bytes_read
     for part, sums in pieces.parts.items():
         assert (whole.parts[part].aa, whole.parts[part].dd) == pytest.approx((sums.aa, sums.dd), rel=1e-7), part
+
+
+@pytest.mark.parametrize("pieces", [False, True], ids=["whole", "pieces"])
+def test_scaled_fp8_file_is_compared_by_its_weights(tiny_sdxl, tmp_path, monkeypatch, pieces):
+    """A scaled-fp8 file is compared as its dequantized weights (scale times stored value), its scales and marker
+    are not keys 'only in B', and the result equals the diff against the same weights written plainly."""
+    from mergekit_sdxl.engine.convert import convert_checkpoint
+
+    if pieces:
+        monkeypatch.setattr(blockdiff, "PART", 100)  # several pieces per tensor, each scaled on its own
+    scaled, plain = tmp_path / "scaled.safetensors", tmp_path / "plain.safetensors"
+    with open_checkpoint(tiny_sdxl) as reader:
+        convert_checkpoint(reader, scaled, "fp8_e4m3fn", scaled_fp8=True)
+    with open_checkpoint(scaled) as reader:
+        convert_checkpoint(reader, plain, "fp32")  # the dequantized weights, exactly (fp8 x scale fits fp32)
+    got, want = diff_checkpoints(tiny_sdxl, scaled), diff_checkpoints(tiny_sdxl, plain)
+    assert got.only_in_a == got.only_in_b == [] and got.shape_mismatch == []
+    for name, sums in want.components.items():
+        assert got.components[name].keys == sums.keys
+        assert got.components[name].cosine == pytest.approx(sums.cosine, rel=1e-9)
+        assert got.components[name].relative_change == pytest.approx(sums.relative_change, rel=1e-6, abs=1e-12)
+    assert got.components["unet"].cosine > 0.999

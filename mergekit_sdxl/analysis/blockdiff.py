@@ -33,6 +33,7 @@ from mergekit_sdxl.arch.detect import component_of, detect_arch
 from mergekit_sdxl.arch.parts import part_of
 from mergekit_sdxl.dtypes import is_float, itemsize
 from mergekit_sdxl.errors import ArchError
+from mergekit_sdxl.io.dtypes import is_marker, scale_key, scaled_key_of
 from mergekit_sdxl.io.reader import open_checkpoint
 
 KEEP_A_LABEL = "keep A"
@@ -183,26 +184,42 @@ def diff_checkpoints(path_a: str | Path, path_b: str | Path, convention: str = D
         order = [*block_names(arch, convention), KEEP_A_LABEL]
         result = DiffResult(arch, {name: Sums() for name in order}, {}, path_a=str(path_a), path_b=str(path_b),
                             convention=convention)
-        keys_b = set(b.keys())
-        result.only_in_b = sorted(keys_b - set(a.keys()))
-        result.only_in_a = [k for k in a.keys() if k not in keys_b]
-        pairs = _comparable(a, b, [k for k in a.keys() if k in keys_b], result.shape_mismatch)
+        keys_a, keys_b = _weights(a), _weights(b)  # scaled fp8: its scales and marker are not weights
+        result.only_in_b = sorted(set(keys_b) - set(keys_a))
+        result.only_in_a = [k for k in keys_a if k not in keys_b]
+        pairs = _comparable(a, b, [k for k in keys_a if k in keys_b], result.shape_mismatch)
         with _one_thread():
             _reduce_all(result, _read_ahead(a, b, pairs), len(pairs), progress)
     result.seconds, result.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     return result
 
 
+def _weights(reader: Any) -> list[str]:
+    """The reader's keys less scaled-fp8 bookkeeping: markers, and `<x>.scale_weight` beside an `<x>.weight`."""
+    keys = reader.keys()
+    present = set(keys)
+    return [k for k in keys if not is_marker(k) and scaled_key_of(k) not in present]
+
+
+def _scale(reader: Any, present: set[str], key: str) -> float | None:
+    """The per-tensor scale of a scaled-fp8 weight (the value is stored / scale), else None."""
+    if not key.endswith(".weight") or scale_key(key) not in present:
+        return None
+    return float(reader.read(scale_key(key)).float().reshape(-1)[0])
+
+
 def _comparable(a: Any, b: Any, keys: list[str], shape_mismatch: list[str]) -> list[Pair]:
     """The keys in both files with the same shape, some values and float dtypes on both sides, as read jobs;
     keys whose shapes differ go to `shape_mismatch`."""
     pairs = []
+    present_a, present_b = set(a.keys()), set(b.keys())
     for key in keys:
         ia, ib = a.info(key), b.info(key)
         if tuple(ia.shape) != tuple(ib.shape):
             shape_mismatch.append(key)
         elif math.prod(ia.shape) and is_float(ia.dtype) and is_float(ib.dtype):
-            pairs.append(Pair(key, math.prod(ia.shape), ia.nbytes + ib.nbytes))
+            pairs.append(Pair(key, math.prod(ia.shape), ia.nbytes + ib.nbytes, _scale(a, present_a, key),
+                              _scale(b, present_b, key)))
     return pairs
 
 
@@ -250,6 +267,8 @@ class Pair:
     key: str
     numel: int
     nbytes: int
+    scale_a: float | None = None  # scaled fp8: the stored values times this are the weights
+    scale_b: float | None = None
 
 
 Piece = tuple[Pair, torch.Tensor, torch.Tensor, bool]
@@ -316,15 +335,20 @@ def _pieces(a: Any, b: Any, pair: Pair, take: Callable[[], Any]) -> Iterator[tup
     consumer hands back."""
     slot = take()
     if slot is None:
-        yield pair, a.read(pair.key), b.read(pair.key), True, None
+        yield pair, _scaled(a.read(pair.key), pair.scale_a), _scaled(b.read(pair.key), pair.scale_b), True, None
         return
     for first in range(0, pair.numel, PART):
         if first:
             slot = take()
         count = min(PART, pair.numel - first)
-        ta = a.read_part_into(pair.key, first, count, slot[0])
-        tb = b.read_part_into(pair.key, first, count, slot[1])
+        ta = _scaled(a.read_part_into(pair.key, first, count, slot[0]), pair.scale_a)
+        tb = _scaled(b.read_part_into(pair.key, first, count, slot[1]), pair.scale_b)
         yield pair, ta, tb, first + count == pair.numel, slot
+
+
+def _scaled(piece: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """A piece of a scaled-fp8 weight dequantized (a float32 copy, as every reader here dequantizes it)."""
+    return piece if scale is None else piece.float().mul_(scale)
 
 
 class _Stopped(Exception):
