@@ -26,6 +26,8 @@ from mergekit_sdxl.arch.tables import check_arch
 from mergekit_sdxl.errors import RecipeError
 
 SD1_LEN = 26
+# the blocks of SuperMerger's 26-value SD1 vector, by position
+_SD1_BLOCKS = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
 _SDXL_FROM_SD1 = (*range(0, 10), *range(13, 23))  # SuperMerger's 26 -> 20 rule for SDXL
 # the positions that rule drops, each run with the kept positions next to it: IN09..IN11 sit between IN08 and M00,
 # OUT09..OUT11 follow OUT08 (the last block)
@@ -152,7 +154,7 @@ def _from_list(values: list[float], arch: str, names: tuple[str, ...], where: st
 def _check_dropped(values: list[float], where: str) -> None:
     """Refuse a 26-value SD1 vector on SDXL whose dropped positions carry a weight of their own (see the module
     docstring): silently dropping them would merge those layers with a weight the user never wrote."""
-    sd1 = block_names("sd15")
+    sd1 = _SD1_BLOCKS
     offending = []
     for dropped, kept in _SD1_DROPPED:
         allowed = {values[i] for i in kept}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mergekit_sdxl.arch.registry import arch_spec
+from mergekit_sdxl.arch.registry import ARCH_NAMES, arch_spec
 from mergekit_sdxl.errors import CheckpointError
 from mergekit_sdxl.provenance.published import (
     DTYPE_NAMES,
@@ -70,7 +70,8 @@ def reconstruct(recipe: Any, pub: PublishedFile, assume: Assumptions) -> Reconst
     _unsupported_options(f)
     method, mode_name, n_models = _mode(f.get("mode", (str,)), calcmode)
     if pub.arch is None:
-        raise CheckpointError(f"{pub.name}: not an SDXL or SD1.x checkpoint; cannot map SuperMerger's blocks")
+        raise CheckpointError(f"{pub.name}: not an {' or '.join(ARCH_NAMES.values())} checkpoint; cannot map "
+                              "SuperMerger's blocks")
     date = assume.date or pub.date()
     convention = "supermerger" if date is None or date >= RULE_CHANGE else "supermerger-2023"
     lineage = sd_merge_models(pub)
