@@ -223,7 +223,7 @@ def _comparable(a: Any, b: Any, keys: list[str], shape_mismatch: list[str]) -> l
     return pairs
 
 
-def _reduce_all(result: DiffResult, pieces: Iterator[tuple[Pair, torch.Tensor, torch.Tensor, bool]], total: int,
+def _reduce_all(result: DiffResult, pieces: Iterator[Piece], total: int,
                 progress: Callable[[int, int], None] | None) -> None:
     """Sum the pieces key by key; each key's sums go to its block, component and part once its last piece is in."""
     scratch = Scratch()
