@@ -241,3 +241,21 @@ def test_handlers_are_restored():
     with signals.handling():
         assert all(signal.getsignal(s) is signals._handler for s in signals.STOP_SIGNALS)
     assert {s: signal.getsignal(s) for s in signals.STOP_SIGNALS} == before
+
+
+def test_a_finished_process_ignores_stop_signals_while_it_exits():
+    """The CLI's own process (restore=False) leaves the stop signals ignored: Python's finalization resets
+    Python-level handlers to the default action, so a SIGTERM in the last milliseconds of a completed merge killed
+    it (exit -15, no message, output complete); ignored signals stay ignored through finalization."""
+    import subprocess
+
+    code = ("import os, signal\n"
+            "from mergekit_sdxl.io import signals\n"
+            "with signals.handling(restore=False):\n"
+            "    pass\n"
+            "assert all(signal.getsignal(s) is signal.SIG_IGN for s in signals.STOP_SIGNALS)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "print('survived')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "survived"), done.stderr
+    record("signals", "ignored-while-exiting", True, new=True)

@@ -77,8 +77,10 @@ def handling(restore: bool = True) -> Iterator[None]:
     """Route SIGINT/SIGTERM/SIGHUP to `Interrupted` for the duration (main thread only; a no-op elsewhere).
 
     Args:
-        restore: put the previous handlers back at the end; False (a process about to exit) keeps ours, which
-            from then on only record signals, so nothing can interrupt the interpreter's shutdown.
+        restore: put the previous handlers back at the end; False (a process about to exit) ignores the stop
+            signals from then on, so nothing can interrupt the interpreter's shutdown: its result is decided and
+            reported. (Not our recording handler: Python's finalization resets Python-level handlers to the
+            default action, which killed a completed run with exit -15 and no message; ignored signals stay so.)
     """
     if threading.current_thread() is not threading.main_thread() or _state.active:
         yield
@@ -96,6 +98,9 @@ def handling(restore: bool = True) -> Iterator[None]:
             for signum, old in previous.items():
                 signal.signal(signum, old)
             _state.active = False
+        else:
+            for signum in previous:
+                signal.signal(signum, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
