@@ -55,20 +55,26 @@ class Case:
     creates: Path | None = None  # exit-0 cases: the output that must appear
     folder: Path | None = None  # the case's scratch folder: it must hold the same files afterwards (set by build)
     new: bool = False  # added in the hardening round of issue 10 (counted in benchmarks/RESULTS.md)
+    promise: str = ""  # for new cases: the issue-10 class of broken promise it guards (CLASSES)
 
 
 Builder = Callable[[Ctx], list[Case]]
 BUILDERS: dict[str, Builder] = {}
-NEW: set[str] = set()
+# the classes of broken promise issue 10 found; each case added in that round names the one it guards
+CLASSES = ("data loss", "hang or runaway memory", "internal error")
+NEW: dict[str, str] = {}  # builder name -> its class
 
 
-def case(name: str, new: bool = False) -> Callable[[Builder], Builder]:
-    """Register a builder; it returns one Case per command the broken input is run through."""
+def case(name: str, new: str = "") -> Callable[[Builder], Builder]:
+    """Register a builder; it returns one Case per command the broken input is run through. `new`: the class
+    (one of CLASSES) of a case added in the hardening round of issue 10."""
+    if new and new not in CLASSES:
+        raise ValueError(f"{name}: unknown class {new!r}")
 
     def register(fn: Builder) -> Builder:
         BUILDERS[name] = fn
         if new:
-            NEW.add(name)
+            NEW[name] = new
         return fn
 
     return register
@@ -731,7 +737,7 @@ def build(ctx: Ctx, names: list[str] | None = None) -> list[Case]:
         folder = ctx.root / name
         for c in BUILDERS[name](ctx):
             cases.append(dataclasses.replace(c, folder=c.folder or (folder if folder.is_dir() else None),
-                                             new=name in NEW))
+                                             new=name in NEW, promise=NEW.get(name, "")))
     return cases
 
 
@@ -760,13 +766,17 @@ if __name__ == "__main__":  # the counts for benchmarks/RESULTS.md
         if "grown_mb" in entry:
             totals.setdefault("peak RSS growth, MB", {})[entry["name"]] = entry["grown_mb"]  # type: ignore[index]
         if kind != "fuzz":
-            for name in (kind, f"{kind} (new in issue 10)") if entry.get("new") else (kind,):
+            names = [kind, f"{kind} (new in issue 10)"] if entry.get("new") else [kind]
+            if entry.get("promise"):
+                names.append(f"{kind} (new in issue 10): {entry['promise']}")
+            for name in names:
                 tried, passed = totals.get(name, (0, 0))  # type: ignore[misc]
                 totals[name] = (tried + 1, passed + int(entry["passed"]))
         if "rss_mb" in entry:
             worst = totals.setdefault("corpus worst case", {"rss_mb": 0.0, "seconds": 0.0})
             worst["rss_mb"] = max(worst["rss_mb"], entry["rss_mb"])  # type: ignore[index]
             worst["seconds"] = max(worst["seconds"], entry["seconds"])  # type: ignore[index]
+    totals["pytest exit status (0: every test passed; a failing test records only the cases it reached)"] = rc
     print(json.dumps(totals, indent=2, sort_keys=True))
     sys.exit(rc)
 

@@ -1,5 +1,6 @@
 """Hostile and faulty inputs of the issue-10 hardening round, registered into tests/broken_corpus.py's corpus
-(`@case(name, new=True)`; tests/test_hardening_corpus.py runs them, each in a forked child with RSS/time limits).
+(`@case(name, new=CLASS)`; tests/test_hardening_corpus.py runs them, each in a forked child with RSS/time limits;
+`python tests/broken_corpus.py` counts them by class for benchmarks/RESULTS.md).
 
 Classes: data loss (outputs onto inputs, links, devices, folders holding inputs, outputs inside input folders),
 hangs and runaway memory (self-referencing / expanded / sparse / amplified `.ckpt` files, deep JSON everywhere,
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from broken_corpus import (
     CHECKPOINT,
+    CLASSES,
     OUTPUT,
     RECIPE,
     Case,
@@ -31,6 +33,7 @@ from broken_corpus import (
     st_bytes,
 )
 
+LOSS, HANG, INTERNAL = CLASSES  # data loss, hangs and runaway memory, internal errors instead of documented codes
 LINEAR = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"  # 32x32 in the tiny SDXL
 LORA = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
 
@@ -63,55 +66,55 @@ def _rezip(path: Path, edit: dict[str, bytes], compress: set[str] = frozenset())
 # ------------------------------------------------------------------------------------------------ .ckpt files
 
 
-@case("ckpt-self-reference", new=True)
+@case("ckpt-self-reference", new=HANG)
 def _(ctx: Ctx) -> list[Case]:
     d: dict = {}
     d["state_dict"] = d  # used to loop forever while unwrapping
     return _ckpt(ctx, "ckpt-self-reference", d, ("contains itself",))
 
 
-@case("ckpt-flat-self-reference", new=True)
+@case("ckpt-flat-self-reference", new=HANG)
 def _(ctx: Ctx) -> list[Case]:
     d: dict = {"w": torch.ones(2)}
     d["again"] = d
     return _ckpt(ctx, "ckpt-flat-self-reference", d, ("contains itself",))
 
 
-@case("ckpt-stride0-expanded", new=True)
+@case("ckpt-stride0-expanded", new=HANG)
 def _(ctx: Ctx) -> list[Case]:
     # 4 bytes stored, 4 GB announced: used to make convert write 1.25 GB at 3.8 GB RSS
     return _ckpt(ctx, "ckpt-stride0-expanded", {"w": torch.ones(1).expand(1 << 30)}, ("'w'", "repeat elements"))
 
 
-@case("ckpt-legacy-stride0-expanded", new=True)
+@case("ckpt-legacy-stride0-expanded", new=HANG)
 def _(ctx: Ctx) -> list[Case]:
     return _ckpt(ctx, "ckpt-legacy-stride0-expanded", {"w": torch.ones(1).expand(1 << 28)},
                  ("'w'", "repeat elements"), zipped=False, filename="legacy.pt")
 
 
-@case("ckpt-overlapping-strides", new=True)
+@case("ckpt-overlapping-strides", new=HANG)
 def _(ctx: Ctx) -> list[Case]:
     t = torch.ones(8000).as_strided((4000, 4000), (1, 1))  # 32 KB stored, 64 MB announced
     return _ckpt(ctx, "ckpt-overlapping-strides", {"w": t}, ("'w'", "repeat elements"))
 
 
-@case("ckpt-sparse-tensor", new=True)
+@case("ckpt-sparse-tensor", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     return _ckpt(ctx, "ckpt-sparse-tensor", {"w": torch.eye(4).to_sparse()}, ("'w'", "sparse_coo tensor"))
 
 
-@case("ckpt-meta-tensor", new=True)
+@case("ckpt-meta-tensor", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     return _ckpt(ctx, "ckpt-meta-tensor", {"w": torch.ones(1 << 20, device="meta")}, ("'w'", "no stored data"))
 
 
-@case("ckpt-storage-amplified", new=True)
+@case("ckpt-storage-amplified", new=HANG)
 def _(ctx: Ctx) -> list[Case]:
     w = torch.ones(1 << 16)  # 256 KB stored once, referenced by 4000 keys: 1 GB of output
     return _ckpt(ctx, "ckpt-storage-amplified", {f"k{i}": w for i in range(4000)}, ("storage reused",))
 
 
-@case("ckpt-compressed-member", new=True)
+@case("ckpt-compressed-member", new=HANG)
 def _(ctx: Ctx) -> list[Case]:
     path = _folder(ctx, "ckpt-compressed-member") / "bad.ckpt"
     torch.save({"w": torch.zeros(1 << 16)}, path)
@@ -119,7 +122,7 @@ def _(ctx: Ctx) -> list[Case]:
     return checkpoint_cases(ctx, "ckpt-compressed-member", "bad.ckpt", None, CHECKPOINT, ("is compressed",))
 
 
-@case("ckpt-big-endian", new=True)
+@case("ckpt-big-endian", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     path = _folder(ctx, "ckpt-big-endian") / "bad.ckpt"
     torch.save({"w": torch.ones(2)}, path)
@@ -127,7 +130,7 @@ def _(ctx: Ctx) -> list[Case]:
     return checkpoint_cases(ctx, "ckpt-big-endian", "bad.ckpt", None, CHECKPOINT, ("'big'-endian",))
 
 
-@case("ckpt-nested-too-deep", new=True)
+@case("ckpt-nested-too-deep", new=HANG)
 def _(ctx: Ctx) -> list[Case]:
     obj: dict = {"w": torch.ones(1)}
     for _ in range(50):
@@ -135,7 +138,7 @@ def _(ctx: Ctx) -> list[Case]:
     return _ckpt(ctx, "ckpt-nested-too-deep", obj, ("nested more than",))
 
 
-@case("ckpt-storage-offset-past-end", new=True)
+@case("ckpt-storage-offset-past-end", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     path = _folder(ctx, "ckpt-storage-offset-past-end") / "bad.ckpt"
     torch.save({"w": torch.zeros(16)[8:]}, path)  # storage offset 8 pickled as BININT1 8 (K\x08)
@@ -152,7 +155,7 @@ def _header(entries: dict) -> dict:
     return {"__metadata__": {"format": "pt"}, **entries}
 
 
-@case("st-header-deep-nesting", new=True)
+@case("st-header-deep-nesting", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     raw = b'{"__metadata__": {"x": "1"}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "z": ' + \
         b"[" * 50_000 + b"]" * 50_000 + b"}}"
@@ -160,21 +163,21 @@ def _(ctx: Ctx) -> list[Case]:
                             ("nested deeper than 8 levels",))
 
 
-@case("st-zero-dim-beside-huge", new=True)
+@case("st-zero-dim-beside-huge", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     content = st_bytes(_header({"w": {"dtype": "F16", "shape": [0, 2**64], "data_offsets": [0, 0]}}), b"")
     return checkpoint_cases(ctx, "st-zero-dim-beside-huge", "huge.safetensors", content, CHECKPOINT,
                             ("'w'", "too large to be a tensor"))
 
 
-@case("st-too-many-dims", new=True)
+@case("st-too-many-dims", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     content = st_bytes(_header({"w": {"dtype": "F16", "shape": [1] * 40, "data_offsets": [0, 2]}}), b"\0\0")
     return checkpoint_cases(ctx, "st-too-many-dims", "dims.safetensors", content, CHECKPOINT,
                             ("'w'", "too large to be a tensor"))
 
 
-@case("st-metadata-deep-lineage", new=True)
+@case("st-metadata-deep-lineage", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     """A deeply nested sd_merge_models value (a RecursionError once): inspect shows it as text, a merge drops
     that lineage and succeeds."""
@@ -217,33 +220,33 @@ def _lora_cases(ctx: Ctx, name: str, tensors: dict[str, torch.Tensor], needles: 
                  ("adapter.safetensors", *needles), (lora, ctx.sdxl, recipe), out)]
 
 
-@case("lora-factors-huge", new=True)
+@case("lora-factors-huge", new=HANG)
 def _(ctx: Ctx) -> list[Case]:
     # a 200 KB file whose up @ down would be 25000 x 25000 fp32 (2.5 GB) for a 32 x 32 layer
     tensors = {f"{LORA}.lora_down.weight": torch.zeros(1, 25000), f"{LORA}.lora_up.weight": torch.zeros(25000, 1)}
     return _lora_cases(ctx, "lora-factors-huge", tensors, (LORA, "do not fit the layer's weight [32, 32]"))
 
 
-@case("lora-rank-mismatch", new=True)
+@case("lora-rank-mismatch", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     tensors = {f"{LORA}.lora_down.weight": torch.zeros(4, 32), f"{LORA}.lora_up.weight": torch.zeros(32, 5)}
     return _lora_cases(ctx, "lora-rank-mismatch", tensors, (LORA, "not a valid factorisation"))
 
 
-@case("loha-factors-huge", new=True)
+@case("loha-factors-huge", new=HANG)
 def _(ctx: Ctx) -> list[Case]:
     tensors = {f"{LORA}.hada_w1_a": torch.zeros(20000, 1), f"{LORA}.hada_w1_b": torch.zeros(1, 20000),
                f"{LORA}.hada_w2_a": torch.zeros(20000, 1), f"{LORA}.hada_w2_b": torch.zeros(1, 20000)}
     return _lora_cases(ctx, "loha-factors-huge", tensors, (LORA, "do not fit"))
 
 
-@case("lokr-kron-huge", new=True)
+@case("lokr-kron-huge", new=HANG)
 def _(ctx: Ctx) -> list[Case]:
     tensors = {f"{LORA}.lokr_w1": torch.zeros(200, 200), f"{LORA}.lokr_w2": torch.zeros(200, 200)}  # 1.6e9 values
     return _lora_cases(ctx, "lokr-kron-huge", tensors, (LORA, "do not fit"))
 
 
-@case("lora-dora-scale-wrong-shape", new=True)
+@case("lora-dora-scale-wrong-shape", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     tensors = {f"{LORA}.lora_down.weight": torch.zeros(4, 32), f"{LORA}.lora_up.weight": torch.zeros(32, 4),
                f"{LORA}.dora_scale": torch.ones(7, 1)}
@@ -256,17 +259,17 @@ def _peft(ctx: Ctx, name: str, metadata: str, needles: tuple[str, ...]) -> list[
     return _lora_cases(ctx, name, tensors, needles, {"lora_adapter_metadata": metadata})
 
 
-@case("peft-alpha-list", new=True)
+@case("peft-alpha-list", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     return _peft(ctx, "peft-alpha-list", json.dumps({"unet.lora_alpha": [8, 8]}), ("lora_alpha is [8, 8]",))
 
 
-@case("peft-alpha-text", new=True)
+@case("peft-alpha-text", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     return _peft(ctx, "peft-alpha-text", json.dumps({"unet.lora_alpha": "eight"}), ("not a number",))
 
 
-@case("peft-metadata-deep", new=True)
+@case("peft-metadata-deep", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     return _peft(ctx, "peft-metadata-deep", "[" * 50_000 + "]" * 50_000, ("nested deeper",))
 
@@ -302,26 +305,26 @@ def _pipe_cases(ctx: Ctx, name: str, edit: dict[str, bytes | int], needles: tupl
             for c in cases]
 
 
-@case("diffusers-index-deep", new=True)
+@case("diffusers-index-deep", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     return _pipe_cases(ctx, "diffusers-index-deep", {"model_index.json": b"[" * 100_000 + b"]" * 100_000},
                        ("model_index.json", "nested deeper"))
 
 
-@case("diffusers-index-2gb", new=True)
+@case("diffusers-index-2gb", new=HANG)
 def _(ctx: Ctx) -> list[Case]:
     return _pipe_cases(ctx, "diffusers-index-2gb", {"model_index.json": 2 << 30},
                        ("model_index.json", "2,147,483,648 bytes of JSON"))
 
 
-@case("diffusers-class-name-list", new=True)
+@case("diffusers-class-name-list", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     return _pipe_cases(ctx, "diffusers-class-name-list",
                        {"model_index.json": json.dumps({"_class_name": ["StableDiffusionPipeline"]}).encode()},
                        ("model_index.json", "no _class_name string"))
 
 
-@case("diffusers-shard-index-deep", new=True)
+@case("diffusers-shard-index-deep", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     pipe = _pipe(ctx, "diffusers-shard-index-deep")
     weights = pipe / "unet" / "diffusion_pytorch_model.safetensors"
@@ -335,7 +338,7 @@ def _(ctx: Ctx) -> list[Case]:
 # ------------------------------------------------------------------------------------------------ scaled fp8
 
 
-@case("scaled-fp8-scale-wrong-shape", new=True)
+@case("scaled-fp8-scale-wrong-shape", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     from mergekit_sdxl.io.writer import save_file
 
@@ -365,7 +368,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@case("out-hardlink-to-input", new=True)
+@case("out-hardlink-to-input", new=LOSS)
 def _(ctx: Ctx) -> list[Case]:
     folder = _folder(ctx, "out-hardlink-to-input")
     a = _copy(ctx.sdxl, folder / "a.safetensors")
@@ -379,7 +382,7 @@ def _(ctx: Ctx) -> list[Case]:
                  OUTPUT, ("link.safetensors", "is one of the inputs"), (a,))]
 
 
-@case("out-symlink-to-input", new=True)
+@case("out-symlink-to-input", new=LOSS)
 def _(ctx: Ctx) -> list[Case]:
     folder = _folder(ctx, "out-symlink-to-input")
     a = _copy(ctx.sdxl, folder / "a.safetensors")
@@ -393,7 +396,7 @@ def _(ctx: Ctx) -> list[Case]:
                  OUTPUT, ("link.safetensors", "is one of the inputs"), (a,))]
 
 
-@case("out-symlink-elsewhere", new=True)
+@case("out-symlink-elsewhere", new=LOSS)
 def _(ctx: Ctx) -> list[Case]:
     folder = _folder(ctx, "out-symlink-elsewhere")
     precious = folder / "precious.txt"
@@ -408,7 +411,7 @@ def _(ctx: Ctx) -> list[Case]:
                                                    "--overwrite"), OUTPUT, ("symbolic link",), (precious, ctx.sdxl))]
 
 
-@case("out-device-node", new=True)
+@case("out-device-node", new=LOSS)
 def _(ctx: Ctx) -> list[Case]:
     folder = _folder(ctx, "out-device-node")
     null = folder / "null"
@@ -427,7 +430,7 @@ def _(ctx: Ctx) -> list[Case]:
                                                           "--overwrite"), OUTPUT, needles)]
 
 
-@case("out-fifo", new=True)
+@case("out-fifo", new=LOSS)
 def _(ctx: Ctx) -> list[Case]:
     folder = _folder(ctx, "out-fifo")
     fifo = folder / "pipe.safetensors"
@@ -437,7 +440,7 @@ def _(ctx: Ctx) -> list[Case]:
                  OUTPUT, ("pipe.safetensors", "not a regular file"), (ctx.sdxl,))]
 
 
-@case("out-is-the-recipe", new=True)
+@case("out-is-the-recipe", new=LOSS)
 def _(ctx: Ctx) -> list[Case]:
     folder = _folder(ctx, "out-is-the-recipe")
     recipe = _recipe(ctx, folder)
@@ -445,7 +448,7 @@ def _(ctx: Ctx) -> list[Case]:
                  ("recipe.yaml", "is one of the inputs"), (recipe, ctx.sdxl))]
 
 
-@case("out-is-the-lora", new=True)
+@case("out-is-the-lora", new=LOSS)
 def _(ctx: Ctx) -> list[Case]:
     from mergekit_sdxl.io.writer import save_file
 
@@ -466,7 +469,7 @@ def _(ctx: Ctx) -> list[Case]:
                  OUTPUT, ("style.safetensors", "is one of the inputs"), (lora,))]
 
 
-@case("out-is-extract-input", new=True)
+@case("out-is-extract-input", new=LOSS)
 def _(ctx: Ctx) -> list[Case]:
     folder = _folder(ctx, "out-is-extract-input")
     tuned = _copy(ctx.sdxl, folder / "tuned.safetensors")
@@ -479,7 +482,7 @@ def _(ctx: Ctx) -> list[Case]:
                  OUTPUT, ("tuned.safetensors", "is one of the inputs"), (base, tuned), folder / "x.safetensors")]
 
 
-@case("out-is-diff-input", new=True)
+@case("out-is-diff-input", new=LOSS)
 def _(ctx: Ctx) -> list[Case]:
     folder = _folder(ctx, "out-is-diff-input")
     a = _copy(ctx.sdxl, folder / "a.safetensors")
@@ -487,7 +490,7 @@ def _(ctx: Ctx) -> list[Case]:
                  OUTPUT, ("a.safetensors", "is one of the inputs"), (a, ctx.sdxl))]
 
 
-@case("out-is-the-vae", new=True)
+@case("out-is-the-vae", new=LOSS)
 def _(ctx: Ctx) -> list[Case]:
     folder = _folder(ctx, "out-is-the-vae")
     vae = _copy(ctx.sdxl, folder / "vae.safetensors")
@@ -498,7 +501,7 @@ def _(ctx: Ctx) -> list[Case]:
                  ("vae.safetensors", "is one of the inputs"), (vae, recipe, ctx.sdxl))]
 
 
-@case("out-inside-input-folder", new=True)
+@case("out-inside-input-folder", new=LOSS)
 def _(ctx: Ctx) -> list[Case]:
     pipe = _pipe(ctx, "out-inside-input-folder")
     folder = ctx.root / "out-inside-input-folder"
@@ -519,7 +522,7 @@ def _(ctx: Ctx) -> list[Case]:
                  pipe / "unet" / "y.safetensors")]
 
 
-@case("export-over-inputs", new=True)
+@case("export-over-inputs", new=LOSS)
 def _(ctx: Ctx) -> list[Case]:
     folder = _folder(ctx, "export-over-inputs")
     holder = folder / "models"
@@ -548,7 +551,7 @@ def _(ctx: Ctx) -> list[Case]:
     ]
 
 
-@case("out-permission-denied", new=True)
+@case("out-permission-denied", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     """The output folder refuses writes (EACCES, as for a read-only folder): exit 6, one line, for every writer
     (export and grid used to fail with exit 1 'internal error')."""
@@ -570,7 +573,7 @@ def _(ctx: Ctx) -> list[Case]:
     ]
 
 
-@case("out-header-too-big-for-struct", new=True)
+@case("out-header-too-big-for-struct", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     """A header length field of exactly 2**64-1 (struct-unpacked, compared, never allocated)."""
     content = struct.pack("<Q", 2**64 - 1) + b"{}"
@@ -586,21 +589,21 @@ def _two_models(ctx: Ctx, steps: object, **top: object) -> str:
     return json.dumps({"models": {"a": str(ctx.sdxl), "b": str(ctx.sdxl)}, "steps": steps, **top})
 
 
-@case("recipe-number-5000-digits", new=True)
+@case("recipe-number-5000-digits", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     text = (f"models: {{a: {ctx.sdxl}, b: {ctx.sdxl}}}\n"
             f"steps:\n  output: {{method: weighted_sum, a: a, b: b, alpha: {'9' * 5000}}}\n")
     return recipe_case(ctx, "recipe-number-5000-digits", text, RECIPE, (":3", "5000 characters"))
 
 
-@case("recipe-regex-backreference", new=True)
+@case("recipe-regex-backreference", new=INTERNAL)
 def _(ctx: Ctx) -> list[Case]:
     alpha = {"value": 0.5, "overrides": [{"match": r"(input)\1", "value": 1}]}
     text = _two_models(ctx, {"output": {"method": "weighted_sum", "a": "a", "b": "b", "alpha": alpha}})
     return recipe_case(ctx, "recipe-regex-backreference", text, RECIPE, ("overrides[0].match", "linear time"))
 
 
-@case("recipe-regex-backtracking", new=True)
+@case("recipe-regex-backtracking", new=HANG)
 def _(ctx: Ctx) -> list[Case]:
     """Catastrophic for a backtracking engine on these keys; linear with RE2: the merge simply works."""
     alpha = {"value": 0.5, "overrides": [{"match": "^(([a-z_0-9])+.)+[A-Z]([a-z])+$", "value": 1},
@@ -617,7 +620,7 @@ def _(ctx: Ctx) -> list[Case]:
                  (recipe, ctx.sdxl))]
 
 
-@case("convert-drop-regex", new=True)
+@case("convert-drop-regex", new=HANG)
 def _(ctx: Ctx) -> list[Case]:
     folder = _folder(ctx, "convert-drop-regex")
     out = folder / "out.safetensors"
@@ -629,7 +632,7 @@ def _(ctx: Ctx) -> list[Case]:
                  ("--drop", "linear time"), (ctx.sd15,), folder / "o2.safetensors")]
 
 
-@case("recipe-output-absolute", new=True)
+@case("recipe-output-absolute", new=LOSS)
 def _(ctx: Ctx) -> list[Case]:
     folder = _folder(ctx, "recipe-output-absolute")
     victim = folder / "victim.safetensors"
@@ -643,7 +646,7 @@ def _(ctx: Ctx) -> list[Case]:
                  ("output.path", "is absolute"), (victim, recipe, ctx.sdxl))]
 
 
-@case("recipe-output-symlink-escape", new=True)
+@case("recipe-output-symlink-escape", new=LOSS)
 def _(ctx: Ctx) -> list[Case]:
     folder = _folder(ctx, "recipe-output-symlink-escape")
     outside = ctx.root / "recipe-output-symlink-escape-target"
@@ -657,7 +660,7 @@ def _(ctx: Ctx) -> list[Case]:
                  ("output.path", "symbolic link"), (recipe, ctx.sdxl), outside / "m.safetensors")]
 
 
-@case("recipe-forty-step-dag", new=True)
+@case("recipe-forty-step-dag", new=HANG)
 def _(ctx: Ctx) -> list[Case]:
     steps: dict = {"s1": {"method": "slerp", "a": "a", "b": "b", "alpha": 0.5}}
     for i in range(2, 41):
