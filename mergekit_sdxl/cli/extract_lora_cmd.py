@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -10,6 +11,10 @@ from mergekit_sdxl.cli import console
 from mergekit_sdxl.cli.options import out_option, output_path
 from mergekit_sdxl.dtypes import WEIGHTS, choices
 from mergekit_sdxl.lora.clients import FORMATS, format_help
+
+if TYPE_CHECKING:
+    from mergekit_sdxl.api import ExtractResult
+    from mergekit_sdxl.lora.extract import LayerReport
 
 
 @click.command("extract-lora")
@@ -60,7 +65,7 @@ def command(base: Path, tuned: Path, output: Path, rank: int, conv_rank: int, dy
     """
     from mergekit_sdxl import api
 
-    def on_layer(row, done: int, total: int) -> None:  # noqa: ANN001 - a LayerReport
+    def on_layer(row: LayerReport, done: int, total: int) -> None:
         status = f"rank {row.rank:3d} energy {row.energy:.4f}" if row.kept else f"dropped: {row.reason}"
         console.verbose(f"[{done}/{total}] {row.name}: {status} (|dW|/|W| {row.rel_change:.2e})")
 
@@ -75,7 +80,7 @@ def command(base: Path, tuned: Path, output: Path, rank: int, conv_rank: int, dy
     _print_summary(result)
 
 
-def _print_summary(report) -> None:  # noqa: ANN001 - an api.ExtractResult
+def _print_summary(report: ExtractResult) -> None:
     summary = report.summary
     for component, counts in sorted(summary["components"].items()):
         dropped = [row for row in report.layers if row.component == component and not row.kept]

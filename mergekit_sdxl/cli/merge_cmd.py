@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from mergekit_sdxl.cli import console
 from mergekit_sdxl.cli.options import out_option
 from mergekit_sdxl.dtypes import CHECKPOINT, choices
+
+if TYPE_CHECKING:
+    from mergekit_sdxl.api import MergePlanResult, MergeResult
 
 
 @click.command("merge")
@@ -70,7 +73,7 @@ def command(recipe: Path, models: tuple[str, ...], out: Path | None, device: str
                             f"(the merged file is kept): {result.verified.verdict}")
 
 
-def _describe(planned) -> None:  # noqa: ANN001 - an api.MergePlanResult
+def _describe(planned: MergePlanResult) -> None:
     for line in planned.lines:
         click.echo(line)
     for alias, known in planned.cached_hashes.items():
@@ -80,7 +83,7 @@ def _describe(planned) -> None:  # noqa: ANN001 - an api.MergePlanResult
                "largest tensor)")
 
 
-def _report(result, as_json: bool) -> None:  # noqa: ANN001 - an api.MergeResult
+def _report(result: MergeResult, as_json: bool) -> None:
     for warning in result.warnings:
         console.info(f"warning: {warning}")
     if result.clamped:
