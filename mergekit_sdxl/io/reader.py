@@ -323,7 +323,7 @@ def open_regular(path: Path) -> int:
         os.close(fd)
         what = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "a special file"
         raise CheckpointError(f"{path}: is {what}, not a checkpoint file")
-    if hasattr(os, "O_NONBLOCK"):
+    if hasattr(os, "O_NONBLOCK") and sys.platform != "win32":  # the platform test tells the type checker too
         os.set_blocking(fd, True)
     note_read(path, fd)  # no output of this run may land on it (io/inputs.py)
     return fd

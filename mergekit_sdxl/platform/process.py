@@ -36,13 +36,13 @@ def _kernel32() -> Any:  # noqa: ANN401 - ctypes.WinDLL exists only on Windows
     import ctypes
     from ctypes import wintypes
 
-    k32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    k32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined, unused-ignore]  # typeshed: Windows only
     k32.OpenProcess.argtypes = [wintypes.DWORD, wintypes.BOOL, wintypes.DWORD]
     k32.OpenProcess.restype = wintypes.HANDLE
     k32.WaitForSingleObject.argtypes = [wintypes.HANDLE, wintypes.DWORD]
     k32.WaitForSingleObject.restype = wintypes.DWORD
     k32.CloseHandle.argtypes = [wintypes.HANDLE]
-    k32.get_last_error = ctypes.get_last_error  # type: ignore[attr-defined]
+    k32.get_last_error = ctypes.get_last_error  # type: ignore[attr-defined, unused-ignore]  # typeshed: Windows only
     return k32
 
 

@@ -12,7 +12,10 @@ import signal
 
 def console_interrupts() -> list[int]:
     """The console's interrupt keys as signals: SIGINT, plus SIGBREAK on Windows."""
-    return [signal.SIGINT] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
+    keys: list[int] = [signal.SIGINT]
+    if hasattr(signal, "SIGBREAK"):
+        keys.append(signal.SIGBREAK)
+    return keys
 
 
 def stop_signals() -> list[int]:
