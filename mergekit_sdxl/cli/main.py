@@ -85,7 +85,31 @@ def main(argv: list[str] | None = None) -> None:
     # the real process keeps recording (not raising) late signals until it exits: no "Exception ignored" at exit
     with signals.handling(restore=argv is not None), inputs.run_scope():
         code = _run(argv, debug)
+    if argv is None and code in _STOPPED:
+        _exit_now(code)
     sys.exit(code)
+
+
+# the exit codes of a run a stop signal ended (SIGINT/Ctrl-Break 130, SIGTERM 143, SIGHUP 129)
+_STOPPED = frozenset({130, 143, 129})
+
+
+def _exit_now(code: int) -> None:
+    """End a stopped run without the interpreter's finalization.
+
+    The run's cleanup has happened (temporary output removed, message printed), but pipeline threads may still be
+    inside a torch kernel: finalizing the interpreter under them tears down native thread pools and aborted the
+    process ("terminate called without an active exception", exit -6) in about 1 of 7 stops of a multi-threaded
+    merge. Nothing is left to flush but our own streams.
+    """
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _run(argv: list[str] | None, debug: bool) -> int:
