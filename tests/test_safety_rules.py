@@ -234,3 +234,34 @@ def test_ctrl_c_in_grid_leaves_no_folder(tmp_path, tiny_sd15, capsys, monkeypatc
     assert [line for line in err.splitlines() if line.strip()] == ["interrupted (SIGINT): no output was written"]
     assert list(tmp_path.iterdir()) == []
     record("rules", "grid-ctrl-c", True, new=True)
+
+
+# ------------------------------------------------------------------------------------- no clobber, end to end
+
+
+@pytest.mark.parametrize("command", ["merge", "convert"])
+def test_a_file_that_appears_at_the_output_during_a_run_is_kept(tmp_path, tiny_sd15, capsys, monkeypatch, command):
+    """Another program (or a second merge to the same new output) creates the output while the run writes: the
+    run ends with exit 6 and one line, the other file is kept byte for byte, and no temporary file is left."""
+    from mergekit_sdxl.io.writer import SafetensorsWriter
+
+    out = tmp_path / "out" / "merged.safetensors"
+    out.parent.mkdir()
+    real_commit = SafetensorsWriter.commit
+
+    def commit_after_someone_else(self: SafetensorsWriter) -> None:
+        out.write_bytes(b"the other program's file")
+        real_commit(self)
+
+    monkeypatch.setattr(SafetensorsWriter, "commit", commit_after_someone_else)
+    if command == "merge":
+        argv = ["merge", str(_recipe(tmp_path, tiny_sd15, None)), "-o", str(out), "--no-input-hashes"]
+    else:
+        argv = ["convert", str(tiny_sd15), str(out), "--dtype", "bf16"]
+    code, err = _run(["-q", *argv], capsys)
+    assert code == 6, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "appeared while the output was being written" in lines[0], err
+    assert out.read_bytes() == b"the other program's file"
+    assert [p.name for p in out.parent.iterdir()] == ["merged.safetensors"]
+    record("rules", f"output-appears-during-{command}", True, new=True)
