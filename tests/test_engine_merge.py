@@ -244,6 +244,25 @@ def test_missing_files_and_unresolved_hashes_reported_together(tiny_sdxl: Path, 
         open_inputs(load_recipe(recipe), stack)
 
 
+def test_cli_reports_unindexed_hashes_and_missing_files_in_one_line(tiny_sdxl: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """Through the model index (merge --models-dir): a hash no indexed file has and a path that does not exist are
+    both named in the one error line, with the -m hint, before anything is read."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    recipe = _recipe(tmp_path, f"""\
+        models: {{a: {{sha256: {'ab' * 32}}}, b: gone-b.safetensors, c: {tiny_sdxl}}}
+        steps:
+          output: "a + 0.5 * (b - c)"
+        """)
+    code = run_cli("merge", recipe, "--models-dir", folder, "--db", tmp_path / "i.sqlite3", "-o", tmp_path / "o.st")
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 3 and len(err) == 1, err
+    assert "models.a: no indexed file has sha256" in err[0], err
+    assert f"model 'b' -> {tmp_path / 'gone-b.safetensors'} (no such file)" in err[0] and "-m ALIAS=PATH" in err[0]
+    assert not (tmp_path / "o.st").exists()
+
+
 def test_shape_mismatch_names_the_key(tiny_sdxl: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from mergekit_sdxl.io.writer import save_file
 

@@ -63,7 +63,7 @@ def lookup(index: ModelIndex, field: str, value: str, where: str) -> Match:
     for entry in current.values():
         by_content.setdefault(str(entry.sha256), []).append(entry)
     if not by_content:
-        raise RecipeError(f"{where}: no indexed file has {label} {prefix}{_stale_note(stale)}; "
+        raise NotIndexed(f"{where}: no indexed file has {label} {prefix}{_stale_note(stale)}; "
                           f"{_searched(index)}")
     if len(by_content) > 1:
         shown = [copies[0] for copies in by_content.values()]
@@ -74,6 +74,10 @@ def lookup(index: ModelIndex, field: str, value: str, where: str) -> Match:
                           f"{more}. Give more digits (or the full sha256)")
     copies = next(iter(by_content.values()))
     return Match(copies[0], len(copies) - 1)
+
+
+class NotIndexed(RecipeError):
+    """No indexed file has the hash a recipe names (the one lookup failure worth reporting with the others)."""
 
 
 def _stale_note(stale: int) -> str:
@@ -100,8 +104,27 @@ def resolve_models(recipe: Recipe, index: ModelIndex) -> Recipe:
     Raises:
         RecipeError: naming `models.ALIAS`, for no match, an ambiguous one, or hashes that disagree.
     """
-    models = {alias: _resolve(ref, index, f"{recipe.source}: models.{alias}") for alias, ref in recipe.models.items()}
+    models, unfound = {}, []
+    for alias, ref in recipe.models.items():
+        try:
+            models[alias] = _resolve(ref, index, f"{recipe.source}: models.{alias}")
+        except NotIndexed as exc:
+            unfound.append(str(exc))
+    if unfound:
+        # every model without a file in one line: a user fixing one at a time would re-run once per model
+        raise RecipeError("; ".join(unfound + _missing_paths(recipe)) + _hint(recipe))
     return replace(recipe, models=models)
+
+
+def _missing_paths(recipe: Recipe) -> list[str]:
+    """The models given by a path (and no hash) whose file does not exist, as check_present words them."""
+    return [f"model {alias!r} -> {ref.path} (no such file)" for alias, ref in recipe.models.items()
+            if ref.path is not None and not ref.hashes and not os.path.exists(ref.path)]
+
+
+def _hint(recipe: Recipe) -> str:
+    missing = _missing_paths(recipe)
+    return "; give each missing file with -m ALIAS=PATH" if missing else ""
 
 
 def _resolve(ref: ModelRef, index: ModelIndex, where: str) -> ModelRef:
@@ -157,8 +180,9 @@ def resolve_recipe(recipe: Recipe, dirs: Sequence[str | os.PathLike[str]] = (),
         return recipe
     path = Path(db) if db is not None else default_db_path()
     if not dirs and not path.exists():
-        raise RecipeError(f"{recipe.source}: models.{hashed[0].alias} is named by hash and there is no model index "
-                          f"at {path}: pass --models-dir DIR (or run `mergekit-sdxl index DIR` first)")
+        raise RecipeError("; ".join([f"{recipe.source}: models.{hashed[0].alias} is named by hash and there is no "
+                                     f"model index at {path}: pass --models-dir DIR (or run `mergekit-sdxl index DIR` "
+                                     "first)"] + _missing_paths(recipe)) + _hint(recipe))
     with ModelIndex(path) as index:
         if dirs:
             plan = plan_scan(index, dirs)
