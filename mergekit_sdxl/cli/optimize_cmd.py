@@ -31,7 +31,7 @@ DTYPES = ("auto", *choices(WEIGHTS))
 @out_option("out", type=click.Path(file_okay=False, path_type=Path), default=Path("optimize-out"),
               show_default=True, help="Output folder: study.db, trials/, best.yaml, results.csv, report.html, topk/.")
 @click.option("--storage", metavar="URL", help="Optuna storage URL (default: sqlite:///OUT/study.db; e.g. "
-              "postgresql://user@host/db for many machines).")
+              "postgresql+psycopg2://user@host/db with the [postgres] extra, password in PGPASSWORD or ~/.pgpass).")
 @click.option("--study", "study_name", metavar="NAME", help="Study name (default: the recipe's file name).")
 @click.option("--algorithm", type=click.Choice(ALGORITHMS), default="tpe", show_default=True,
               help="Optuna sampler: TPE, CMA-ES, Gaussian process, or random.")

@@ -10,6 +10,7 @@ re-running the same command continues it; trials cut short by Ctrl-C are marked 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 import warnings
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_sdxl.errors import UsageError
+from mergekit_sdxl.io.signals import critical
 from mergekit_sdxl.search.files import atomic_write
 from mergekit_sdxl.search.scoring import ScorerSpec, combine
 from mergekit_sdxl.search.space import Dimension, fingerprint
@@ -72,6 +74,26 @@ def default_storage(out_dir: Path) -> str:
     return f"sqlite:///{(out_dir / 'study.db').resolve()}"
 
 
+_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*):(?P<password>[^/?#@]*)@")
+
+
+def redact_url(url: str) -> str:
+    """The storage URL with its password (`scheme://user:PASSWORD@host`) replaced by `***`, for messages and logs."""
+    return _PASSWORD.sub(lambda m: f"{m['head']}:***@", url, count=1)
+
+
+def redact_text(text: str, url: str) -> str:
+    """`text` (e.g. a driver's error message) with the URL's password, wherever it appears, replaced by `***`."""
+    match = _PASSWORD.match(url)
+    password = match["password"] if match else ""
+    if password:
+        from urllib.parse import unquote
+
+        for secret in {password, unquote(password)}:
+            text = text.replace(secret, "***")
+    return text.replace(url, redact_url(url))
+
+
 def distributions(dims: Sequence[Dimension]) -> dict[str, Any]:
     """Optuna distributions for the dimensions."""
     return {d.name: _distribution(d) for d in dims}
@@ -112,13 +134,14 @@ def open_study(options: StudyOptions, config: Mapping[str, Any] | None, must_exi
 
     quiet_optuna()
     storage = _storage(options.storage)
+    where = redact_url(options.storage)
     names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     exists = options.study_name in names
     if must_exist and not exists:
         known = ", ".join(sorted(names)) or "none"
-        raise UsageError(f"no study {options.study_name!r} in {options.storage} (studies there: {known})")
+        raise UsageError(f"no study {options.study_name!r} in {where} (studies there: {known})")
     if not exists and config is None:
-        raise UsageError(f"no study {options.study_name!r} in {options.storage}")
+        raise UsageError(f"no study {options.study_name!r} in {where}")
     pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNE_STARTUP) if options.prune else \
         optuna.pruners.NopPruner()
     probe = optuna.load_study(study_name=options.study_name, storage=storage) if exists else None
@@ -131,7 +154,7 @@ def open_study(options: StudyOptions, config: Mapping[str, Any] | None, must_exi
         if stored is None:
             study.set_user_attr(CONFIG_ATTR, dict(config))
         elif stored.get("fingerprint") != config.get("fingerprint"):
-            raise UsageError(f"study {options.study_name!r} in {options.storage} was made with another recipe, space, "
+            raise UsageError(f"study {options.study_name!r} in {where} was made with another recipe, space, "
                              "payload or scorers; use the same ones to continue it, or another --study name")
     return study
 
@@ -164,10 +187,13 @@ def run_trials(study: Any, pool: Any, dims: Sequence[Dimension], scorers: Sequen
     try:
         while True:
             while idle and finished + len(running) < options.trials:
-                trial = study.ask(fixed_distributions=dists)
-                trial.set_user_attr(DRIVER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
                 slot = idle.pop()
-                running[slot] = _Running(trial, dict(trial.params))
+                # a stop signal is held until the new trial is known (owner, params, in `running`): cut inside
+                # ask() it left a RUNNING trial nothing would ever fail or retry (seen against PostgreSQL)
+                with critical():
+                    trial = study.ask(fixed_distributions=dists)
+                    trial.set_user_attr(DRIVER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+                    running[slot] = _Running(trial, dict(trial.params))
                 pool.submit(slot, "begin", trial.number, running[slot].values, options.prune)
             if not running:
                 return ran
@@ -234,8 +260,19 @@ def _storage(url: str) -> Any:
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
     try:
         return optuna.storages.RDBStorage(url)
+    except ImportError as exc:  # Optuna wraps the missing driver's ModuleNotFoundError (its cause names the module)
+        missing = getattr(exc.__cause__, "name", None) or getattr(exc, "name", None) or "unknown"
+        raise UsageError(f"--storage {redact_url(url)}: the database driver {missing!r} is not installed; for "
+                         "PostgreSQL use postgresql+psycopg2://... and pip install 'mergekit-sdxl[postgres]'") from None
     except Exception as exc:  # noqa: BLE001 - a bad URL or an unreachable database: one line for the user
-        raise UsageError(f"--storage {url}: cannot open the study storage ({exc})") from exc
+        raise UsageError(f"--storage {redact_url(url)}: cannot open the study storage "
+                         f"({_first_line(redact_text(str(exc), url))})") from None  # the cause may hold the password
+
+
+def _first_line(text: str) -> str:
+    """The driver's message without SQLAlchemy's hints and background links (one line for the user)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else "no message"
 
 
 def _retry_interrupted(study: Any) -> None:
