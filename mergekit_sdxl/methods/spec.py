@@ -175,9 +175,10 @@ class MethodSpec:
         if self.linear is None:
             return None
         values = {**self.defaults, **params}
-        if not all(_is_real(values.get(p.name)) for p in self.params):
+        numbers = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and _is_real(v)}
+        if not all(p.name in numbers for p in self.params):
             return None
-        return tuple(float(c) for c in self.linear({k: float(v) for k, v in values.items()}))  # type: ignore[arg-type]
+        return tuple(float(c) for c in self.linear(numbers))
 
     def identity_input(self, params: Mapping[str, object]) -> int | None:
         """The index of the input the result equals bit for bit at `params`, or None."""
