@@ -32,7 +32,7 @@ import re
 import shutil
 import signal
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from mergekit_sdxl.errors import OutputError
@@ -224,6 +224,24 @@ def _in_staging(path: Path) -> bool:
     return any(real == s or real.startswith(s + os.sep) for s in _staging)
 
 
+@contextlib.contextmanager
+def _discarding_on_failure(tmp: Path, dest: Path, describe: Callable[[OSError], str]) -> Iterator[None]:
+    """Remove the finished `tmp` when its commit to `dest` fails, and say why in one OutputError: a name that
+    appeared meanwhile (FileExistsError) is kept and named as such; other OS errors are worded by `describe`."""
+    try:
+        yield
+    except FileExistsError:
+        remove(tmp)
+        raise OutputError(f"{dest}: appeared while the output was being written; nothing was replaced "
+                          "(the new output was discarded); pass --overwrite to replace it") from None
+    except OutputError:
+        remove(tmp)
+        raise
+    except OSError as exc:
+        remove(tmp)
+        raise OutputError(describe(exc)) from exc
+
+
 def commit_file(tmp: str | os.PathLike[str], dest: str | os.PathLike[str], *, overwrite: bool,
                 inputs: Paths = ()) -> None:
     """Give the finished, fsynced temporary file `tmp` the name `dest` (rules in the module docstring).
@@ -232,7 +250,8 @@ def commit_file(tmp: str | os.PathLike[str], dest: str | os.PathLike[str], *, ov
     """
     tmp, dest = Path(tmp), Path(dest)
     with signals.critical():
-        try:
+        # replace_failure names Windows' "open elsewhere" case
+        with _discarding_on_failure(tmp, dest, lambda exc: replace_failure(exc, dest)):
             if not overwrite and os.path.lexists(dest):
                 raise FileExistsError(errno.EEXIST, "exists", str(dest))
             check_target(dest, overwrite=overwrite, inputs=inputs)
@@ -241,16 +260,6 @@ def commit_file(tmp: str | os.PathLike[str], dest: str | os.PathLike[str], *, ov
             else:
                 rename_noreplace(tmp, dest)
             _test_kill("in_commit")
-        except FileExistsError:
-            remove(tmp)
-            raise OutputError(f"{dest}: appeared while the output was being written; nothing was replaced "
-                              "(the new output was discarded); pass --overwrite to replace it") from None
-        except OutputError:
-            remove(tmp)
-            raise
-        except OSError as exc:
-            remove(tmp)
-            raise OutputError(replace_failure(exc, dest)) from exc  # names Windows' "open elsewhere" case
         fsync_dir(dest.parent)
         if not _in_staging(dest):
             signals.note_committed(dest)
@@ -262,7 +271,8 @@ def commit_folder(tmp: str | os.PathLike[str], dest: str | os.PathLike[str], *, 
     wrote earlier only with `overwrite`). `tmp` is removed if the commit fails. Raises OutputError."""
     tmp, dest = Path(tmp), Path(dest)
     with signals.critical():
-        try:
+        with _discarding_on_failure(tmp, dest, lambda exc: f"{dest}: finishing the folder failed: "
+                                                            f"{exc.strerror or exc}"):
             _write_manifest(tmp)
             if os.path.isdir(dest) and not os.path.islink(dest) and _is_empty(dest):
                 _remove_empty(dest)
@@ -273,16 +283,6 @@ def commit_folder(tmp: str | os.PathLike[str], dest: str | os.PathLike[str], *, 
                 _swap_in(tmp, dest)
             else:
                 rename_noreplace(tmp, dest)
-        except FileExistsError:
-            remove(tmp)
-            raise OutputError(f"{dest}: appeared while the output was being written; nothing was replaced "
-                              "(the new output was discarded); pass --overwrite to replace it") from None
-        except OutputError:
-            remove(tmp)
-            raise
-        except OSError as exc:
-            remove(tmp)
-            raise OutputError(f"{dest}: finishing the folder failed: {exc.strerror or exc}") from exc
         fsync_dir(dest.parent)
         signals.note_committed(dest)
 
