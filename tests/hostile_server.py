@@ -95,33 +95,45 @@ for line in sys.stdin:
 """
 
 
-class HostileServer:
+class JobServer:
+    """A Python child running `script` (imports done once): one JSON job per stdin line, one JSON answer per line.
+
+    `run(argv, env=None, **extra)` sends {"argv", "env", **extra} and returns the answer; the scripts here fork a
+    child per job and answer with its exit code and stderr (and more, per script)."""
+
+    def __init__(self, script: str, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, cwd=ROOT, env=env)
+
+    def run(self, argv: tuple[str, ...] | list[str], env: dict[str, str] | None = None, **extra: object) -> dict:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps({"argv": list(argv), "env": env or {}, **extra}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "the job server died"
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+class HostileServer(JobServer):
     """`run(argv, deny=None, timeout=120, env=None) -> {"code", "stderr", "maxrss_mb", "seconds", "timed_out"}`."""
 
     def __init__(self, env: dict[str, str] | None = None) -> None:
         full = {**os.environ, **(env or {})}
         full.pop("MERGEKIT_TEST_KILL_AT", None)
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, cwd=ROOT, env=full)
+        super().__init__(SERVER, full)
         self._baseline: float | None = None
 
-    def run(self, argv: tuple[str, ...] | list[str], *, deny: Path | None = None, timeout: float = 120,
-            env: dict[str, str] | None = None) -> dict:
-        assert self.proc.stdin and self.proc.stdout
-        job = {"argv": list(argv), "deny": str(deny) if deny else None, "timeout": timeout, "env": env or {}}
-        self.proc.stdin.write(json.dumps(job) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, "the hostile-input server died"
-        return json.loads(line)
+    def run(self, argv: tuple[str, ...] | list[str], env: dict[str, str] | None = None, *,
+            deny: Path | None = None, timeout: float = 120, **extra: object) -> dict:
+        return super().run(argv, env, deny=str(deny) if deny else None, timeout=timeout, **extra)
 
     def baseline_mb(self) -> float:
         """Peak RSS of a child that does almost nothing (`--version`): what every child starts from."""
         if self._baseline is None:
             self._baseline = max(self.run(["--version"])["maxrss_mb"] for _ in range(2))
         return self._baseline
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=60)

@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parent))
 from broken_corpus import record  # noqa: E402
+from hostile_server import JobServer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.mergekit-tmp$")
@@ -50,23 +51,8 @@ for line in sys.stdin:
 """
 
 
-class ForkServer:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, cwd=ROOT, env=env)
-
-    def run(self, argv: list[str], env: dict[str, str] | None = None) -> dict:
-        assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(json.dumps({"argv": argv, "env": env or {}}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, "fork server died"
-        return json.loads(line)
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+def ForkServer(env: dict[str, str]) -> JobServer:
+    return JobServer(SERVER, env)
 
 
 def sha(path: Path) -> str:
